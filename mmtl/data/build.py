@@ -1,0 +1,195 @@
+"""Build WebDataset shards (img2dataset layout) from a folder of image/caption pairs or a table.
+
+:func:`build_shards` turns a folder of images with same-stem ``.txt`` captions, or a ``.csv`` / ``.tsv`` /
+``.parquet`` table, into shards written by :class:`~mmtl.data.shardwriter.ShardWriter` (re-exported here),
+optionally split into ``train/``, ``val/``, ``test/``, and writes ``stats.json``. Same input -> byte-identical
+shards and stats.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Iterator, Optional
+
+from mmtl.data.shardwriter import (IMAGE_EXTS, ShardWriter, prepare_image, remove_stale_shards,
+                                   sniff_image_format)
+
+__all__ = ["IMAGE_EXTS", "SOURCE_IMAGE_SUFFIXES", "ShardWriter", "build_shards", "prepare_image",
+           "remove_stale_shards", "sniff_image_format", "split_of"]
+
+SOURCE_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+"""File suffixes (case-insensitive) that a source folder's images may have."""
+
+
+# ----------------------------------------------------------------------------------------------- sources
+
+
+def _read_caption(path: Path) -> str:
+    return path.read_text(encoding="utf-8-sig").strip()
+
+
+def _folder_items(root: Path, skipped: Counter) -> list[tuple[str, Path, Optional[str]]]:
+    """(relative source path, image path, caption or None) for each image with a same-stem .txt."""
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    images = [p for p in files if p.suffix.lower() in SOURCE_IMAGE_SUFFIXES]
+    stems = {p.with_suffix("") for p in images}
+    for p in files:
+        if p.suffix.lower() == ".txt" and p.with_suffix("") not in stems:
+            skipped["no_image"] += 1
+    items = []
+    for p in images:
+        txt = p.with_suffix(".txt")
+        if not txt.is_file():
+            skipped["no_caption"] += 1
+            continue
+        items.append((p.relative_to(root).as_posix(), p, None))
+    return items
+
+
+def _table_items(path: Path, image_col: str, caption_col: str) -> list[tuple[str, Path, Optional[str]]]:
+    import pandas as pd
+
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        df = pd.read_parquet(path)
+    else:
+        df = pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", dtype=str, keep_default_na=False)
+    for col in (image_col, caption_col):
+        if col not in df.columns:
+            raise ValueError(f"column {col!r} not found in {path}; available columns: {list(map(str, df.columns))}")
+    items = []
+    for img, cap in zip(df[image_col].tolist(), df[caption_col].tolist()):
+        img = "" if img is None or (isinstance(img, float) and img != img) else str(img)
+        cap = "" if cap is None or (isinstance(cap, float) and cap != cap) else str(cap)
+        p = Path(img) if os.path.isabs(img) else path.parent / img
+        items.append((img, p, cap.strip()))
+    return items
+
+
+def split_of(source: str, seed: int, val_fraction: float, test_fraction: float) -> str:
+    """'train', 'val' or 'test' from a seeded SHA-256 hash of ``source`` (stable across runs and machines)."""
+    h = hashlib.sha256(f"{seed}\0{source}".encode("utf-8")).digest()
+    u = int.from_bytes(h[:8], "big") / 2.0**64
+    if u < test_fraction:
+        return "test"
+    if u < test_fraction + val_fraction:
+        return "val"
+    return "train"
+
+
+def _iter_samples(items, skipped: Counter) -> Iterator[tuple[int, str, bytes, str, int, int, str, str]]:
+    for idx, (source, path, caption) in enumerate(items):
+        if caption is None:
+            try:
+                caption = _read_caption(path.with_suffix(".txt"))
+            except (OSError, UnicodeDecodeError):
+                skipped["bad_caption"] += 1
+                continue
+        if not caption:
+            skipped["empty_caption"] += 1
+            continue
+        if not source or not path.is_file():
+            skipped["missing_image"] += 1
+            continue
+        try:
+            data, ext, w, h, orig = prepare_image(path.read_bytes())
+        except (OSError, ValueError):
+            skipped["unreadable_image"] += 1
+            continue
+        yield idx, source, data, ext, w, h, orig, caption
+
+
+def build_shards(src: str, out_dir: str, *, image_col: str = "image", caption_col: str = "caption",
+                 prefix: str = "shard", max_samples_per_shard: int = 10_000, max_bytes_per_shard: int = 1 << 30,
+                 val_fraction: float = 0.0, test_fraction: float = 0.0, seed: int = 0,
+                 progress: bool = True) -> dict:
+    """Build WebDataset shards from a folder or a table and write ``out_dir/stats.json``.
+
+    Args:
+        src: a folder (images found recursively, each paired with the same-stem ``.txt`` caption; sorted by
+            path), or a ``.csv``/``.tsv``/``.parquet`` table with an image-path column (relative to the
+            table's folder, or absolute) and a caption column (rows kept in table order).
+        out_dir: output folder. Without a split the shards go straight into it; with ``val_fraction`` or
+            ``test_fraction`` > 0 they go into ``out_dir/train``, ``out_dir/val`` and ``out_dir/test``.
+            Stale ``{prefix}-NNNNNN.tar`` files left there by an earlier, larger build are removed.
+        image_col, caption_col: table column names.
+        prefix, max_samples_per_shard, max_bytes_per_shard: see :class:`ShardWriter`.
+        val_fraction, test_fraction: fractions in [0, 1) of samples (by seeded hash of the source path, so a
+            sample keeps its split when others are added) sent to val / test.
+        seed: seed of the split hash.
+        progress: show a tqdm progress bar.
+
+    Keys are the zero-padded index (9 digits) of the item in the sorted folder listing / table row order,
+    so a key points back at its source even when earlier items were skipped. Skipped items are counted by
+    reason: ``no_caption``, ``no_image`` (folder: a caption without an image), ``empty_caption``,
+    ``bad_caption`` (unreadable/non-UTF-8 .txt), ``missing_image``, ``unreadable_image``.
+
+    Returns the stats dict (also written as JSON): ``source``, ``source_kind``, ``splits`` (per split:
+    ``dir``, ``samples``, ``shards`` (paths relative to out_dir), ``bytes``), ``samples``, ``shards``,
+    ``bytes`` (totals), ``skipped``, ``image_formats`` (original formats), ``seed`` and the fractions.
+
+    Raises:
+        FileNotFoundError: ``src`` does not exist.
+        ValueError: unsupported ``src`` type, missing column (naming the available ones), bad fractions.
+    """
+    from tqdm import tqdm
+
+    src_path = Path(src).expanduser().resolve()
+    out = Path(out_dir)
+    if not src_path.exists():
+        raise FileNotFoundError(f"source not found: {src}")
+    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise ValueError("need 0 <= val_fraction, test_fraction and their sum < 1; "
+                         f"got val_fraction={val_fraction}, test_fraction={test_fraction}")
+    skipped: Counter = Counter()
+    if src_path.is_dir():
+        kind = "folder"
+        items = _folder_items(src_path, skipped)
+    elif src_path.suffix.lower() in (".csv", ".tsv", ".parquet"):
+        kind = src_path.suffix.lower()[1:]
+        items = _table_items(src_path, image_col, caption_col)
+    else:
+        raise ValueError(f"unsupported source {src}: expected a folder or a .csv, .tsv or .parquet file")
+
+    split = val_fraction > 0 or test_fraction > 0
+    names = ("train", "val", "test") if split else ("all",)
+    dirs = {n: (out / n if split else out) for n in names}
+    writers = {n: ShardWriter(dirs[n], prefix, max_samples_per_shard=max_samples_per_shard,
+                              max_bytes_per_shard=max_bytes_per_shard) for n in names}
+    width = max(9, len(str(max(len(items) - 1, 0))))
+    formats: Counter = Counter()
+    try:
+        bar = tqdm(_iter_samples(items, skipped), total=len(items), disable=not progress, unit="img",
+                   desc=f"shards {out}")
+        for idx, source, data, ext, w, h, orig, caption in bar:
+            name = split_of(source, seed, val_fraction, test_fraction) if split else "all"
+            meta = {"source": source, "width": w, "height": h}
+            if orig != ext:
+                meta["original_format"] = orig
+            writers[name].write(f"{idx:0{width}d}", data, ext, caption, meta)
+            formats[orig] += 1
+    finally:
+        for wr in writers.values():
+            wr.close()
+
+    for n, wr in writers.items():
+        remove_stale_shards(dirs[n], prefix, wr.shards)
+    splits = {}
+    for n, wr in writers.items():
+        rel = "." if not split else n
+        splits[n] = {"dir": rel, "samples": wr.samples, "bytes": wr.bytes,
+                     "shards": [p.relative_to(out).as_posix() for p in wr.shards]}
+    stats = {
+        "source": str(src_path), "source_kind": kind, "splits": splits,
+        "samples": sum(s["samples"] for s in splits.values()),
+        "shards": sum(len(s["shards"]) for s in splits.values()),
+        "bytes": sum(s["bytes"] for s in splits.values()),
+        "skipped": dict(sorted(skipped.items())), "image_formats": dict(sorted(formats.items())),
+        "seed": seed, "val_fraction": val_fraction, "test_fraction": test_fraction,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "stats.json").write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return stats

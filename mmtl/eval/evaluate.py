@@ -1,0 +1,99 @@
+"""Evaluate a model on the pipeline's eval sets: retrieval recall@K and prompt-ensemble zero-shot accuracy.
+
+Metric names: ``<set>/<metric>``, e.g. ``test/image_to_text_recall_at_1``, ``test/zero_shot_acc1``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from mmtl.config import Pipeline
+from mmtl.eval.metrics import class_embeddings, recall_at_k, zero_shot_metrics
+
+
+@dataclass
+class EmbeddedSet:
+    """Normalised embeddings of one eval set: ``image`` (N, D), ``text`` (N, D), per-sample ``meta``."""
+
+    image: torch.Tensor
+    text: torch.Tensor
+    meta: list[dict] = field(default_factory=list)
+
+
+@torch.no_grad()
+def embed_features(model, image_feats, text_feats, batch_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Project cached frozen-tower outputs (N, D_v), (N, D_t) -> normalised (N, D) each."""
+    model.eval()
+    xi, xt = torch.as_tensor(image_feats), torch.as_tensor(text_feats)
+    dtype = next(model.image_head.parameters()).dtype
+    img = torch.cat([model.project_image(xi[i : i + batch_size].to(dtype)) for i in range(0, len(xi), batch_size)])
+    txt = torch.cat([model.project_text(xt[i : i + batch_size].to(dtype)) for i in range(0, len(xt), batch_size)])
+    return img.float(), txt.float()
+
+
+@torch.no_grad()
+def embed_shards(model, spec, opts, batch_size: int = 64) -> EmbeddedSet:
+    """Embed every clean sample of ``spec`` with the full towers (one process; for eval-sized sets)."""
+    from mmtl.data.shardio import iter_samples
+
+    model.eval()
+    tf = model.image_transform(train=False)
+    imgs, txts, meta, batch = [], [], [], []
+
+    def flush():
+        if batch:
+            imgs.append(model.encode_image(torch.stack([tf(s.image) for s in batch])).float())
+            tok = model.tokenize([s.caption for s in batch])
+            txts.append(model.encode_text(tok["input_ids"], tok["attention_mask"]).float())
+            meta.extend(s.meta for s in batch)
+            batch.clear()
+
+    for s in iter_samples(spec, opts):
+        batch.append(s)
+        if len(batch) >= batch_size:
+            flush()
+    flush()
+    return EmbeddedSet(torch.cat(imgs), torch.cat(txts), meta)
+
+
+@torch.no_grad()
+def encode_prompts(model, prompts: list[str]) -> torch.Tensor:
+    tok = model.tokenize(prompts)
+    return model.encode_text(tok["input_ids"], tok["attention_mask"])
+
+
+def zero_shot_classes(pipe: Pipeline, sets: dict[str, EmbeddedSet]) -> Optional[list[str]]:
+    """Class names from ``eval.zero_shot.classes`` or the sorted labels found in the eval sets' meta."""
+    zs = pipe.eval.zero_shot
+    if zs is None:
+        return None
+    if zs.classes:
+        return list(zs.classes)
+    labels = {m.get(zs.label_field) for s in sets.values() for m in s.meta}
+    return sorted(str(x) for x in labels if x is not None) or None
+
+
+def evaluate_sets(model, pipe: Pipeline, sets: dict[str, EmbeddedSet]) -> dict[str, float]:
+    """Recall@K on every set, and zero-shot accuracy where samples carry ``eval.zero_shot.label_field``."""
+    out: dict[str, float] = {}
+    ks = [k for k in pipe.eval.recall_ks]
+    classes = zero_shot_classes(pipe, sets)
+    cls_emb = None
+    if classes:
+        cls_emb = class_embeddings(classes, pipe.eval.zero_shot.templates, lambda p: encode_prompts(model, p))
+    for name, s in sets.items():
+        ks_n = [k for k in ks if k <= len(s.image)] or [1]
+        for k, v in recall_at_k(s.image, s.text, ks_n).items():
+            out[f"{name}/{k}"] = v
+        out[f"{name}/num_samples"] = float(len(s.image))
+        if cls_emb is not None:
+            field_ = pipe.eval.zero_shot.label_field
+            idx = {c: i for i, c in enumerate(classes)}
+            keep = [i for i, m in enumerate(s.meta) if str(m.get(field_)) in idx]
+            if keep:
+                labels = [idx[str(s.meta[i].get(field_))] for i in keep]
+                for k, v in zero_shot_metrics(s.image[keep], cls_emb, labels).items():
+                    out[f"{name}/zero_shot_{k}"] = v
+    return out

@@ -1,0 +1,167 @@
+"""The per-worker training function run by ``ray.train.torch.TorchTrainer``.
+
+Supports: ZeRO stages 0-3 on CPU (gloo) and GPU (NCCL) workers, fp32/bf16/fp16, gradient accumulation with
+global-batch negatives, CLIP or SigLIP loss, warmup + cosine LR, checkpoints every ``checkpoint_every`` steps
+and at the end (every rank saves, every rank reports), exact resume of global step, optimizer, LR schedule,
+RNG state and data position (the micro-batches of finished steps are skipped), a consolidated safetensors
+export, and rank-0 MLflow metrics. It also runs in one process without Ray (``ray_train=False``) for the
+bare-loop benchmark and GPU checks.
+
+Limits: data position on resume is step-exact in aggregate (each rank skips its share of finished
+micro-batches); with dynamic streaming splits the exact rows a rank skips may differ from the ones it saw.
+"""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import numpy as np
+import torch
+
+from mmtl.config import Pipeline
+from mmtl.train.checkpoint import consolidated_state_dict, restore_checkpoint, save_checkpoint, write_export
+from mmtl.train.ds_config import WarmupCosine, build_optimizer, deepspeed_config
+from mmtl.train.step import ContrastiveModule, train_step
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_engine(pipe: Pipeline, model: torch.nn.Module):
+    """Wrap ``model`` in :class:`ContrastiveModule` and ``deepspeed.initialize`` it with the pipeline's
+    ZeRO / precision / batch config, a client AdamW and the warmup-cosine schedule."""
+    import deepspeed
+
+    module = ContrastiveModule(model, pipe.train.loss)
+    optimizer = build_optimizer(pipe.train, module.parameters())
+    scheduler = WarmupCosine(optimizer, pipe.train)
+    engine, _, _, _ = deepspeed.initialize(
+        model=module, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(pipe.train),
+        dist_init_required=False,
+    )
+    return engine
+
+
+def _to_device(batch: dict, device, dtype) -> dict:
+    out = {}
+    for k, v in batch.items():
+        if not isinstance(v, torch.Tensor):
+            continue
+        v = v.to(device)
+        out[k] = v.to(dtype) if v.is_floating_point() else v
+    return out
+
+
+def feature_batches(it: Iterator[dict], feats: dict) -> Iterator[dict]:
+    """Map index batches ``{"idx": (B,)}`` to cached tower outputs ``image_feat`` (B,D_v), ``text_feat`` (B,D_t)."""
+    for b in it:
+        idx = b["idx"].numpy() if isinstance(b["idx"], torch.Tensor) else np.asarray(b["idx"])
+        yield {"image_feat": torch.from_numpy(feats["image"][idx]), "text_feat": torch.from_numpy(feats["text"][idx])}
+
+
+def run_training(
+    pipe: Pipeline,
+    model: torch.nn.Module,
+    batches: Iterator[dict],
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    resume_dir: Optional[Path] = None,
+    report: Optional[Callable[[dict, Optional[Path]], None]] = None,
+    on_step: Optional[Callable[[int, dict], None]] = None,
+) -> dict:
+    """Train ``model`` on ``batches`` (an iterator of micro-batches) for ``train.max_steps`` optimizer steps.
+
+    ``report(metrics, ckpt_dir_or_None)`` is called by every rank at each log and checkpoint step (Ray Train's
+    ``report`` in workers). Returns the final metrics dict (``steps``, ``loss``, ``samples_per_s`` ...).
+
+    Raises:
+        FloatingPointError: non-finite loss with ``train.nonfinite=error``.
+        CheckpointMismatchError: ``resume_dir`` was written with another world size.
+    """
+    cfg = pipe.train
+    engine = build_engine(pipe, model)
+    device, dtype = engine.device, _DTYPES[cfg.precision]
+    start = 0
+    if resume_dir is not None:
+        start = int(restore_checkpoint(engine, resume_dir, rank, world_size, cfg.zero_stage)["step"])
+    trace = os.environ.get("MMTL_STEP_TRACE")
+    for _ in range(start * cfg.grad_accum_steps):  # data position: skip finished micro-batches
+        next(batches, None)
+    gbatch = cfg.effective_global_batch
+    metrics: dict = {"steps": start}
+    skipped, t_first = 0, time.perf_counter()
+    for step in range(start, cfg.max_steps):
+        t0 = time.perf_counter()
+        micro = [next(batches, None) for _ in range(cfg.grad_accum_steps)]
+        if any(m is None for m in micro):
+            metrics["stopped_early"] = f"data ran out at step {step}"
+            break
+        loss = train_step(engine, [_to_device(m, device, dtype) for m in micro], cfg.nonfinite)
+        skipped += loss is None
+        dt = time.perf_counter() - t0
+        n = step + 1
+        if trace:
+            with open(f"{trace}.rank{rank}", "a") as f:
+                f.write(f"{n}\n")
+        _maybe_fail(n, rank)
+        scale = float(engine.module.model.logit_scale.detach().float().exp().clamp(max=model.max_logit_scale))
+        metrics = {
+            "steps": n,
+            "train/loss": float("nan") if loss is None else loss,
+            "train/lr": engine.get_lr()[0],
+            "train/logit_scale": scale,
+            "train/step_time_s": dt,
+            "train/samples_per_s": gbatch / dt,
+            "train/skipped_nonfinite_steps": skipped,
+            "train/wall_s": time.perf_counter() - t_first,
+        }
+        if on_step:
+            on_step(n, metrics)
+        last = n == cfg.max_steps
+        if n % cfg.checkpoint_every == 0 or last:
+            _checkpoint(engine, pipe, n, rank, world_size, metrics, report, export=last)
+        elif report and n % cfg.log_every == 0:
+            report(metrics, None)
+    else:
+        return metrics
+    _checkpoint(engine, pipe, metrics["steps"], rank, world_size, metrics, report, export=True)
+    return metrics
+
+
+def _checkpoint(engine, pipe, step, rank, world_size, metrics, report, export: bool) -> None:
+    d = Path(tempfile.mkdtemp(prefix=f"mmtl-ckpt-{step}-r{rank}-"))
+    try:
+        meta = {"step": step, "world_size": world_size, "zero_stage": pipe.train.zero_stage,
+                "samples_seen": step * pipe.train.effective_global_batch}
+        save_checkpoint(engine, d, meta, rank)
+        if export:
+            sd = consolidated_state_dict(engine, pipe.train.zero_stage)
+            if rank == 0:
+                write_export(d, sd, pipe.to_yaml())
+        if report:
+            report(metrics, d)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _maybe_fail(step: int, rank: int) -> None:
+    """Fault-injection hook for tests: ``MMTL_KILL_AT="<step>:<rank>:<marker file>"`` SIGKILLs this worker
+    process once (the marker file records that it happened)."""
+    spec = os.environ.get("MMTL_KILL_AT")
+    if not spec:
+        return
+    at, who, marker = spec.split(":", 2)
+    if step == int(at) and rank == int(who) and not os.path.exists(marker):
+        Path(marker).write_text(str(os.getpid()))
+        os.kill(os.getpid(), 9)

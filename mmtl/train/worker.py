@@ -1,0 +1,88 @@
+"""Ray Train entry: ``train_loop_per_worker(config)`` builds the model and data iterator on each worker and
+calls :func:`mmtl.train.loop.run_training` with Ray's checkpoint and report hooks.
+
+``config`` keys: ``pipeline`` (dict), ``tracking_uri``, ``run_id`` (MLflow, rank 0 logs), ``features_ref``
+(ObjectRef of cached frozen-tower outputs, or None to train on images), ``stats_actor`` (name of the
+reject-count actor, or None).
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from mmtl.config import Pipeline
+
+
+def _progress_line(n: int, total: int, m: dict, t_start: float) -> str:
+    elapsed = time.perf_counter() - t_start
+    eta = elapsed / max(1, n) * (total - n)
+    return (
+        f"[mmtl] step {n}/{total} loss {m['train/loss']:.4f} lr {m['train/lr']:.2e} "
+        f"scale {m['train/logit_scale']:.1f} {m['train/samples_per_s']:.0f} samples/s ETA {eta:.0f}s"
+    )
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Per-worker function for ``TorchTrainer`` (see module docstring)."""
+    import ray
+    import ray.train
+    from ray.train import Checkpoint
+
+    from mmtl.models import build_model
+    from mmtl.strategies import apply_strategy
+    from mmtl.train.loop import feature_batches, run_training, seed_everything
+
+    pipe = Pipeline.model_validate(config["pipeline"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    seed_everything(pipe.train.seed)  # identical model init on every rank
+    model = build_model(pipe.model)
+    apply_strategy(model, pipe.strategy)
+    seed_everything(pipe.train.seed + 1000 * (rank + 1))
+    it = iter(
+        ray.train.get_dataset_shard("train").iter_torch_batches(
+            batch_size=pipe.train.micro_batch_size, drop_last=True
+        )
+    )
+    batches = feature_batches(it, ray.get(config["features_ref"])) if config.get("features_ref") else it
+
+    logger = None
+    if rank == 0 and config.get("run_id"):
+        from mmtl.tracking.mlflow_utils import MetricLogger
+
+        logger = MetricLogger(config["tracking_uri"], config["run_id"], every=pipe.train.log_every * 5)
+    stats_actor = config.get("stats_actor")
+    t_start = time.perf_counter()
+
+    def on_step(n: int, metrics: dict) -> None:
+        if rank != 0 or n % pipe.train.log_every:
+            return
+        extra = {}
+        if stats_actor:
+            try:
+                extra = {f"data/rejected_{k}": v for k, v in ray.get(ray.get_actor(stats_actor).get.remote()).items()}
+            except ValueError:
+                pass
+        if logger:
+            logger.log({k: v for k, v in {**metrics, **extra}.items() if k != "steps"}, step=n)
+        print(_progress_line(n, pipe.train.max_steps, metrics, t_start), flush=True)
+
+    def report(metrics: dict, ckpt_dir) -> None:
+        if logger and ckpt_dir is not None:
+            logger.flush()
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(ckpt_dir)) if ckpt_dir else None)
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            if rank == 0:
+                print(f"[mmtl] resuming from {d}", flush=True)
+            run_training(pipe, model, batches, rank=rank, world_size=world, resume_dir=Path(d),
+                         report=report, on_step=on_step)
+    else:
+        run_training(pipe, model, batches, rank=rank, world_size=world, report=report, on_step=on_step)
+    if logger:
+        logger.close()
+    torch.distributed.barrier() if torch.distributed.is_initialized() else None

@@ -1,0 +1,84 @@
+"""Shared fixtures: tiny synthetic image-text shards, tiny pipelines, one local Ray instance per session."""
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before any Ray start: loopback only
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+COLORS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 20),
+          "purple": (150, 30, 180), "orange": (250, 140, 0), "black": (10, 10, 10), "white": (250, 250, 250)}
+SHAPES = ("square", "circle", "bar")
+
+
+def synthetic_pair(i: int) -> tuple[bytes, str, dict]:
+    """A 32x32 PNG of a coloured shape on grey and its caption ("a red circle"); label = colour."""
+    from PIL import Image, ImageDraw
+
+    names = list(COLORS)
+    color, shape = names[i % len(names)], SHAPES[(i // len(names)) % len(SHAPES)]
+    img = Image.new("RGB", (32, 32), (128, 128, 128))
+    d = ImageDraw.Draw(img)
+    off = i % 5
+    box = (4 + off, 4 + off, 26 + off // 2, 26 + off // 2)
+    {"square": d.rectangle, "circle": d.ellipse, "bar": lambda b, fill: d.rectangle((b[0], 12, b[2], 20), fill=fill)}[
+        shape](box, fill=COLORS[color])
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue(), f"a {color} {shape}", {"color": color, "shape": shape}
+
+
+def write_split(out: Path, n: int, start: int = 0, per_shard: int = 32, prefix: str = "s") -> Path:
+    from mmtl.data.build import ShardWriter
+
+    with ShardWriter(str(out), prefix=prefix, max_samples_per_shard=per_shard) as w:
+        for i in range(start, start + n):
+            data, cap, meta = synthetic_pair(i)
+            w.write(f"{i:06d}", data, "png", cap, meta)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("tiny_shards")
+    return {
+        "train": str(write_split(root / "train", 192)),
+        "val": str(write_split(root / "val", 24, start=1000)),
+        "test": str(write_split(root / "test", 48, start=2000)),
+    }
+
+
+def tiny_pipeline(shards: dict, runs_root: Path, **sections) -> dict:
+    """A raw pipeline dict with the tiny random-init two-tower model; ``sections`` update each section."""
+    from mmtl.models import tiny_two_tower_config
+
+    raw = {
+        "data": {"train": shards["train"], "val": shards["val"], "test": shards["test"], "shuffle_buffer": 16},
+        "model": tiny_two_tower_config().model_dump(mode="json"),
+        "strategy": {"kind": "frozen"},
+        "train": {"runs_root": str(runs_root), "name": "tiny", "num_workers": 2, "cpus_per_worker": 0.5,
+                  "micro_batch_size": 8, "max_steps": 20, "checkpoint_every": 10, "lr": 0.01, "warmup_steps": 2},
+        "eval": {"sets": ["test"], "recall_ks": [1, 5], "batch_size": 32,
+                 "zero_shot": {"label_field": "color", "templates": ["a {} shape", "{}"]}},
+        "tracking": {"experiment": "tests", "model_name": "tiny-model"},
+    }
+    for sec, upd in sections.items():
+        raw.setdefault(sec, {}).update(upd)
+    return raw
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray instance for the session (127.0.0.1 only), stopped at the end."""
+    import ray
+
+    from mmtl.runtime import init_ray
+
+    init_ray("local", num_cpus=2)
+    yield ray
+    ray.shutdown()

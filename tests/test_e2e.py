@@ -1,0 +1,94 @@
+"""End-to-end runs on one local Ray instance (2 CPU workers, gloo): few and tiny, they share the instance."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import tiny_pipeline
+from mmtl.config import build_pipeline
+
+pytestmark = pytest.mark.e2e
+
+
+def _mlflow(summary):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(summary["mlflow_tracking_uri"])
+
+
+def test_zero2_feature_cache_kill_resume_and_mlflow(ray_local, tiny_shards, tmp_path, monkeypatch):
+    """ZeRO-2, frozen towers (cached features): a worker is SIGKILLed at step 13, Ray restarts the group from
+    the step-10 checkpoint, the run finishes 24 steps; steps <= 10 are trained once; MLflow has it all."""
+    from mmtl.run import run_pipeline
+
+    trace = tmp_path / "trace"
+    monkeypatch.setenv("MMTL_STEP_TRACE", str(trace))
+    monkeypatch.setenv("MMTL_KILL_AT", f"13:1:{tmp_path / 'killed'}")
+    raw = tiny_pipeline(tiny_shards, tmp_path / "runs", train={"max_steps": 24, "max_failures": 1, "zero_stage": 2,
+                                                               "lr": 0.003})
+    summary = run_pipeline(build_pipeline(raw), say=lambda m: None)
+    assert (tmp_path / "killed").exists(), "the fault was not injected"
+    steps0 = [int(x) for x in Path(f"{trace}.rank0").read_text().split()]
+    assert steps0[:10] == list(range(1, 11)) and steps0[-1] == 24
+    assert steps0.count(10) == 1 and steps0.count(11) == 2  # resumed at 11, nothing before it twice
+    assert sorted(set(steps0)) == list(range(1, 25))
+    on_disk = json.loads((Path(summary["run_dir"]) / "summary.json").read_text())
+    assert on_disk == summary
+    for key in ("mlflow_run_id", "steps", "wall_time_s", "metrics", "export_path"):
+        assert key in summary
+    assert summary["steps"] == 24 and summary["feature_cache"] is True
+    m = summary["metrics"]
+    assert "test/image_to_text_recall_at_1" in m and "before/test/image_to_text_recall_at_1" in m
+    assert all("@" not in k for k in m)
+    assert Path(summary["export_path"]).exists()
+    client = _mlflow(summary)
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.data.params["train.zero_stage"] == "2"
+    assert run.info.status == "FINISHED"
+    losses = [x.value for x in sorted(client.get_metric_history(run.info.run_id, "train/loss"), key=lambda x: x.step)]
+    assert len(losses) >= 20
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5, losses
+    versions = client.search_model_versions("name='tiny-model'")
+    assert any(v.run_id == run.info.run_id for v in versions)
+
+
+@pytest.mark.parametrize("stage,precision", [(1, "fp32"), (3, "bf16")])
+def test_image_stream_full_finetune_zero_stages(ray_local, tiny_shards, tmp_path, stage, precision):
+    """Images streamed through Ray Data (no feature cache), every parameter trained, ZeRO-1 fp32 / ZeRO-3 bf16."""
+    from mmtl.run import run_pipeline
+
+    raw = tiny_pipeline(tiny_shards, tmp_path / "runs", strategy={"kind": "full"},
+                        train={"zero_stage": stage, "precision": precision, "max_steps": 6, "checkpoint_every": 3},
+                        eval={"before_training": False}, tracking={"model_name": None, "log_model": False})
+    summary = run_pipeline(build_pipeline(raw), say=lambda m: None)
+    assert summary["steps"] == 6 and summary["feature_cache"] is False
+    assert summary["metrics"]["train/loss"] > 0
+    from safetensors.torch import load_file
+
+    sd = load_file(summary["export_path"])
+    assert any(k.startswith("image_tower.") for k in sd) and "logit_scale" in sd
+
+
+def test_resume_after_failure_continues_at_checkpoint(ray_local, tiny_shards, tmp_path, monkeypatch):
+    """max_failures=0: the killed run fails; `--resume` continues from step 5 to 12 in the same MLflow run."""
+    from mmtl.run import run_pipeline
+
+    trace = tmp_path / "trace"
+    monkeypatch.setenv("MMTL_STEP_TRACE", str(trace))
+    monkeypatch.setenv("MMTL_KILL_AT", f"7:0:{tmp_path / 'killed'}")
+    raw = tiny_pipeline(tiny_shards, tmp_path / "runs", train={"max_steps": 12, "checkpoint_every": 5,
+                                                               "max_failures": 0})
+    with pytest.raises(RuntimeError, match="training failed"):
+        run_pipeline(build_pipeline(raw), say=lambda m: None)
+    summary = run_pipeline(build_pipeline(raw), must_resume=True, say=lambda m: None)
+    steps = [int(x) for x in Path(f"{trace}.rank0").read_text().split()]
+    assert steps == [1, 2, 3, 4, 5, 6, 7, 6, 7, 8, 9, 10, 11, 12]
+    assert summary["steps"] == 12 and Path(summary["run_dir"]).name == "tiny"
+    # a checkpoint from 2 workers refuses to resume with 1, before training
+    from mmtl.train.checkpoint import CheckpointMismatchError, check_compatible, read_meta
+    from mmtl.runtime import latest_checkpoint
+
+    with pytest.raises(CheckpointMismatchError, match="num_workers=2"):
+        check_compatible(read_meta(latest_checkpoint(Path(summary["run_dir"]))), 1, 2)
