@@ -161,6 +161,81 @@ def datasets_emoji(
     print(json.dumps(build_emoji_dataset(str(out), str(npm_dir) if npm_dir else None), indent=2))
 
 
+ADDRESS_HELP = "Ray dashboard URL; default $RAY_ADDRESS (http) or http://127.0.0.1:8265"
+
+
+@app.command()
+def submit(
+    pipeline: Path = typer.Argument(..., help="Pipeline YAML inside --working-dir"),
+    overrides: Optional[List[str]] = typer.Argument(None, help="Dotted overrides passed to `mmtl run`"),
+    address: Optional[str] = typer.Option(None, "--address", help=ADDRESS_HELP),
+    runtime_env: Optional[Path] = typer.Option(None, "--runtime-env", help="runtime_env YAML (default cluster/runtime_env.yaml)"),
+    env: Optional[List[str]] = typer.Option(None, "--env", help="K=V environment variable for the job; repeatable"),
+    working_dir: Path = typer.Option(Path("."), "--working-dir", help="Project folder uploaded with the job"),
+    pip: Optional[List[str]] = typer.Option(None, "--pip", help="Extra pip requirement for the job; repeatable"),
+    wait: bool = typer.Option(False, "--wait", help="Follow the logs until the job ends; exit 1 unless it succeeded"),
+) -> None:
+    """Submit `mmtl run PIPELINE` to a Ray cluster through the Job Submission API; prints the job id.
+
+    Secrets (e.g. AWS_SECRET_ACCESS_KEY, MLFLOW_TRACKING_PASSWORD) are forwarded from your environment into the
+    job's runtime_env and never printed. The pipeline is validated locally before anything is sent.
+    """
+    from mmtl.config import PipelineError
+    from mmtl.jobs import submit as jobs
+
+    try:
+        kv = dict(e.split("=", 1) for e in env or [])
+        job = jobs.submit(str(pipeline), address, overrides or [], str(runtime_env) if runtime_env else None, kv,
+                          str(working_dir), pip)
+    except (PipelineError, ValueError, FileNotFoundError) as exc:
+        _fail(str(exc), 2)
+    except (ConnectionError, RuntimeError) as exc:
+        _fail(str(exc), 1)
+    print(job)
+    if wait:
+        jobs.logs(job, address, follow=True)
+        final = jobs.status(job, address)
+        console.print(f"job {job}: {final}")
+        if final != "SUCCEEDED":
+            raise typer.Exit(1)
+
+
+@app.command()
+def status(job_id: str = typer.Argument(...), address: Optional[str] = typer.Option(None, "--address", help=ADDRESS_HELP),
+           verbose: bool = typer.Option(False, "--verbose", help="Print the job's info as JSON (secrets redacted)")) -> None:
+    """Print a submitted job's status (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED)."""
+    from mmtl.jobs import submit as jobs
+
+    try:
+        print(json.dumps(jobs.job_info(job_id, address), indent=2, default=str) if verbose else jobs.status(job_id, address))
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        _fail(str(exc), 1)
+
+
+@app.command()
+def logs(job_id: str = typer.Argument(...), address: Optional[str] = typer.Option(None, "--address", help=ADDRESS_HELP),
+         follow: bool = typer.Option(False, "--follow", "-f", help="Stream until the job ends")) -> None:
+    """Print (or follow) a submitted job's logs."""
+    from mmtl.jobs import submit as jobs
+
+    try:
+        jobs.logs(job_id, address, follow=follow)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        _fail(str(exc), 1)
+
+
+@app.command()
+def stop(job_id: str = typer.Argument(...), address: Optional[str] = typer.Option(None, "--address", help=ADDRESS_HELP)) -> None:
+    """Stop a running job."""
+    from mmtl.jobs import submit as jobs
+
+    try:
+        stopped = jobs.stop(job_id, address)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        _fail(str(exc), 1)
+    print("stopped" if stopped else "already finished")
+
+
 def main() -> None:  # pragma: no cover
     app()
 

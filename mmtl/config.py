@@ -72,6 +72,7 @@ class ModelConfig(_Section):
     text: TextTowerConfig = Field(default_factory=TextTowerConfig)
     embed_dim: int = Field(256, gt=0)
     head: Literal["linear", "mlp"] = "linear"
+    head_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on tower features before the heads (train only).")
     image_size: int = Field(224, gt=0)
     context_length: int = Field(77, gt=0)
     init_logit_scale: float = Field(math.log(1 / 0.07))
@@ -130,7 +131,7 @@ class TrainConfig(_Section):
     resume: Literal["auto", "never"] = "auto"
     nonfinite: Literal["error", "skip"] = Field("error", description="NaN/inf loss: stop, or skip the step.")
     seed: int = 0
-    log_every: int = Field(1, ge=1)
+    log_every: int = Field(10, ge=1, description="Steps between metric reports / progress lines.")
 
     @model_validator(mode="after")
     def _check_global_batch(self) -> "TrainConfig":

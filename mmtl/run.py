@@ -74,13 +74,19 @@ def _train(pipe: Pipeline, run_dir: Path, feats, uri: str, run_id: str, say: Say
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.v2.api.config import LoggingConfig
 
     from mmtl.data.stream import build_image_dataset, build_index_dataset, epochs_needed, make_stats_actor
     from mmtl.train.worker import train_loop_per_worker
 
     t = pipe.train
+    import os
+
+    from mmtl.runtime import FORWARDED_ENV
+
     cfg = {"pipeline": pipe.model_dump(mode="json"), "tracking_uri": uri, "run_id": run_id,
-           "features_ref": None, "stats_actor": None}
+           "features_ref": None, "stats_actor": None,
+           "env": {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}}
     if feats is not None:
         n = len(feats["train"])
         cfg["features_ref"] = ray.put({"image": feats["train"].image, "text": feats["train"].text})
@@ -105,6 +111,7 @@ def _train(pipe: Pipeline, run_dir: Path, feats, uri: str, run_id: str, say: Say
             name="train", storage_path=str(run_dir.resolve()),
             failure_config=FailureConfig(max_failures=t.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
         datasets={"train": ds},
     )

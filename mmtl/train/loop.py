@@ -41,8 +41,14 @@ def build_engine(pipe: Pipeline, model: torch.nn.Module):
     """Wrap ``model`` in :class:`ContrastiveModule` and ``deepspeed.initialize`` it with the pipeline's
     ZeRO / precision / batch config, a client AdamW and the warmup-cosine schedule."""
     import deepspeed
+    import deepspeed.ops
 
+    # DeepSpeed JIT-compiles a shared-memory all-reduce for CPU inference (~1 min of g++); training over
+    # gloo/NCCL never uses it, so skip the build.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     module = ContrastiveModule(model, pipe.train.loss)
+    if pipe.train.precision != "fp32":  # params and buffers (e.g. BatchNorm stats) in the compute dtype
+        module.to(_DTYPES[pipe.train.precision])
     optimizer = build_optimizer(pipe.train, module.parameters())
     scheduler = WarmupCosine(optimizer, pipe.train)
     engine, _, _, _ = deepspeed.initialize(
@@ -157,11 +163,16 @@ def _checkpoint(engine, pipe, step, rank, world_size, metrics, report, export: b
 
 def _maybe_fail(step: int, rank: int) -> None:
     """Fault-injection hook for tests: ``MMTL_KILL_AT="<step>:<rank>:<marker file>"`` SIGKILLs this worker
-    process once (the marker file records that it happened)."""
+    process once (the marker file records that it happened), 3 s after finishing that step.
+
+    The delay matters: Ray Train registers a reported checkpoint when its controller next polls the workers
+    (about every second); a worker that dies before that loses the report and the run resumes from the
+    checkpoint before it (still correct, just older)."""
     spec = os.environ.get("MMTL_KILL_AT")
     if not spec:
         return
     at, who, marker = spec.split(":", 2)
     if step == int(at) and rank == int(who) and not os.path.exists(marker):
         Path(marker).write_text(str(os.getpid()))
+        time.sleep(3.0)
         os.kill(os.getpid(), 9)

@@ -7,6 +7,8 @@ reject-count actor, or None).
 """
 from __future__ import annotations
 
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -34,7 +36,9 @@ def train_loop_per_worker(config: dict) -> None:
     from mmtl.strategies import apply_strategy
     from mmtl.train.loop import feature_batches, run_training, seed_everything
 
+    os.environ.update(config.get("env") or {})  # e.g. test hooks set in the driver after Ray started
     pipe = Pipeline.model_validate(config["pipeline"])
+    torch.set_num_threads(max(1, int(pipe.train.cpus_per_worker)))  # fractional CPUs: one thread
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     seed_everything(pipe.train.seed)  # identical model init on every rank
@@ -67,7 +71,8 @@ def train_loop_per_worker(config: dict) -> None:
                 pass
         if logger:
             logger.log({k: v for k, v in {**metrics, **extra}.items() if k != "steps"}, step=n)
-        print(_progress_line(n, pipe.train.max_steps, metrics, t_start), flush=True)
+        sys.stderr.write(_progress_line(n, pipe.train.max_steps, metrics, t_start) + "\n")
+        sys.stderr.flush()
 
     def report(metrics: dict, ckpt_dir) -> None:
         if logger and ckpt_dir is not None:
@@ -78,7 +83,7 @@ def train_loop_per_worker(config: dict) -> None:
     if ckpt is not None:
         with ckpt.as_directory() as d:
             if rank == 0:
-                print(f"[mmtl] resuming from {d}", flush=True)
+                sys.stderr.write(f"[mmtl] resuming from {d}\n")
             run_training(pipe, model, batches, rank=rank, world_size=world, resume_dir=Path(d),
                          report=report, on_step=on_step)
     else:

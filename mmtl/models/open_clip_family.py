@@ -1,0 +1,481 @@
+"""``open_clip`` family: an open_clip CLIP model (built-in architecture name or a model-config dict).
+
+Supports:
+  * ``model.arch``: an open_clip built-in name (``ViT-B-16``, ``RN50``, ``convnext_base``, ...), or
+    ``model.config``: an open_clip model config dict (``embed_dim``, ``vision_cfg``, ``text_cfg``, optional
+    ``quick_gelu``, ``custom_text``, ``preprocess_cfg``) -- exactly one of them.
+  * ``model.weights``: null (random init, ``model.init_logit_scale``) or a local ``.safetensors`` /
+    ``.pt`` / ``.pth`` / ``.bin`` state dict (torch pickles read with ``weights_only=True``; a ``state_dict``
+    wrapper and a ``module.`` prefix are removed) in open_clip / OpenAI key naming, or an mmtl export
+    (``image_tower.*`` / ``text_tower.*`` keys). open_clip's own fixes are applied: MobileCLIP conversion,
+    old text layout, 0-dim vs (1,) ``logit_scale``, position-embedding resizing. ``package:<dist>`` works.
+  * Mapping onto :class:`MultimodalModel`: ``image_tower`` = open_clip's ``visual`` (its output is already
+    projected to ``embed_dim``), ``text_tower`` = :class:`OpenClipTextTower` (token/positional embedding,
+    transformer, ``ln_final``, ``text_projection``: open_clip's ``encode_text``), heads are ``nn.Identity``
+    (``project_*`` only L2-normalise), ``logit_scale`` = the model's own parameter, shape (1,)
+    (built with ``nonscalar_logit_scale=True``: DeepSpeed cannot broadcast 0-dim parameters).
+  * Tokenizer: open_clip's ``SimpleTokenizer`` (BPE, 49408 ids, sot/eot) padded with 0 to
+    ``model.context_length``; ``attention_mask`` marks sot..eot (id 0 is also the BPE token "!", so the mask
+    is built from lengths, not from ``ids != 0``). Architectures needing a HuggingFace tokenizer (SigLIP,
+    ``hf_tokenizer_name``) need ``model.text.tokenizer_path`` = a local tokenizer dir.
+  * Image transform: open_clip's ``image_transform`` with the config's ``preprocess_cfg`` (default OpenAI
+    mean/std, bicubic, shortest-side resize + center crop); ``model.vision.mean/std`` override mean/std.
+  * Export: :func:`to_open_clip_state_dict` maps an mmtl state dict back to open_clip keys.
+
+Consistency rules (the data pipeline reads ``model.image_size`` / ``context_length`` and the registry
+``model.embed_dim`` without building the model): ``model.embed_dim`` and ``model.image_size`` must equal the
+architecture's; ``model.context_length`` must be <= the architecture's (equal for ``custom_text`` models).
+Limits: no network (``pretrained=None``, hub offline); ``.npz`` big_vision weights, CoCa and HF-hub text towers
+(``hf_model_name``, their base weights would download) are not supported; the pretrained ``logit_bias`` of
+SigLIP-style checkpoints is not kept (the SigLIP loss has its own bias).
+"""
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+
+from mmtl.config import ModelConfig
+from mmtl.models.base import MultimodalModel, Which, fingerprint_of
+from mmtl.models.weights import WeightsError, file_digest, load_state_dict_file, params_digest, resolve_weights
+
+_FP_VERSION = 1  # bump when feature semantics change (invalidates frozen-feature caches)
+
+
+def _open_clip():
+    """Import open_clip with the HuggingFace hub forced offline."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    import open_clip
+
+    return open_clip
+
+
+# ---- config -------------------------------------------------------------------------------------------
+def resolve_open_clip_config(cfg: ModelConfig) -> dict[str, Any]:
+    """The open_clip model config (a deep copy) of ``model.arch`` or ``model.config``.
+
+    Returns:
+        dict with ``embed_dim``, ``vision_cfg``, ``text_cfg`` and possibly ``quick_gelu``, ``custom_text``,
+        ``preprocess_cfg``, ``init_logit_bias``.
+    Raises:
+        ValueError: both or neither of ``arch`` / ``config``; unknown arch; a config missing keys.
+    """
+    if bool(cfg.arch) == bool(cfg.config):
+        raise ValueError("model (family open_clip): set exactly one of `arch` (an open_clip model name) and "
+                         f"`config` (an open_clip model config dict) (got arch={cfg.arch!r}, config={cfg.config!r})")
+    oc = _open_clip()
+    if cfg.arch:
+        if ":" in cfg.arch:
+            raise ValueError(f"model.arch={cfg.arch!r}: hub/local-dir schemas are not supported; use a built-in "
+                             "name or model.config, and model.weights for the weights file")
+        mc = oc.get_model_config(cfg.arch)
+        if mc is None:
+            known = oc.list_models()
+            raise ValueError(f"model.arch={cfg.arch!r} is not an open_clip model name "
+                             f"({len(known)} known, e.g. {known[:6]})")
+    else:
+        mc = copy.deepcopy(dict(cfg.config))
+        missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if k not in mc]
+        if missing:
+            raise ValueError(f"model.config (open_clip) lacks {missing}; it needs embed_dim, vision_cfg, text_cfg")
+    if "multimodal_cfg" in mc:
+        raise ValueError(f"model.{'arch' if cfg.arch else 'config'}: CoCa models (multimodal_cfg) are not supported")
+    if mc["text_cfg"].get("hf_model_name"):
+        raise ValueError("model: open_clip text towers from HuggingFace (text_cfg.hf_model_name) are not supported "
+                         "offline; use family 'hf' or a native text_cfg")
+    return mc
+
+
+def _arch_image_size(mc: dict) -> int:
+    size = mc["vision_cfg"].get("image_size", 224)
+    if isinstance(size, (list, tuple)):
+        if len(set(size)) != 1:
+            raise ValueError(f"open_clip vision_cfg.image_size={size}: only square inputs are supported")
+        size = size[0]
+    return int(size)
+
+
+def _arch_context_length(mc: dict) -> int:
+    return int(mc["text_cfg"].get("context_length", 77))
+
+
+def check_consistency(cfg: ModelConfig, mc: dict) -> None:
+    """Raise ValueError when ``model.embed_dim/image_size/context_length`` disagree with the architecture."""
+    name = cfg.arch or "model.config"
+    if int(mc["embed_dim"]) != cfg.embed_dim:
+        raise ValueError(f"model.embed_dim={cfg.embed_dim} but open_clip {name} has embed_dim {mc['embed_dim']}: "
+                         f"set model.embed_dim: {mc['embed_dim']}")
+    size = _arch_image_size(mc)
+    if size != cfg.image_size:
+        raise ValueError(f"model.image_size={cfg.image_size} but open_clip {name} takes {size}-px images: "
+                         f"set model.image_size: {size} (or change vision_cfg.image_size in model.config)")
+    ctx = _arch_context_length(mc)
+    custom = bool(mc.get("custom_text"))
+    if cfg.context_length > ctx or (custom and cfg.context_length != ctx):
+        raise ValueError(f"model.context_length={cfg.context_length} but open_clip {name} has context length {ctx}"
+                         f" (must be {'==' if custom else '<='} {ctx})")
+
+
+def preprocess_of(cfg: ModelConfig, mc: dict) -> dict[str, Any]:
+    """open_clip ``PreprocessCfg`` fields for this model: defaults < ``preprocess_cfg`` < ``model.vision``."""
+    from open_clip.transform import PreprocessCfg, merge_preprocess_dict
+    from dataclasses import asdict
+
+    pp = merge_preprocess_dict(asdict(PreprocessCfg()), mc.get("preprocess_cfg") or {})
+    if cfg.vision.mean is not None:
+        pp["mean"] = tuple(cfg.vision.mean)
+    if cfg.vision.std is not None:
+        pp["std"] = tuple(cfg.vision.std)
+    pp["size"] = cfg.image_size
+    pp["mean"], pp["std"] = tuple(float(x) for x in pp["mean"]), tuple(float(x) for x in pp["std"])
+    return pp
+
+
+def make_open_clip_transform(cfg: ModelConfig, train: bool):
+    """open_clip's (picklable) ``image_transform`` for ``cfg``: PIL image -> (3, S, S) float normalised.
+
+    eval: resize (shortest side, bicubic) + center crop; train: ``RandomResizedCrop(scale=(0.9, 1))``.
+    """
+    oc = _open_clip()
+    pp = preprocess_of(cfg, resolve_open_clip_config(cfg))
+    return oc.image_transform(pp["size"], is_train=train, mean=pp["mean"], std=pp["std"],
+                              resize_mode=pp["resize_mode"], interpolation=pp["interpolation"],
+                              fill_color=pp["fill_color"])
+
+
+# ---- tokenizer ----------------------------------------------------------------------------------------
+class OpenClipTokenize:
+    """Picklable wrapper of open_clip's ``SimpleTokenizer``: ``texts -> dict(input_ids, attention_mask)``.
+
+    Ids: ``[sot] + BPE + [eot]`` truncated to ``context_length`` (eot kept last), right-padded with 0 (same
+    ids as ``SimpleTokenizer.__call__``). ``attention_mask`` is 1 on sot..eot. Pickles as its
+    ``context_length`` only (the BPE tables are rebuilt on unpickling).
+    """
+
+    def __init__(self, context_length: int) -> None:
+        self.context_length = int(context_length)
+        self._build()
+
+    def _build(self) -> None:
+        from open_clip.tokenizer import SimpleTokenizer
+
+        self.tokenizer = SimpleTokenizer(context_length=self.context_length)
+
+    def __getstate__(self) -> dict:
+        return {"context_length": self.context_length}
+
+    def __setstate__(self, state: dict) -> None:
+        self.context_length = state["context_length"]
+        self._build()
+
+    def _ids(self, text: str) -> list[int]:
+        t = self.tokenizer
+        return [t.sot_token_id, *t.encode(text), t.eot_token_id]
+
+    def __call__(self, texts: list[str]) -> dict[str, Tensor]:
+        """B strings -> ``dict(input_ids=(B,L) long, attention_mask=(B,L) long)``, L = context_length."""
+        if isinstance(texts, str):
+            raise TypeError("tokenize expects a list of strings, got one str")
+        n, eot = self.context_length, self.tokenizer.eot_token_id
+        ids = torch.zeros(len(texts), n, dtype=torch.long)
+        mask = torch.zeros(len(texts), n, dtype=torch.long)
+        for i, text in enumerate(texts):
+            toks = self._ids(text)
+            if len(toks) > n:
+                toks = toks[:n]
+                toks[-1] = eot
+            ids[i, : len(toks)] = torch.tensor(toks, dtype=torch.long)
+            mask[i, : len(toks)] = 1
+        return {"input_ids": ids, "attention_mask": mask}
+
+    def count(self, text: str) -> int:
+        """Tokens in ``text`` including sot/eot, untruncated."""
+        return len(self._ids(text))
+
+
+def _needs_hf_tokenizer(cfg: ModelConfig, mc: dict) -> bool:
+    return bool(mc["text_cfg"].get("hf_tokenizer_name")) or "siglip" in (cfg.arch or "").lower()
+
+
+def load_open_clip_tokenizer(cfg: ModelConfig, mc: Optional[dict] = None):
+    """(tokenizer callable with ``.count``, identity dict) for an open_clip model config.
+
+    ``SimpleTokenizer`` unless the architecture needs a HuggingFace tokenizer: then ``model.text.tokenizer_path``
+    (a local dir) is required. ``model.text.tokenizer_path`` always wins when set.
+    """
+    mc = mc if mc is not None else resolve_open_clip_config(cfg)
+    if cfg.text.tokenizer_path:
+        from mmtl.models.two_tower import load_tokenizer
+
+        return load_tokenizer(cfg.text.model_copy(update={"path": None}), cfg.context_length)
+    if _needs_hf_tokenizer(cfg, mc):
+        raise ValueError(f"model: open_clip {cfg.arch or 'config'} uses a HuggingFace tokenizer "
+                         f"({mc['text_cfg'].get('hf_tokenizer_name') or 'SigLIP'}); set model.text.tokenizer_path "
+                         "to a local tokenizer directory (no downloads)")
+    return OpenClipTokenize(cfg.context_length), {"tokenizer": "open_clip.SimpleTokenizer"}
+
+
+# ---- towers -------------------------------------------------------------------------------------------
+class OpenClipTextTower(nn.Module):
+    """open_clip ``CLIP.encode_text`` as a module (CLIP layout): ids (B, L<=context) -> (B, embed_dim).
+
+    Holds ``token_embedding``, ``positional_embedding``, ``transformer`` (``.resblocks``), ``ln_final``,
+    ``text_projection`` (Parameter, Linear or None) and the causal ``attn_mask`` buffer (non-persistent).
+    Inputs shorter than the context length use the first L positions (exact for causal masks).
+    """
+
+    def __init__(self, clip: nn.Module) -> None:
+        super().__init__()
+        self.token_embedding = clip.token_embedding
+        self.positional_embedding = clip.positional_embedding
+        self.transformer = clip.transformer
+        self.ln_final = clip.ln_final
+        self.text_projection = clip.text_projection
+        self.pool_type = clip.text_pool_type
+        self.eos_id = getattr(clip, "text_eos_id", None)
+        self.context_length = int(clip.context_length)
+        self.register_buffer("attn_mask", clip.attn_mask, persistent=False)
+
+    @property
+    def causal(self) -> bool:
+        return self.attn_mask is not None
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        from open_clip.transformer import text_global_pool
+
+        n = input_ids.shape[1]
+        if n > self.context_length:
+            raise ValueError(f"text of {n} tokens > context length {self.context_length}")
+        cast = self.transformer.get_cast_dtype()
+        x = self.token_embedding(input_ids).to(cast) + self.positional_embedding[:n].to(cast)
+        mask = self.attn_mask[:n, :n] if self.attn_mask is not None else None
+        if mask is None and n != self.context_length:
+            raise ValueError("non-causal open_clip text towers need full-length inputs")
+        x = self.ln_final(self.transformer(x, attn_mask=mask))
+        x = text_global_pool(x, input_ids, self.pool_type, eos_token_id=self.eos_id)
+        if self.text_projection is not None:
+            x = self.text_projection(x) if isinstance(self.text_projection, nn.Linear) else x @ self.text_projection
+        return x
+
+
+class OpenClipCustomTextTower(nn.Module):
+    """``CustomTextCLIP.text`` (an open_clip ``TextTransformer``) as ``text``: keys ``text.*`` as in open_clip.
+
+    Inputs are right-padded with ``pad_id`` to the full context length (TextTransformer's mask is fixed).
+    ``transformer`` is exposed (not registered twice) so block lookups find ``transformer.resblocks``.
+    """
+
+    def __init__(self, text: nn.Module) -> None:
+        super().__init__()
+        self.text = text
+        self.context_length = int(text.context_length)
+        self.pool_type = getattr(text, "pool_type", "argmax")
+
+    @property
+    def transformer(self) -> nn.Module:
+        return self.text.transformer
+
+    @property
+    def causal(self) -> bool:
+        return False  # inputs are always padded to full length: no trimming
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        n = input_ids.shape[1]
+        if n < self.context_length:
+            pad = getattr(self.text, "pad_id", 0)
+            input_ids = torch.nn.functional.pad(input_ids, (0, self.context_length - n), value=pad)
+        return self.text(input_ids)
+
+
+# ---- weights ------------------------------------------------------------------------------------------
+def to_open_clip_state_dict(sd: dict, nonscalar_logit_scale: bool = False) -> dict:
+    """Map an mmtl ``MultimodalModel.state_dict()`` of the open_clip family to open_clip's own keys.
+
+    ``image_tower.X`` -> ``visual.X``; ``text_tower.X`` -> ``X`` (CLIP layout: ``token_embedding.*``,
+    ``positional_embedding``, ``transformer.*``, ``ln_final.*``, ``text_projection``; custom-text layout:
+    ``text.*``); ``logit_scale`` -> ``logit_scale`` reshaped to 0-dim (open_clip's default) unless
+    ``nonscalar_logit_scale``; ``image_head.*`` / ``text_head.*`` (Identity: none) and ``logit_bias`` are dropped.
+
+    Load with ``open_clip.create_model(arch).load_state_dict(mapped)`` (strict).
+    Raises:
+        ValueError: a key that belongs to no known part.
+    """
+    out: dict = {}
+    for k, v in sd.items():
+        if k.startswith("image_tower."):
+            out["visual." + k[len("image_tower."):]] = v
+        elif k.startswith("text_tower."):
+            out[k[len("text_tower."):]] = v
+        elif k == "logit_scale":
+            out[k] = v.reshape(1) if nonscalar_logit_scale else v.reshape(())
+        elif k == "logit_bias" or k.startswith(("image_head.", "text_head.")):
+            continue
+        else:
+            raise ValueError(f"to_open_clip_state_dict: unexpected key {k!r} (not an open_clip-family state dict)")
+    return out
+
+
+def _load_weights(model: nn.Module, spec: str) -> Path:
+    """Load ``spec`` into the open_clip model (strict); returns the resolved file path."""
+    from open_clip.convert import convert_state_dict
+    from open_clip.model import convert_to_custom_text_state_dict, resize_pos_embed, resize_text_pos_embed
+
+    path = resolve_weights(spec, "file")
+    if path.suffix in (".npz", ".npy"):
+        raise WeightsError(f"model.weights={spec}: big_vision .npz weights are not supported")
+    sd = dict(load_state_dict_file(path))
+    if next(iter(sd)).startswith("module."):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    if any(k.startswith(("image_tower.", "text_tower.")) for k in sd):
+        sd = to_open_clip_state_dict(sd)
+    sd = convert_state_dict(model, sd)
+    if "positional_embedding" in sd and not hasattr(model, "positional_embedding"):
+        sd = convert_to_custom_text_state_dict(sd)
+    if "logit_scale" in sd:
+        sd["logit_scale"] = sd["logit_scale"].reshape(model.logit_scale.shape)
+    if getattr(model, "logit_bias", None) is None:
+        sd.pop("logit_bias", None)
+    sd.pop("text.transformer.embeddings.position_ids", None)
+    try:
+        resize_pos_embed(sd, model)
+        resize_text_pos_embed(sd, model)
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        raise WeightsError(f"model.weights={spec} ({path.name}) does not fit the architecture: {exc}") from exc
+    if missing or unexpected:
+        raise WeightsError(f"model.weights={spec} ({path.name}) does not fit the architecture: "
+                           f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+                           f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
+    return path
+
+
+def create_open_clip_model(cfg: ModelConfig, mc: Optional[dict] = None) -> tuple[nn.Module, dict, Optional[Path]]:
+    """Instantiate the open_clip ``CLIP`` / ``CustomTextCLIP`` (fp32, CPU, ``nonscalar_logit_scale=True``) and
+    load ``model.weights``. Returns (model, model config used, weights path or None)."""
+    oc = _open_clip()
+    mc = copy.deepcopy(mc if mc is not None else resolve_open_clip_config(cfg))
+    mc.pop("preprocess_cfg", None)
+    mc.pop("init_logit_bias", None)  # the SigLIP loss has its own bias
+    custom = bool(mc.pop("custom_text", False))
+    vc = mc["vision_cfg"]
+    if vc.get("timm_model_name"):
+        vc["timm_model_pretrained"] = False  # never download base weights
+    cls = oc.model.CustomTextCLIP if custom else oc.model.CLIP
+    init = cfg.init_logit_scale
+    model = cls(**mc, init_logit_scale=init, nonscalar_logit_scale=True)
+    path = _load_weights(model, cfg.weights) if cfg.weights else None
+    return model.float().eval(), mc, path
+
+
+# ---- the model ----------------------------------------------------------------------------------------
+class OpenClipModel(MultimodalModel):
+    """An open_clip CLIP behind :class:`MultimodalModel` (see module docstring). Build with ``OpenClipModel(cfg)``."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        if cfg.family != "open_clip":
+            raise ValueError(f"OpenClipModel needs model.family='open_clip', got {cfg.family!r}")
+        mc = resolve_open_clip_config(cfg)
+        check_consistency(cfg, mc)
+        tok, tok_id = load_open_clip_tokenizer(cfg, mc)
+        clip, used_cfg, wpath = create_open_clip_model(cfg, mc)
+        d = int(mc["embed_dim"])
+        super().__init__(image_dim=d, text_dim=d, embed_dim=d, head="linear", init_logit_scale=cfg.init_logit_scale,
+                         max_logit_scale=cfg.max_logit_scale, image_size=cfg.image_size,
+                         context_length=cfg.context_length, head_dropout=cfg.head_dropout)
+        self.cfg = cfg.model_copy(deep=True)
+        self.image_head, self.text_head = nn.Identity(), nn.Identity()  # towers already project to embed_dim
+        self.image_tower = clip.visual
+        self.text_tower = (OpenClipCustomTextTower(clip.text) if hasattr(clip, "text")
+                           else OpenClipTextTower(clip))
+        self.logit_scale = clip.logit_scale  # (1,), nonscalar
+        self.tokenizer = tok
+        self.preprocess = preprocess_of(cfg, mc)
+        vision_id = {k: v for k, v in used_cfg.items() if k != "text_cfg"}
+        text_id = {k: v for k, v in used_cfg.items() if k != "vision_cfg"}
+        common: dict[str, Any] = {"v": _FP_VERSION, "family": "open_clip", "arch": cfg.arch,
+                                  "custom_text": hasattr(clip, "text"), "weights": cfg.weights}
+        if wpath is not None:
+            common["weights_digest"] = file_digest(wpath)
+            img_w, txt_w = {}, {}
+        else:
+            img_w = {"params_digest": params_digest(self.image_tower)}
+            txt_w = {"params_digest": params_digest(self.text_tower)}
+        self._fingerprints = {
+            "image": fingerprint_of({**common, "tower": "image", "model_cfg": vision_id, **img_w,
+                                     "image_size": self.image_size, "preprocess": self.preprocess}),
+            "text": fingerprint_of({**common, "tower": "text", "model_cfg": text_id, **txt_w, **tok_id,
+                                    "context_length": self.context_length}),
+        }
+        self.image_tower.eval()
+        self.text_tower.eval()
+
+    def image_features(self, images: Tensor) -> Tensor:
+        """(B,3,S,S) normalised float -> (B, D) open_clip ``visual`` output (already projected, not normalised)."""
+        return self.image_tower(images)
+
+    def text_features(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """(B,L) ids + mask -> (B, D) open_clip ``encode_text`` output (projected, not normalised).
+
+        With a causal text tower and eot/argmax/first pooling the batch is trimmed to its longest sequence
+        (same result, less compute).
+        """
+        tower = self.text_tower
+        if tower.causal and tower.pool_type in ("argmax", "eos", "first"):
+            n = max(int(attention_mask.sum(dim=1).max()), 1)
+            input_ids = input_ids[:, :n]
+        return tower(input_ids)
+
+    def tokenize(self, texts: list[str]) -> dict[str, Tensor]:
+        """B strings -> ``dict(input_ids=(B,L) long, attention_mask=(B,L) long)``, L = context_length."""
+        return self.tokenizer(texts)
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens in ``text`` incl. sot/eot, untruncated."""
+        return self.tokenizer.count(text)
+
+    def image_transform(self, train: bool):
+        """open_clip's picklable preprocess: PIL image -> (3, image_size, image_size) float, normalised."""
+        return make_open_clip_transform(self.cfg, train)
+
+    def fingerprint(self, which: Which) -> str:
+        """24-hex hash: model config of the tower, weights file content digest (or the random-init parameters'
+        digest), image size + preprocessing or context length + tokenizer."""
+        try:
+            return self._fingerprints[which]
+        except KeyError:
+            raise ValueError(f"fingerprint(which) must be 'image' or 'text', got {which!r}") from None
+
+    def tower_blocks(self, which: Which) -> list[nn.Module]:
+        """Main blocks, input to output: ViT / text ``transformer.resblocks``, ModifiedResNet
+        ``layer1..layer4``, timm ``trunk.blocks`` / ``trunk.stages``. ValueError when none is found."""
+        tower = self.image_tower if which == "image" else self.text_tower
+        for path in ("transformer.resblocks", "trunk.blocks", "trunk.stages"):
+            obj = tower
+            for part in path.split("."):
+                obj = getattr(obj, part, None)
+            if isinstance(obj, (nn.ModuleList, nn.Sequential)) and len(obj) > 0:
+                return list(obj)
+        if all(hasattr(tower, f"layer{i}") for i in range(1, 5)):
+            return [getattr(tower, f"layer{i}") for i in range(1, 5)]
+        raise ValueError(f"{which} tower {type(tower).__name__} has no recognised block list")
+
+
+def tiny_open_clip_config(**overrides: Any) -> ModelConfig:
+    """A random-init open_clip config for fast tests: ViT (width 32, 2 layers, patch 8, 32 px) + text
+    transformer (width 32, 2 layers, context 16, the full 49408-id BPE vocab), embed_dim 16."""
+    base: dict[str, Any] = dict(
+        family="open_clip",
+        config=dict(
+            embed_dim=16,
+            vision_cfg=dict(image_size=32, layers=2, width=32, head_width=16, patch_size=8),
+            text_cfg=dict(context_length=16, vocab_size=49408, width=32, heads=2, layers=2),
+        ),
+        embed_dim=16, image_size=32, context_length=16,
+    )
+    base.update(overrides)
+    return ModelConfig(**base)

@@ -1,0 +1,29 @@
+"""The step benchmark runs end to end on a tiny model, without Ray, and returns a well-formed result."""
+from __future__ import annotations
+
+import json
+import math
+
+import torch.distributed as dist
+
+
+def test_bench_step_tiny_no_ray():
+    from mmtl.bench.step import format_table, bench_step
+    from mmtl.models import tiny_two_tower_config
+
+    r = bench_step(steps=3, warmup=1, zero_stages=(0,), micro_batch=8, use_ray=False, repeats=1,
+                   model_cfg=tiny_two_tower_config())
+    json.dumps(r)  # JSON-serialisable (the CLI's --json)
+    assert set(r["stages"]) == {"zero0"}
+    st = r["stages"]["zero0"]
+    assert set(st["sides"]) == {"torch", "bare_ds", "mmtl"}
+    for side in st["sides"].values():
+        assert side["step_s"] > 0 and side["cpu_step_s"] >= 0 and len(side["runs_step_s"]) == 1
+    assert set(st["ratio"]) == {"mmtl/bare_ds", "bare_ds/torch"}
+    for v in st["ratio"].values():
+        assert math.isfinite(v) and v > 0
+    assert st["final_checkpoint_s"] >= 0 and st["engine_build_s"] > 0
+    assert r["model"]["params"] > 0 and r["model"]["params_trainable"] == r["model"]["params"]
+    assert r["steps"] == 3 and r["warmup"] == 1 and r["ray"] is None
+    assert "zero0" in format_table(r)
+    assert not dist.is_initialized()  # the single-process group it made is gone
