@@ -70,3 +70,13 @@ def test_warmup_cosine_schedule():
     assert lr_multiplier(9, cfg) == pytest.approx(1.0)
     assert lr_multiplier(60, cfg) == pytest.approx(0.1 + 0.9 * 0.5)
     assert lr_multiplier(110, cfg) == pytest.approx(0.1)
+
+
+def test_train_modes_follow_trainable_parts(model_factory):
+    from mmtl.train.loop import set_train_modes
+
+    m = model_factory()
+    apply_strategy(m, StrategyConfig(kind="frozen", lock="image"))
+    set_train_modes(m)
+    assert not m.image_tower.training and m.text_tower.training
+    assert m.image_head.training and m.head_dropout.training

@@ -6,7 +6,7 @@ Side by side in one run, per ZeRO stage, on the same model (same seed, same rand
 ``train`` config and the same batches (synthetic images (B,3,H,W) + token ids (B,L), all tokens real):
 
 - ``torch``: plain torch, no DeepSpeed: :class:`~mmtl.train.step.ContrastiveModule` + the pipeline's client
-  AdamW (:func:`~mmtl.train.ds_config.build_optimizer`) + warmup-cosine schedule; forward, mmtl's loss
+  AdamW (:func:`~mmtl.train.ds_config.build_optimizer`) + its LR schedule (``WarmupCosine``, constant here); forward, mmtl's loss
   (``ContrastiveModule.loss``), ``backward``, grad-norm clipping (``train.grad_clip``, as DeepSpeed does),
   ``step``, ``zero_grad``, ``float(loss)``;
 - ``bare_ds``: ``build_engine(pipe, model)`` + a loop calling ``train_step(engine, [batch])`` directly;
@@ -18,6 +18,14 @@ Side by side in one run, per ZeRO stage, on the same model (same seed, same rand
   ``iter_torch_batches`` over a Ray Dataset holding the same batches, ``ray.train.report`` every
   ``log_every`` steps, progress lines on stderr. Per-step timestamps are taken in the worker (its
   ``run_training`` is wrapped to add a timestamping ``on_step``) and come back as the run's return value.
+
+Reading the result (measured on 2 shared cores, see ``README``): with the default ~22 M-parameter model a step
+is ~0.9-1.2 s and mmtl's loop is within noise of the bare DeepSpeed loop, in process and through Ray Train.
+With fast steps (``--tiny``, cached frozen features, GPUs) the Ray side shows ``log_step_extra_s`` of up to 2 s:
+Ray Train 2.60 (v2) blocks ``ray.train.report`` until its controller (polling every
+``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`` = 2 s) has taken the previous report (result queue of size 1), and each
+report is a barrier through a synchronisation actor, so metrics-only reports every ``log_every`` steps stall
+the loop whenever ``log_every`` steps take under ~2 s.
 
 Timing: a step is the period between two consecutive step completions (everything the loop does per step:
 data fetch, step, metrics, hooks); the first ``warmup`` steps are not counted. The mmtl loop always ends with
@@ -343,12 +351,12 @@ def bench_step(steps: int = 30, warmup: int = 5, zero_stages=(0, 2), micro_batch
         dict with ``stages`` keyed ``"zero<N>"``, each holding per side (``torch``, ``bare_ds``, ``mmtl``,
         ``mmtl_ray`` when ``use_ray``): ``step_s`` (median over repeats of the mean wall step time),
         ``cpu_step_s`` (same with process CPU time), ``step_median_s`` (median of all measured step periods),
-        ``runs_step_s`` (per-run mean wall step time), ``log_step_extra_s`` (what a step that ends a
-        ``log_every`` block costs over the others: progress line, Ray report); ``ratio`` ``{"mmtl/bare_ds", "mmtl_ray/bare_ds",
+        ``runs_step_s`` (per-run mean wall step time), ``log_step_extra_s`` (mmtl sides: what a log step
+        costs over the others: progress line, Ray report); ``ratio`` ``{"mmtl/bare_ds", "mmtl_ray/bare_ds",
         "bare_ds/torch"}`` from ``step_s``, ``cpu_ratio`` the same from ``cpu_step_s``, ``paired_ratio`` the
-        median over repeats of the per-repeat wall ratio (the two sides of a repeat ran minutes apart at most); ``engine_build_s``,
-        ``final_checkpoint_s`` (mmtl, in process), ``ray`` (per-run worker start / first step / final
-        checkpoint). At top level: ``model`` (config summary and ``params``), ``steps``, ``warmup``,
+        median over repeats of the per-repeat wall ratio (the two sides of a repeat ran minutes apart at
+        most); ``engine_build_s``, ``final_checkpoint_s`` (mmtl, in process), ``ray`` (per-run worker
+        start / first step / final checkpoint). At top level: ``model`` (config summary and ``params``), ``steps``, ``warmup``,
         ``repeats``, ``micro_batch``, ``threads``, ``ray`` (``startup_s`` of Ray; None without Ray),
         ``load_avg`` (1-min load before / after), ``cpu_count``, ``wall_s``.
     """
@@ -423,8 +431,8 @@ def bench_step(steps: int = 30, warmup: int = 5, zero_stages=(0, 2), micro_batch
                             raise RuntimeError(f"{side}: measured {len(wall)} steps, expected {steps}")
                         out.update(wall=wall, cpu=cpu)
                         runs[side].append(out)
-                        say(f"zero{stage} repeat {r + 1}/{repeats} {side:8s} {statistics.fmean(wall) * 1e3:8.1f} ms/step"
-                            f" (cpu {statistics.fmean(cpu) * 1e3:.1f} ms)")
+                        say(f"zero{stage} repeat {r + 1}/{repeats} {side:8s} "
+                            f"{statistics.fmean(wall) * 1e3:8.1f} ms/step (cpu {statistics.fmean(cpu) * 1e3:.1f} ms)")
                 stages[f"zero{stage}"] = _summarise(runs, warmup, log_every)
                 del pristine
         return {
@@ -513,12 +521,14 @@ def format_table(r: dict) -> str:
         f"model: {m['vision']} @{m['image_size']}px + {m['text']} (ctx {m['context_length']}), "
         f"{(m['params'] or 0) / 1e6:.1f} M params (all trainable); micro-batch {r['micro_batch']}, "
         f"{r['steps']} steps after {r['warmup']} warm-up, {r['repeats']} repeats, {r['threads']} torch thread(s)",
-        f"{'stage':6s} {'side':9s} {'ms/step':>9s} {'cpu ms':>9s} {'median ms':>10s} {'log step +ms':>13s}  runs (ms/step)",
+        f"{'stage':6s} {'side':9s} {'ms/step':>9s} {'cpu ms':>9s} {'median ms':>10s} {'log step +ms':>13s}  "
+        "runs (ms/step)",
     ]
     for name, st in r["stages"].items():
         for side, v in st["sides"].items():
             lines.append(f"{name:6s} {side:9s} {v['step_s'] * 1e3:9.1f} {v['cpu_step_s'] * 1e3:9.1f} "
-                         f"{v['step_median_s'] * 1e3:10.1f} {_ms(v['log_step_extra_s']):>13s}  " + " ".join(f"{x * 1e3:.0f}" for x in v["runs_step_s"]))
+                         f"{v['step_median_s'] * 1e3:10.1f} {_ms(v['log_step_extra_s']):>13s}  "
+                         + " ".join(f"{x * 1e3:.0f}" for x in v["runs_step_s"]))
         lines.append(f"{name:6s} ratios (wall): " + ", ".join(f"{k} {v:.3f}" for k, v in st["ratio"].items()))
         lines.append(f"{name:6s} ratios (cpu):  " + ", ".join(f"{k} {v:.3f}" for k, v in st["cpu_ratio"].items()))
         lines.append(f"{name:6s} ratios (wall, paired per repeat): "

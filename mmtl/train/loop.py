@@ -58,6 +58,16 @@ def build_engine(pipe: Pipeline, model: torch.nn.Module):
     return engine
 
 
+def set_train_modes(model: torch.nn.Module) -> None:
+    """Train mode for every top-level part that has trainable parameters (BatchNorm statistics and dropout
+    update only there); fully frozen towers stay in eval mode so their outputs match the cached features."""
+    model.train()
+    for child in model.children():
+        params = list(child.parameters())
+        if params and not any(p.requires_grad for p in params):
+            child.eval()
+
+
 def _to_device(batch: dict, device, dtype) -> dict:
     out = {}
     for k, v in batch.items():
@@ -96,6 +106,7 @@ def run_training(
         CheckpointMismatchError: ``resume_dir`` was written with another world size.
     """
     cfg = pipe.train
+    set_train_modes(model)
     engine = build_engine(pipe, model)
     device, dtype = engine.device, _DTYPES[cfg.precision]
     start = 0
