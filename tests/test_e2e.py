@@ -71,21 +71,30 @@ def test_image_stream_full_finetune_zero_stages(ray_local, tiny_shards, tmp_path
     assert any(k.startswith("image_tower.") for k in sd) and "logit_scale" in sd
 
 
-def test_resume_after_failure_continues_at_checkpoint(ray_local, tiny_shards, tmp_path, monkeypatch):
-    """max_failures=0: the killed run fails; `--resume` continues from step 5 to 12 in the same MLflow run."""
+def test_resume_after_failure_continues_at_checkpoint(ray_local, tiny_shards, tmp_path, monkeypatch, mlflow_server):
+    """max_failures=0: the killed run fails; `--resume` continues from step 5 to 12 in the same MLflow run,
+    tracked on a real `mlflow server` over http."""
     from mmtl.run import run_pipeline
 
     trace = tmp_path / "trace"
     monkeypatch.setenv("MMTL_STEP_TRACE", str(trace))
     monkeypatch.setenv("MMTL_KILL_AT", f"7:0:{tmp_path / 'killed'}")
     raw = tiny_pipeline(tiny_shards, tmp_path / "runs", train={"max_steps": 12, "checkpoint_every": 5,
-                                                               "max_failures": 0})
+                                                               "max_failures": 0},
+                        tracking={"uri": mlflow_server, "model_name": "tiny-http"})
     with pytest.raises(RuntimeError, match="training failed"):
         run_pipeline(build_pipeline(raw), say=lambda m: None)
     summary = run_pipeline(build_pipeline(raw), must_resume=True, say=lambda m: None)
     steps = [int(x) for x in Path(f"{trace}.rank0").read_text().split()]
     assert steps == [1, 2, 3, 4, 5, 6, 7, 6, 7, 8, 9, 10, 11, 12]
     assert summary["steps"] == 12 and Path(summary["run_dir"]).name == "tiny"
+    client = _mlflow(summary)
+    assert summary["mlflow_tracking_uri"] == mlflow_server
+    run = client.get_run(summary["mlflow_run_id"])
+    steps_logged = {m.step for m in client.get_metric_history(run.info.run_id, "train/loss")}
+    assert steps_logged == set(range(1, 13))  # one MLflow run across the failure and the resume
+    assert "test/image_to_text_recall_at_1" in run.data.metrics
+    assert client.get_model_version("tiny-http", summary["registered_model"]["version"]).run_id == run.info.run_id
     # a checkpoint from 2 workers refuses to resume with 1, before training
     from mmtl.train.checkpoint import CheckpointMismatchError, check_compatible, read_meta
     from mmtl.runtime import latest_checkpoint

@@ -7,6 +7,7 @@ reject-count actor, or None).
 """
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -37,6 +38,7 @@ def train_loop_per_worker(config: dict) -> None:
     from mmtl.train.loop import feature_batches, run_training, seed_everything
 
     os.environ.update(config.get("env") or {})  # e.g. test hooks set in the driver after Ray started
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # one INFO line per report otherwise
     pipe = Pipeline.model_validate(config["pipeline"])
     torch.set_num_threads(max(1, int(pipe.train.cpus_per_worker)))  # fractional CPUs: one thread
     ctx = ray.train.get_context()
