@@ -175,7 +175,7 @@ def _run(pipe, run_dir, uri, run_id, specs, resuming, say, t_start, build_model,
 
     seed_everything(pipe.train.seed)
     model = build_model(pipe.model)
-    summary_trainable = apply_strategy(model, pipe.strategy)
+    summary_trainable = apply_strategy(model, pipe.strategy, zero_stage=pipe.train.zero_stage)
     say(f"trainable parameters: {summary_trainable['params_trainable']:,} of {summary_trainable['params_total']:,}"
         f" ({100 * summary_trainable['trainable_share']:.2f}%)")
     mlu.log_metrics(uri, run_id, {f"model/{k}": v for k, v in summary_trainable.items()})
@@ -206,9 +206,17 @@ def _run(pipe, run_dir, uri, run_id, specs, resuming, say, t_start, build_model,
         if export_dir.exists():
             shutil.rmtree(export_dir)
         shutil.copytree(Path(d) / "export", export_dir)
+        if (Path(d) / "adapter").exists():  # LoRA: the adapter alone, as an artifact
+            shutil.rmtree(run_dir / "adapter", ignore_errors=True)
+            shutil.copytree(Path(d) / "adapter", run_dir / "adapter")
+            mlu.log_artifacts(uri, run_id, [run_dir / "adapter"], "adapter")
     from safetensors.torch import load_file
 
     sd = load_file(str(export_dir / "model.safetensors"))
+    if pipe.strategy.kind == "lora":  # the export is merged: drop the (untrained) adapters of the driver's copy
+        from mmtl.strategies.lora import merge_lora
+
+        model = merge_lora(model)
     model.load_state_dict({k: v for k, v in sd.items() if k != "logit_bias"}, strict=True)
     from mmtl.eval.evaluate import evaluate_sets
 

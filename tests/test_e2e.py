@@ -54,12 +54,13 @@ def test_zero2_feature_cache_kill_resume_and_mlflow(ray_local, tiny_shards, tmp_
     assert any(v.run_id == run.info.run_id for v in versions)
 
 
-@pytest.mark.parametrize("stage,precision", [(1, "fp32"), (3, "bf16")])
-def test_image_stream_full_finetune_zero_stages(ray_local, tiny_shards, tmp_path, stage, precision):
-    """Images streamed through Ray Data (no feature cache), every parameter trained, ZeRO-1 fp32 / ZeRO-3 bf16."""
+@pytest.mark.parametrize("stage,precision,kind", [(1, "fp32", "lora"), (3, "bf16", "full")])
+def test_image_stream_zero_stages(ray_local, tiny_shards, tmp_path, stage, precision, kind):
+    """Images streamed through Ray Data (no feature cache): LoRA in both towers on ZeRO-1 fp32 (adapter saved,
+    export merged so it loads without PEFT), every parameter trained on ZeRO-3 bf16."""
     from mmtl.run import run_pipeline
 
-    raw = tiny_pipeline(tiny_shards, tmp_path / "runs", strategy={"kind": "full"},
+    raw = tiny_pipeline(tiny_shards, tmp_path / "runs", strategy={"kind": kind},
                         train={"zero_stage": stage, "precision": precision, "max_steps": 6, "checkpoint_every": 3},
                         eval={"before_training": False}, tracking={"model_name": None, "log_model": False})
     summary = run_pipeline(build_pipeline(raw), say=lambda m: None)
@@ -69,6 +70,15 @@ def test_image_stream_full_finetune_zero_stages(ray_local, tiny_shards, tmp_path
 
     sd = load_file(summary["export_path"])
     assert any(k.startswith("image_tower.") for k in sd) and "logit_scale" in sd
+    assert not any("lora_" in k for k in sd)
+    if kind == "lora":
+        adapter = load_file(str(Path(summary["run_dir"]) / "adapter" / "adapter_model.safetensors"))
+        assert adapter and all("lora_" in k for k in adapter)
+        assert any(float(v.abs().sum()) > 0 for k, v in adapter.items() if "lora_B" in k)  # trained, not empty
+        from mmtl.tracking.registry import load_exported
+
+        model, _ = load_exported(Path(summary["export_path"]).parent)  # plain model, no PEFT
+        assert not any("lora_" in n for n, _ in model.named_parameters())
 
 
 def test_resume_after_failure_continues_at_checkpoint(ray_local, tiny_shards, tmp_path, monkeypatch, mlflow_server):

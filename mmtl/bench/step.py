@@ -117,7 +117,7 @@ def build_bench_model(pipe: Pipeline) -> torch.nn.Module:
 
     seed_everything(pipe.train.seed)
     model = build_model(pipe.model)
-    apply_strategy(model, pipe.strategy)
+    apply_strategy(model, pipe.strategy, zero_stage=pipe.train.zero_stage)
     return model
 
 

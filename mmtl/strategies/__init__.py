@@ -3,11 +3,16 @@
 adapters), after which :func:`trainable_summary` reports what trains."""
 from __future__ import annotations
 
+from typing import Optional
+
 from mmtl.config import Pipeline, StrategyConfig
 
 
-def apply_strategy(model, cfg: StrategyConfig) -> dict:
+def apply_strategy(model, cfg: StrategyConfig, zero_stage: Optional[int] = None) -> dict:
     """Apply ``cfg.kind`` to ``model`` in place and return :func:`trainable_summary`.
+
+    ``zero_stage`` (``train.zero_stage``, optional) lets a strategy refuse what cannot train under that ZeRO
+    stage before anything starts (``lora``: nn.MultiheadAttention targets under ZeRO-3).
 
     Raises:
         ValueError: unknown kind, or an option the kind does not support.
@@ -16,8 +21,13 @@ def apply_strategy(model, cfg: StrategyConfig) -> dict:
         from mmtl.strategies.frozen import apply
     elif cfg.kind == "full":
         from mmtl.strategies.full import apply
+    elif cfg.kind == "lora":
+        from mmtl.strategies.lora import apply as apply_lora
+
+        apply_lora(model, cfg, zero_stage=zero_stage)
+        return trainable_summary(model)
     else:
-        raise ValueError(f"strategy.kind={cfg.kind!r} is not available in this build (frozen, full)")
+        raise ValueError(f"strategy.kind={cfg.kind!r} is not available in this build (frozen, full, lora)")
     apply(model, cfg)
     return trainable_summary(model)
 

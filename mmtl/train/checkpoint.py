@@ -122,3 +122,34 @@ def write_export(d: Path, state_dict: dict, pipeline_yaml: str) -> Path:
     save_file(state_dict, str(out / "model.safetensors"))
     (out / "pipeline.yaml").write_text(pipeline_yaml)
     return out
+
+
+def save_adapters(engine_module, out_dir: Path, zero_stage: int) -> Optional[Path]:
+    """Write the LoRA adapters of the engine's model (``engine.module``, a ContrastiveModule, or the model
+    itself) to ``out_dir`` as :func:`mmtl.strategies.lora.save_adapter` does (``adapter_model.safetensors`` in
+    fp32 + ``adapter_config.json``). Every rank must call it (under ZeRO-3 the ``lora_*`` parameters are
+    gathered); rank 0 writes and gets the folder back, other ranks get ``None``.
+
+    Raises:
+        ValueError: the model has no mmtl LoRA adapters.
+    """
+    import torch.distributed as dist
+
+    from mmtl.strategies.lora import adapter_meta, write_adapter
+
+    model = getattr(engine_module, "model", engine_module)
+    meta = adapter_meta(model)
+    params = [p for n, p in model.named_parameters() if "lora_" in n]
+
+    def grab() -> dict[str, torch.Tensor]:
+        return {k: v.detach().float().cpu().clone() for k, v in model.state_dict().items() if "lora_" in k}
+
+    if zero_stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            sd = grab()
+    else:
+        sd = grab()
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    return write_adapter(out_dir, sd, meta) if rank == 0 else None

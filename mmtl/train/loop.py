@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from mmtl.config import Pipeline
-from mmtl.train.checkpoint import consolidated_state_dict, restore_checkpoint, save_checkpoint, write_export
+from mmtl.train.checkpoint import (consolidated_state_dict, restore_checkpoint, save_adapters, save_checkpoint,
+                                   write_export)
 from mmtl.train.ds_config import WarmupCosine, build_optimizer, deepspeed_config
 from mmtl.train.step import ContrastiveModule, train_step
 
@@ -162,9 +163,16 @@ def _checkpoint(engine, pipe, step, rank, world_size, metrics, report, export: b
         meta = {"step": step, "world_size": world_size, "zero_stage": pipe.train.zero_stage,
                 "samples_seen": step * pipe.train.effective_global_batch}
         save_checkpoint(engine, d, meta, rank)
+        lora = pipe.strategy.kind == "lora"
+        if lora:  # the PEFT adapter alone, every checkpoint (gathered under ZeRO-3)
+            save_adapters(engine.module, d / "adapter", pipe.train.zero_stage)
         if export:
             sd = consolidated_state_dict(engine, pipe.train.zero_stage)
             if rank == 0:
+                if lora:  # merged into the base weights: the export loads without PEFT
+                    from mmtl.strategies.lora import merged_state_dict
+
+                    sd = merged_state_dict(pipe.model, pipe.strategy, sd, zero_stage=pipe.train.zero_stage)
                 write_export(d, sd, pipe.to_yaml())
         if report:
             report(metrics, d)

@@ -45,7 +45,7 @@ def train_loop_per_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     seed_everything(pipe.train.seed)  # identical model init on every rank
     model = build_model(pipe.model)
-    apply_strategy(model, pipe.strategy)
+    apply_strategy(model, pipe.strategy, zero_stage=pipe.train.zero_stage)
     seed_everything(pipe.train.seed + 1000 * (rank + 1))
     it = iter(
         ray.train.get_dataset_shard("train").iter_torch_batches(
