@@ -40,7 +40,9 @@ def run(
     pipeline: Path = typer.Argument(..., help="Pipeline YAML, e.g. pipelines/quickstart.yaml"),
     overrides: Optional[List[str]] = typer.Argument(None, help="Dotted overrides: train.lr=1e-4 data.train=..."),
     resume: bool = typer.Option(False, "--resume", help="Resume the newest unfinished run (error if none)."),
-    address: Optional[str] = typer.Option(None, help="Ray address to join; default: local instance."),
+    address: Optional[str] = typer.Option(
+        None, help="Ray address to join; default: $RAY_ADDRESS or a `ray start` cluster on this machine, else a new "
+                   "local instance on 127.0.0.1."),
 ) -> None:
     """Train, evaluate and register one pipeline; writes <runs_root>/<name>/summary.json."""
     pipe = _load(pipeline, overrides or [])
@@ -279,6 +281,80 @@ def bench_step_cmd(
         r = bench_step(steps=steps, warmup=warmup, zero_stages=stages, micro_batch=micro_batch,
                        use_ray=not no_ray, repeats=repeats)
         out.write((json.dumps(r) if as_json else format_table(r)) + "\n")
+
+
+@app.command("eval")
+def eval_cmd(
+    model: str = typer.Argument(..., help="Run dir, export folder, runs:/<run_id>/model, models:/<name>@<alias> or models:/<name>/<version>"),
+    data: str = typer.Option(..., "--data", help="Shard spec: folder, glob, brace pattern, .tar or URI"),
+    task: str = typer.Option("zero-shot", "--task", help="zero-shot or retrieval"),
+    classes: Optional[str] = typer.Option(None, "--classes", help="Class names: a file (one a line) or a comma list"),
+    templates: Optional[str] = typer.Option(None, "--templates", help="Prompt templates: a file (one a line, with {}) or one template"),
+    label_field: str = typer.Option("category", "--label-field", help="Sample json field holding the class name"),
+    ks: str = typer.Option("1,5,10", "--ks", help="Recall@K cut-offs for retrieval (comma list)"),
+    batch_size: int = typer.Option(64, "--batch-size", help="Images per forward pass"),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for eval.json and the CSV/PNG reports"),
+    log_mlflow: bool = typer.Option(True, "--mlflow/--no-mlflow", help="Log to a run nested under the model's MLflow run"),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow URI for runs:/ and models:/ (default $MLFLOW_TRACKING_URI)"),
+    use_ray: Optional[bool] = typer.Option(None, "--ray/--no-ray", help="Force / forbid Ray Data batch inference (default: above 5,000 samples)"),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray address to join for the Ray path"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object"),
+) -> None:
+    """Evaluate a model on a shard set: zero-shot classification (template ensemble) or image-text retrieval."""
+    from mmtl.data.shardlist import ShardError
+    from mmtl.eval.cli_eval import EvalError, run_eval
+    from mmtl.eval.resolve import ModelSpecError
+
+    try:
+        ks_list = [int(k) for k in ks.split(",") if k.strip()]
+    except ValueError:
+        _fail(f"--ks must be a comma list of integers, got {ks!r}")
+    try:
+        report = run_eval(model, task, data, classes, templates, label_field, ks_list, batch_size,
+                          str(out) if out else None, log_mlflow, tracking_uri, use_ray=use_ray, ray_address=address,
+                          device=device, say=lambda m: console.print(f"[cyan]mmtl[/] {m}", highlight=False))
+    except (ModelSpecError, EvalError) as exc:
+        _fail(str(exc))
+    except (ShardError, FileNotFoundError, ValueError, RuntimeError) as exc:
+        _fail(str(exc), 1)
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    table = Table(title=f"{report['task']} on {report['data']} ({report['num_samples']} samples)")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in report["metrics"].items():
+        table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+    Console().print(table)
+    for name, path in report.get("files", {}).items():
+        console.print(f"{name}: {path}", highlight=False)
+    ml = report["mlflow"]
+    console.print(f"mlflow: run {ml['eval_run_id']} at {ml['tracking_uri']}" if ml.get("logged")
+                  else f"mlflow: not logged ({ml['reason']})", highlight=False)
+
+
+@datasets_app.command("fashion-mnist")
+def datasets_fashion_mnist(
+    out: Path = typer.Option(Path("data/fashion-mnist"), "--out", help="Output folder (train/, test/, classes.txt)"),
+    src: Path = typer.Option(Path("/usr/share/datasets/fashion-mnist"), "--src",
+                             help="IDX files, gz or raw (Debian: apt-get install dataset-fashion-mnist)"),
+    limit: Optional[int] = typer.Option(None, "--limit", help="At most this many samples per split"),
+    shots_per_class: Optional[int] = typer.Option(None, "--shots-per-class", help="Few-shot train set size per class"),
+    seed: int = typer.Option(0, "--seed", help="Seed of the few-shot draw"),
+    split: Optional[List[str]] = typer.Option(None, "--split", help="train and/or test; repeatable (default both)"),
+    max_samples: int = typer.Option(5000, "--max-samples", help="Samples per shard at most"),
+) -> None:
+    """Import Fashion-MNIST (IDX files) into WebDataset shards with class-name captions."""
+    from mmtl.datasets.fashion_mnist import import_fashion_mnist
+
+    try:
+        stats = import_fashion_mnist(src, out, splits=tuple(split or ("train", "test")), limit=limit,
+                                     shots_per_class=shots_per_class, seed=seed, max_samples_per_shard=max_samples,
+                                     progress=True)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc), 1)
+    print(json.dumps(stats, indent=2))
 
 
 def main() -> None:  # pragma: no cover

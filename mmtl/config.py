@@ -1,7 +1,7 @@
 """Pipeline schema (pydantic) and loader with dotted ``a.b.c=value`` overrides.
 
 A pipeline is one YAML file with the sections ``data``, ``model``, ``strategy``, ``train``, ``eval`` and
-``tracking``. Unknown keys and bad values are errors that name the field path and the offending value
+``tracking`` (and, for ``mmtl retrain``, an optional ``retrain``). Unknown keys and bad values are errors that name the field path and the offending value
 (:class:`PipelineError`). Paths in a pipeline are resolved relative to the pipeline file's directory's
 project root (the directory that holds ``pipelines/``) unless absolute or a URI.
 """
@@ -77,6 +77,10 @@ class ModelConfig(_Section):
     context_length: int = Field(77, gt=0)
     init_logit_scale: float = Field(math.log(1 / 0.07))
     max_logit_scale: float = Field(100.0, gt=0)
+    init_from: Optional[str] = Field(
+        None, description="Warm start: a safetensors state dict (e.g. an export's model.safetensors, or a folder "
+        "holding one) loaded after the model is built; tensors matching by name and shape are loaded.",
+    )
 
 
 class LoraConfig(_Section):
@@ -177,6 +181,19 @@ class TrackingConfig(_Section):
     log_model: bool = True
 
 
+class RetrainConfig(_Section):
+    """``mmtl retrain``: incremental retraining on new shards, champion/challenger promotion."""
+
+    metric: str = Field("test/image_to_text_recall_at_1",
+                        description="<eval set>/<metric> compared between challenger and champion (higher is better).")
+    margin: float = Field(0.0, description="Promote when challenger >= champion + margin.")
+    replay_fraction: float = Field(0.25, ge=0, le=1,
+                                   description="Share of already-seen shards replayed with the new ones (at least 1).")
+    manifest_dir: Optional[str] = Field(None, description="Manifest and lock folder; default <runs_root>/retrain.")
+    lock_ttl_s: float = Field(6 * 3600.0, gt=0, description="A lock not refreshed for this long is stale.")
+    warm_start: bool = Field(True, description="Start from the weights of the `champion` model version.")
+
+
 class Pipeline(_Section):
     """The whole pipeline file."""
 
@@ -186,6 +203,7 @@ class Pipeline(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    retrain: Optional[RetrainConfig] = None
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -271,8 +289,11 @@ def _resolve_paths(pipe: Pipeline, base: Path) -> Pipeline:
     m.vision.weights = fix(m.vision.weights)
     m.text.path = fix(m.text.path)
     m.text.tokenizer_path = fix(m.text.tokenizer_path)
+    m.init_from = fix(m.init_from)
     if not Path(pipe.train.runs_root).is_absolute():
         pipe.train.runs_root = str(Path.cwd() / pipe.train.runs_root)
+    if pipe.retrain is not None and pipe.retrain.manifest_dir and not Path(pipe.retrain.manifest_dir).is_absolute():
+        pipe.retrain.manifest_dir = str(Path.cwd() / pipe.retrain.manifest_dir)
     return pipe
 
 

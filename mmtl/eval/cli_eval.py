@@ -300,7 +300,6 @@ def embed_ray(export_dir: Path, spec, *, batch_size: int = 64, with_text: bool =
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, min(ray_actors, len(items)))),
         num_cpus=1,
         num_gpus=num_gpus or None,
-        max_restarts=0,
         fn_constructor_kwargs={"pipeline_yaml": (Path(export_dir) / "pipeline.yaml").read_text(),
                                "weights_box": [weights_ref], "batch_size": batch_size, "with_text": with_text,
                                "device": device},

@@ -9,14 +9,21 @@ config; :mod:`mmtl.models.hf_clip`).
 """
 from __future__ import annotations
 
+import hashlib
+import logging
+from pathlib import Path
 from typing import Callable
+
+import torch
 
 from mmtl.config import ModelConfig
 from mmtl.models.base import MultimodalModel, fingerprint_of, make_head
 from mmtl.models.weights import WeightsError
 
+log = logging.getLogger("mmtl.models")
+
 __all__ = [
-    "MultimodalModel", "WeightsError", "build_model", "build_tokenizer", "build_image_transform",
+    "MultimodalModel", "WeightsError", "build_model", "warm_start", "build_tokenizer", "build_image_transform",
     "tiny_two_tower_config", "tiny_open_clip_config", "tiny_hf_clip_config", "fingerprint_of", "make_head",
 ]
 
@@ -28,22 +35,90 @@ def _unknown(cfg: ModelConfig) -> ValueError:
 def build_model(cfg: ModelConfig) -> MultimodalModel:
     """Build the model described by ``cfg`` (``pipeline.model``); towers come back in eval mode.
 
+    With ``model.init_from`` the state dict in that safetensors file is loaded on top (warm start, see
+    :func:`warm_start`).
+
     Raises:
         ValueError / WeightsError: bad fields or weights (messages name the ``model.*`` field).
     """
     if cfg.family == "two_tower":
         from mmtl.models.two_tower import TwoTowerModel
 
-        return TwoTowerModel(cfg)
-    if cfg.family == "open_clip":
+        model = TwoTowerModel(cfg)
+    elif cfg.family == "open_clip":
         from mmtl.models.open_clip_family import OpenClipModel
 
-        return OpenClipModel(cfg)
-    if cfg.family == "hf":
+        model = OpenClipModel(cfg)
+    elif cfg.family == "hf":
         from mmtl.models.hf_clip import HFClipModel
 
-        return HFClipModel(cfg)
-    raise _unknown(cfg)
+        model = HFClipModel(cfg)
+    else:
+        raise _unknown(cfg)
+    if cfg.init_from:
+        warm_start(model, cfg.init_from)
+    return model
+
+
+def _init_file(path: str) -> Path:
+    p = Path(path).expanduser()
+    if p.is_dir():
+        for cand in (p / "model.safetensors", p / "artifacts" / "model.safetensors"):
+            if cand.is_file():
+                return cand
+        raise WeightsError(f"model.init_from={path!r}: folder has no model.safetensors")
+    if not p.is_file():
+        raise WeightsError(f"model.init_from={path!r}: file not found")
+    return p
+
+
+def _tensor_digest(tensors: dict) -> str:
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        t = tensors[k].detach().cpu().contiguous()
+        h.update(f"{k}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    return h.hexdigest()
+
+
+@torch.no_grad()
+def warm_start(model: MultimodalModel, path: str) -> dict:
+    """Load the safetensors state dict at ``path`` (a file, or a folder holding ``model.safetensors``) into
+    ``model``: every tensor whose name and shape match is copied (``strict=False``); others are skipped and
+    logged. When a tower's loaded weights differ from the ones it was built with, that tower's fingerprint is
+    re-derived from the loaded content, so frozen-feature caches of the base towers are not reused.
+
+    Returns ``{"loaded": n, "skipped": [...], "missing": [...]}``.
+
+    Raises:
+        WeightsError: ``path`` does not exist, or no tensor of it matches the model.
+    """
+    from safetensors.torch import load_file
+
+    f = _init_file(path)
+    sd = load_file(str(f))
+    own = model.state_dict()
+    matched = {k: v for k, v in sd.items() if k in own and tuple(own[k].shape) == tuple(v.shape)}
+    skipped = sorted(k for k in sd if k not in matched and k != "logit_bias")
+    if not matched:
+        raise WeightsError(f"model.init_from={path!r}: none of its {len(sd)} tensors matches the model "
+                           f"(e.g. {sorted(sd)[:3]} vs {sorted(own)[:3]}): built from another architecture?")
+    fps = getattr(model, "_fingerprints", None)
+    changed = {}
+    for which in ("image", "text"):
+        prefix = f"{which}_tower."
+        part = {k: v for k, v in matched.items() if k.startswith(prefix)}
+        if part and any(not torch.equal(own[k], v.to(own[k].dtype)) for k, v in part.items()):
+            changed[which] = _tensor_digest(part)
+    model.load_state_dict(matched, strict=False)
+    if isinstance(fps, dict):
+        for which, digest in changed.items():
+            fps[which] = fingerprint_of({"base": fps[which], "init_from": digest})
+    missing = sorted(k for k in own if k not in matched)
+    if skipped or missing:
+        log.warning("model.init_from=%s: loaded %d tensors, skipped %d (%s), %d model tensors not in the file (%s)",
+                    path, len(matched), len(skipped), skipped[:5], len(missing), missing[:5])
+    return {"loaded": len(matched), "skipped": skipped, "missing": missing, "towers_changed": sorted(changed)}
 
 
 def build_tokenizer(cfg: ModelConfig):

@@ -1,0 +1,593 @@
+"""``mmtl retrain``: scheduled incremental retraining with a champion / challenger promotion.
+
+One trigger (:func:`retrain`) does:
+
+1. **Lock.** ``<manifest_dir>/retrain.lock`` is created with ``O_CREAT | O_EXCL`` and holds the pid, hostname,
+   process start time, a random token and timestamps; it is held for the whole cycle and a heartbeat thread
+   touches it (mtime) every ``min(60, lock_ttl_s / 4)`` s. A lock is *stale* when its mtime is older than
+   ``retrain.lock_ttl_s``, or when it was taken on this host by a process that no longer exists (pid gone or
+   reused); a stale lock is broken (under a short-lived ``retrain.lock.break`` lock, so that two triggers that
+   both saw it stale cannot both take over). A live lock: ``{"action": "locked"}`` (CLI exit code
+   :data:`EXIT_LOCKED`).
+2. **What is new.** Every shard of ``data.train`` is described by name (its path / URI), size and sha256
+   (local hashes are cached in ``<manifest_dir>/hashes.json`` by path, size and mtime). The manifest of the
+   last successful retrain is the newer of ``<manifest_dir>/manifest.json`` and the ``retrain/manifest.json``
+   artifact of the newest MLflow run tagged ``mmtl.retrain=done`` for ``tracking.model_name``. A shard is
+   known when the manifest has an entry with its sha256 and size (a renamed shard is not new data, a
+   rewritten one is). Nothing new: ``{"action": "nothing_new"}``.
+3. **Warm start.** When the registered model ``tracking.model_name`` has a version with alias ``champion``,
+   its ``model.safetensors`` is copied to ``<manifest_dir>/warm_start/<name>-v<version>.safetensors`` (kept:
+   exports of warm-started runs name it in their ``pipeline.yaml``) and set as ``model.init_from``
+   (``retrain.warm_start=false``: train from the pipeline's own initialisation).
+4. **Train** with :func:`mmtl.run.run_pipeline` on the new shards plus a replay share of the known shards
+   still present (``ceil(replay_fraction * known)``, at least 1 when any; chosen by a hash of
+   ``data.seed``, the new shards' hashes and each shard's hash: deterministic for the same inputs, different
+   between retrains), run name ``<train.name>-retrain[-N]``, ``train.resume=never``. The run registers the new
+   model version.
+5. **Compare** on the eval set named by ``retrain.metric`` (``<set>/<metric>``, the set from ``data.test``,
+   ``data.val`` or ``data.extra_eval``): the champion and the challenger are rebuilt from their exports and
+   embedded and scored by the same code (:func:`mmtl.eval.evaluate.embed_shards` +
+   :func:`~mmtl.eval.evaluate.evaluate_sets`), the champion before training (a bad metric name fails before
+   any training). Higher is better. Alias ``challenger`` goes to the new version; alias ``champion`` moves to it
+   only when ``challenger >= champion + margin`` (always when there is no champion yet).
+6. **Record** on the run: metrics ``retrain/challenger``, ``retrain/champion``, ``retrain/margin``, tags
+   ``retrain.decision`` (``promoted`` | ``kept``), ``retrain.*`` and ``mmtl.retrain=done``, artifacts
+   ``retrain/manifest.json`` and ``retrain/decision.json``; then ``<manifest_dir>/manifest.json``. A kept
+   retrain is successful too: its new shards become known (and replay candidates).
+
+A failure anywhere leaves the manifest untouched (the next trigger retries the same new shards) and the lock
+released.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import socket
+import tempfile
+import threading
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+from mmtl.config import Pipeline, RetrainConfig
+
+Say = Callable[[str], None]
+log = logging.getLogger("mmtl.retrain")
+
+EXIT_LOCKED = 3
+LOCK_NAME = "retrain.lock"
+MANIFEST_NAME = "manifest.json"
+HASHES_NAME = "hashes.json"
+MANIFEST_ARTIFACT = "retrain/manifest.json"
+CHAMPION, CHALLENGER = "champion", "challenger"
+_UNREADABLE_GRACE_S = 30.0  # a lock file without valid JSON younger than this is still being written
+_BREAK_LOCK_STALE_S = 60.0
+
+
+def exit_code(result: dict) -> int:
+    """CLI exit code for a :func:`retrain` result: :data:`EXIT_LOCKED` when locked, else 0."""
+    return EXIT_LOCKED if result.get("action") == "locked" else 0
+
+
+def _now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+# ---------------------------------------------------------------- lock
+
+def _proc_start(pid: int) -> Optional[str]:
+    """Start time of ``pid`` in clock ticks since boot (Linux), to tell a reused pid from the original."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    try:
+        return stat.rsplit(")", 1)[1].split()[19]
+    except IndexError:
+        return None
+
+
+def pid_alive(pid: int, proc_start: Optional[str] = None) -> bool:
+    """Whether process ``pid`` exists on this host (and, when ``proc_start`` is known, is the same process)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    if proc_start is not None:
+        now = _proc_start(pid)
+        if now is not None and now != proc_start:
+            return False
+    return True
+
+
+def read_lock(path: Path) -> Optional[dict]:
+    """The lock's content plus ``_raw`` (bytes) and ``_mtime``; ``{"_raw", "_mtime", "_unreadable": True}``
+    when it is not valid JSON; None when there is no lock file."""
+    try:
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            raw = f.read()
+    except FileNotFoundError:
+        return None
+    try:
+        info = json.loads(raw.decode())
+        if not isinstance(info, dict):
+            raise ValueError("not an object")
+    except (ValueError, UnicodeDecodeError):
+        info = {"_unreadable": True}
+    info["_raw"], info["_mtime"] = raw, st.st_mtime
+    return info
+
+
+def stale_reason(info: dict, ttl_s: float, now: Optional[float] = None, host: Optional[str] = None) -> Optional[str]:
+    """Why the lock ``info`` (from :func:`read_lock`) is stale, or None when it is live."""
+    now = time.time() if now is None else now
+    host = socket.gethostname() if host is None else host
+    age = now - float(info["_mtime"])
+    if age > ttl_s:
+        return f"not refreshed for {age:.0f} s (> lock_ttl_s={ttl_s:g})"
+    if info.get("_unreadable"):
+        return f"unreadable lock file, {age:.0f} s old" if age > _UNREADABLE_GRACE_S else None
+    if info.get("hostname") == host:
+        try:
+            pid = int(info.get("pid"))
+        except (TypeError, ValueError):
+            return "lock names no pid"
+        if not pid_alive(pid, info.get("proc_start")):
+            return f"process {pid} on {host} is gone"
+    return None
+
+
+def describe_lock(info: Optional[dict]) -> dict:
+    return {k: v for k, v in (info or {}).items() if not k.startswith("_")}
+
+
+class RetrainLock:
+    """Exclusive lock file (see module docstring). ``acquire()`` -> True when taken; False when a live owner
+    holds it (``holder`` then describes it). ``broken`` names the reason when a stale lock was broken."""
+
+    def __init__(self, path: Path, ttl_s: float, heartbeat_s: Optional[float] = None):
+        self.path, self.ttl_s = Path(path), float(ttl_s)
+        self.heartbeat_s = heartbeat_s if heartbeat_s is not None else max(0.05, min(60.0, self.ttl_s / 4))
+        self.token: Optional[str] = None
+        self.holder: Optional[dict] = None
+        self.broken: Optional[str] = None
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def acquire(self) -> bool:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(5):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                info = read_lock(self.path)
+                if info is None:  # released meanwhile
+                    continue
+                reason = stale_reason(info, self.ttl_s)
+                if reason is None:
+                    self.holder = describe_lock(info)
+                    return False
+                if self._break(info, reason):
+                    self.broken = reason
+                continue
+            token = uuid.uuid4().hex
+            pid = os.getpid()
+            body = {"pid": pid, "hostname": socket.gethostname(), "proc_start": _proc_start(pid),
+                    "created_at": time.time(), "created": _now_iso(), "token": token}
+            with os.fdopen(fd, "w") as f:
+                json.dump(body, f)
+                f.flush()
+                os.fsync(f.fileno())
+            self.token = token
+            self._start_heartbeat()
+            return True
+        self.holder = describe_lock(read_lock(self.path))
+        return False
+
+    def _break(self, info: dict, reason: str) -> bool:
+        """Remove the stale lock ``info`` unless it changed meanwhile; True when removed."""
+        brk = self.path.with_name(self.path.name + ".break")
+        try:
+            fd = os.open(brk, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            with contextlib.suppress(FileNotFoundError):
+                if time.time() - brk.stat().st_mtime > _BREAK_LOCK_STALE_S:  # a breaker died in between
+                    brk.unlink()
+            return False
+        try:
+            os.close(fd)
+            now = read_lock(self.path)
+            if now is None or now["_raw"] != info["_raw"] or stale_reason(now, self.ttl_s) is None:
+                return False
+            self.path.unlink()
+            log.warning("broke stale retrain lock %s (%s): %s", self.path, reason, describe_lock(info))
+            return True
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                brk.unlink()
+
+    def _owned(self) -> bool:
+        info = read_lock(self.path)
+        return bool(info and self.token and info.get("token") == self.token)
+
+    def _start_heartbeat(self) -> None:
+        self._stop.clear()
+
+        def beat():
+            while not self._stop.wait(self.heartbeat_s):
+                if not self._owned():
+                    log.warning("retrain lock %s was taken over by another trigger", self.path)
+                    return
+                with contextlib.suppress(OSError):
+                    os.utime(self.path)
+
+        self._thread = threading.Thread(target=beat, name="mmtl-retrain-lock", daemon=True)
+        self._thread.start()
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+        if self._owned():
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+        self.token = None
+
+
+# ---------------------------------------------------------------- shard manifest
+
+def _sha256_stream(f) -> str:
+    h = hashlib.sha256()
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+        h.update(chunk)
+    return h.hexdigest()
+
+
+def _stat(url: str) -> tuple[int, Optional[int]]:
+    """(size, mtime_ns or None) of a shard."""
+    from mmtl.data.shardlist import _filesystem, _local_path
+
+    local = _local_path(url)
+    if local is not None:
+        st = os.stat(local)
+        return st.st_size, st.st_mtime_ns
+    fs, path = _filesystem(url)
+    info = fs.get_file_info(path)
+    mtime = getattr(info, "mtime_ns", None)
+    return int(info.size), mtime
+
+
+def describe_shards(shards: Iterable[str], cache_file: Optional[Path] = None) -> list[dict]:
+    """``[{"name", "size", "sha256"}]`` for each shard (reads every byte of shards not in the cache, which
+    maps name -> size, mtime_ns, sha256 and is rewritten)."""
+    from mmtl.data.shardio import open_shard
+
+    cache: dict = {}
+    if cache_file is not None and cache_file.is_file():
+        with contextlib.suppress(ValueError, OSError):
+            cache = json.loads(cache_file.read_text())
+    out, fresh = [], {}
+    for url in shards:
+        size, mtime = _stat(url)
+        hit = cache.get(url)
+        if hit and mtime is not None and hit.get("size") == size and hit.get("mtime_ns") == mtime:
+            sha = hit["sha256"]
+        else:
+            with open_shard(url) as f:
+                sha = _sha256_stream(f)
+        if mtime is not None:
+            fresh[url] = {"size": size, "mtime_ns": mtime, "sha256": sha}
+        out.append({"name": url, "size": size, "sha256": sha})
+    if cache_file is not None:
+        _write_json(cache_file, fresh)
+    return out
+
+
+def _key(entry: dict) -> tuple[str, int]:
+    return entry["sha256"], int(entry["size"])
+
+
+def diff_manifest(current: list[dict], previous: Optional[dict]) -> tuple[list[dict], list[dict]]:
+    """Split ``current`` shard entries into (new, known) against the ``previous`` manifest (None: all new).
+    Identity is content (sha256 + size); order follows ``current``."""
+    seen = {_key(e) for e in (previous or {}).get("shards", [])}
+    new = [e for e in current if _key(e) not in seen]
+    known = [e for e in current if _key(e) in seen]
+    return new, known
+
+
+def choose_replay(known: list[dict], new: list[dict], fraction: float, seed: int = 0) -> list[dict]:
+    """``ceil(fraction * len(known))`` known shards (at least 1 when any, at most all), picked by a hash of
+    ``seed``, the new shards' hashes and each shard's hash; returned in ``known`` order."""
+    if not known:
+        return []
+    k = min(len(known), max(1, math.ceil(fraction * len(known) - 1e-9)))
+    salt = hashlib.sha256(f"{seed}|{'|'.join(sorted(e['sha256'] for e in new))}".encode()).hexdigest()
+    rank = sorted(range(len(known)),
+                  key=lambda i: (hashlib.sha256(f"{salt}|{known[i]['sha256']}".encode()).hexdigest(), i))
+    pick = set(rank[:k])
+    return [e for i, e in enumerate(known) if i in pick]
+
+
+def _write_json(path: Path, obj) -> None:
+    """Atomic write (temp file + rename in the same folder)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_local_manifest(manifest_dir: Path) -> Optional[dict]:
+    p = Path(manifest_dir) / MANIFEST_NAME
+    if not p.is_file():
+        return None
+    try:
+        return json.loads(p.read_text())
+    except ValueError as e:
+        raise ValueError(f"{p} is not valid JSON ({e}); fix or delete it (the MLflow copy is used then)") from None
+
+
+def _mlflow_manifest(client, uri: str, experiment: str, model_name: str, dst: Path) -> Optional[dict]:
+    """The manifest artifact of the newest successful retrain run for ``model_name``, or None."""
+    import mlflow.artifacts
+
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    runs = client.search_runs([exp.experiment_id],
+                              filter_string=f"tags.`mmtl.retrain` = 'done' and tags.`retrain.model_name` = '{model_name}'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs:
+        return None
+    local = mlflow.artifacts.download_artifacts(run_id=runs[0].info.run_id, artifact_path=MANIFEST_ARTIFACT,
+                                                dst_path=str(dst), tracking_uri=uri)
+    return json.loads(Path(local).read_text())
+
+
+def last_manifest(client, uri: str, pipe: Pipeline, manifest_dir: Path, say: Say) -> Optional[dict]:
+    """The newer (``created_at``) of the local manifest and the MLflow one."""
+    local = read_local_manifest(manifest_dir)
+    with tempfile.TemporaryDirectory(dir=manifest_dir) as tmp:
+        remote = _mlflow_manifest(client, uri, pipe.tracking.experiment, pipe.tracking.model_name, Path(tmp))
+    cands = [m for m in (local, remote) if m]
+    if not cands:
+        return None
+    best = max(cands, key=lambda m: float(m.get("created_at", 0)))
+    if local and remote and local.get("mlflow_run_id") != remote.get("mlflow_run_id"):
+        say(f"local manifest (run {local.get('mlflow_run_id')}) and MLflow's (run {remote.get('mlflow_run_id')}) "
+            f"differ: using the newer, run {best.get('mlflow_run_id')}")
+    return best
+
+
+# ---------------------------------------------------------------- registry and evaluation
+
+def _champion(client, name: str):
+    """The model version holding alias ``champion`` of ``name``, or None (no such model or alias)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException as e:
+        if getattr(e, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+            return None
+        raise
+
+
+def _download_export(name: str, version: str, uri: str, dst: Path) -> Path:
+    """Download ``models:/name/version`` (an mmtl pyfunc) and return its export folder, with ``model.init_from``
+    cleared in its (temporary) ``pipeline.yaml``: the weights it holds are complete."""
+    import yaml
+
+    from mmtl.eval.resolve import resolve_export
+
+    res = resolve_export(f"models:/{name}/{version}", tracking_uri=uri, download_dir=str(dst))
+    p = res.export_dir / "pipeline.yaml"
+    raw = yaml.safe_load(p.read_text())
+    if (raw.get("model") or {}).get("init_from"):
+        raw["model"]["init_from"] = None
+        p.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return res.export_dir
+
+
+def _eval_spec(pipe: Pipeline, metric: str):
+    set_name = metric.split("/", 1)[0]
+    avail = {"test": pipe.data.test, "val": pipe.data.val, **pipe.data.extra_eval}
+    if "/" not in metric or not avail.get(set_name):
+        have = [k for k, v in avail.items() if v]
+        raise ValueError(f"retrain.metric={metric!r} must be '<eval set>/<metric>' with a set the data has "
+                         f"(have: {have}), e.g. 'test/image_to_text_recall_at_1'")
+    return set_name, avail[set_name]
+
+
+def score_export(export_dir: Path, pipe: Pipeline, metric: str) -> tuple[float, dict]:
+    """Rebuild the model of ``export_dir`` and score it on ``metric``'s eval set with ``pipe``'s eval and
+    cleaning settings; returns ``(metric value, all metrics of that set)``."""
+    import torch
+
+    from mmtl.data.stream import clean_options
+    from mmtl.eval.evaluate import embed_shards, evaluate_sets
+    from mmtl.tracking.registry import load_exported
+
+    set_name, spec = _eval_spec(pipe, metric)
+    model, _ = load_exported(export_dir)
+    with torch.no_grad():
+        metrics = evaluate_sets(model, pipe, {set_name: embed_shards(model, spec, clean_options(pipe))})
+    if metric not in metrics:
+        raise ValueError(f"retrain.metric={metric!r} is not computed; {set_name} has {sorted(metrics)}")
+    return float(metrics[metric]), metrics
+
+
+def decide(challenger: float, champion: Optional[float], margin: float) -> str:
+    """``promoted`` when there is no champion or ``challenger >= champion + margin``, else ``kept``."""
+    if champion is None:
+        return "promoted"
+    return "promoted" if challenger >= champion + margin else "kept"
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+
+
+# ---------------------------------------------------------------- the job
+
+def retrain(pipe: Pipeline, say: Say = print, address: Optional[str] = None) -> dict:
+    """One scheduled retrain trigger (see module docstring). Returns a dict whose ``action`` is
+    ``"locked"``, ``"nothing_new"`` or ``"retrained"`` (then ``decision`` is ``"promoted"`` or ``"kept"``).
+
+    Raises:
+        ValueError: no ``tracking.model_name`` / ``log_model`` off, a bad ``retrain.metric``.
+        MissingShardsError / EmptyDatasetError: ``data.train`` problems.
+        RuntimeError: training failed (from :func:`mmtl.run.run_pipeline`).
+    """
+    from mlflow.tracking import MlflowClient
+
+    from mmtl.tracking import mlflow_utils as mlu
+
+    cfg = pipe.retrain or RetrainConfig()
+    name = pipe.tracking.model_name
+    if not name or not pipe.tracking.log_model:
+        raise ValueError("mmtl retrain needs tracking.model_name and tracking.log_model=true: the champion and "
+                         "challenger are versions of that registered model")
+    _eval_spec(pipe, cfg.metric)
+    manifest_dir = Path(cfg.manifest_dir or Path(pipe.train.runs_root) / "retrain")
+    manifest_dir.mkdir(parents=True, exist_ok=True)
+    lock = RetrainLock(manifest_dir / LOCK_NAME, cfg.lock_ttl_s)
+    if not lock.acquire():
+        h = lock.holder or {}
+        since = datetime.fromtimestamp(float(h["created_at"]), timezone.utc).isoformat(timespec="seconds") \
+            if h.get("created_at") else "?"
+        msg = (f"another retrain holds {lock.path} (pid {h.get('pid')} on {h.get('hostname')} since {since}); "
+               "not starting")
+        say(msg)
+        return {"action": "locked", "message": msg, "lock": h, "lock_path": str(lock.path)}
+    if lock.broken:
+        say(f"broke a stale retrain lock ({lock.broken})")
+    try:
+        return _retrain_locked(pipe, cfg, name, manifest_dir, say, address, MlflowClient, mlu)
+    finally:
+        lock.release()
+
+
+def _retrain_locked(pipe, cfg: RetrainConfig, name: str, manifest_dir: Path, say: Say, address, MlflowClient,
+                    mlu) -> dict:
+    from mmtl.data.shardio import resolve_shards
+
+    uri = mlu.tracking_uri(pipe.tracking.uri, pipe.train.runs_root)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    shards = resolve_shards(pipe.data.train)
+    t0 = time.perf_counter()
+    current = describe_shards(shards, manifest_dir / HASHES_NAME)
+    say(f"{len(current)} train shard(s) hashed in {time.perf_counter() - t0:.1f}s")
+    previous = last_manifest(client, uri, pipe, manifest_dir, say)
+    new, known = diff_manifest(current, previous)
+    if not new:
+        msg = (f"nothing new: all {len(current)} shard(s) of data.train were in the last retrain "
+               f"(run {previous.get('mlflow_run_id')}, {previous.get('created')})")
+        say(msg)
+        return {"action": "nothing_new", "message": msg, "shards": len(current),
+                "manifest": str(manifest_dir / MANIFEST_NAME), "last_mlflow_run_id": previous.get("mlflow_run_id")}
+    replay = choose_replay(known, new, cfg.replay_fraction, pipe.data.seed)
+    say(f"{len(new)} new shard(s), {len(known)} known; replaying {len(replay)}")
+
+    champ = _champion(client, name)
+    champ_score, champ_metrics, init_from = None, None, None
+    work = Path(tempfile.mkdtemp(prefix="dl-", dir=manifest_dir))
+    try:
+        if champ is not None:
+            export = _download_export(name, str(champ.version), uri, work)
+            champ_score, champ_metrics = score_export(export, pipe, cfg.metric)
+            say(f"champion {name} v{champ.version}: {cfg.metric} = {champ_score:.4f}")
+            if cfg.warm_start:
+                ws = manifest_dir / "warm_start" / f"{_safe(name)}-v{champ.version}.safetensors"
+                if not ws.is_file():
+                    ws.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = ws.with_name(f".{ws.name}.{uuid.uuid4().hex}")
+                    shutil.copyfile(export / "model.safetensors", tmp)
+                    os.replace(tmp, ws)
+                init_from = str(ws)
+                say(f"warm start from {name} v{champ.version} ({ws})")
+        else:
+            say(f"no {CHAMPION} alias on {name!r}: the new version will be promoted")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    train_set = {_key(e) for e in new + replay}
+    tp = pipe.model_copy(deep=True)
+    tp.data.train = [e["name"] for e in current if _key(e) in train_set]
+    tp.model.init_from = init_from
+    tp.train.name = f"{pipe.train.name or 'mmtl'}-retrain"
+    tp.train.resume = "never"
+    tp = Pipeline.model_validate(tp.model_dump(mode="json"))  # revalidate the edited copy
+
+    from mmtl.run import run_pipeline
+    from mmtl.runtime import init_ray
+
+    if address:
+        init_ray(address)
+    summary = run_pipeline(tp, address=address, say=say)
+    run_id, reg = summary["mlflow_run_id"], summary.get("registered_model") or {}
+    version = str(reg.get("version")) if reg.get("version") is not None else None
+    if version is None:
+        raise RuntimeError(f"run {run_id} registered no model version of {name!r}")
+
+    chall_score, chall_metrics = score_export(Path(summary["export_path"]).parent, tp, cfg.metric)
+    decision = decide(chall_score, champ_score, cfg.margin)
+    champ_txt = "none" if champ_score is None else f"{champ_score:.4f} (v{champ.version})"
+    msg = (f"challenger {name} v{version}: {cfg.metric} = {chall_score:.4f}; champion {champ_txt}; "
+           f"margin {cfg.margin:g} -> {decision}")
+    say(msg)
+
+    client.set_registered_model_alias(name, CHALLENGER, version)
+    if decision == "promoted":
+        client.set_registered_model_alias(name, CHAMPION, version)
+    client.set_model_version_tag(name, version, "retrain.decision", decision)
+    client.set_model_version_tag(name, version, "retrain.score", f"{chall_score:.6g}")
+
+    record = {
+        "action": "retrained", "decision": decision, "metric": cfg.metric, "margin": cfg.margin,
+        "challenger": {"version": version, "score": chall_score, "run_id": run_id},
+        "champion": None if champ is None else {"version": str(champ.version), "score": champ_score,
+                                                "run_id": champ.run_id},
+        "new_shards": [e["name"] for e in new], "replay_shards": [e["name"] for e in replay],
+        "init_from": init_from, "mlflow_run_id": run_id, "mlflow_tracking_uri": uri,
+        "run_dir": summary["run_dir"], "model_name": name, "message": msg,
+    }
+    manifest = {"format": 1, "created_at": time.time(), "created": _now_iso(), "mlflow_run_id": run_id,
+                "model_name": name, "model_version": version, "decision": decision, "shards": current}
+    metrics = {"retrain/challenger": chall_score, "retrain/margin": cfg.margin,
+               "retrain/new_shards": len(new), "retrain/replay_shards": len(replay)}
+    if champ_score is not None:
+        metrics["retrain/champion"] = champ_score
+    mlu.log_metrics(uri, run_id, metrics)
+    with tempfile.TemporaryDirectory(dir=manifest_dir) as tmp:
+        (Path(tmp) / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        (Path(tmp) / "decision.json").write_text(json.dumps(
+            {**record, "challenger_metrics": chall_metrics, "champion_metrics": champ_metrics}, indent=2))
+        mlu.log_artifacts(uri, run_id, [Path(tmp) / "manifest.json", Path(tmp) / "decision.json"], "retrain")
+    mlu.set_tags(uri, run_id, {
+        "retrain.decision": decision, "retrain.metric": cfg.metric, "retrain.model_name": name,
+        "retrain.challenger_version": version,
+        "retrain.champion_version": "none" if champ is None else str(champ.version),
+        "retrain.init_from": init_from or "none", "retrain.manifest": MANIFEST_ARTIFACT,
+        "mmtl.retrain": "done",
+    })
+    _write_json(manifest_dir / MANIFEST_NAME, manifest)
+    record["manifest"] = str(manifest_dir / MANIFEST_NAME)
+    return record
