@@ -357,6 +357,34 @@ def datasets_fashion_mnist(
     print(json.dumps(stats, indent=2))
 
 
+@app.command()
+def retrain(
+    pipeline: Path = typer.Argument(..., help="Pipeline YAML; its tracking.model_name holds the champion/challenger"),
+    overrides: Optional[List[str]] = typer.Argument(None, help="Dotted overrides: retrain.margin=0.01 data.train=..."),
+    address: Optional[str] = typer.Option(None, help="Ray address to join; default: local instance."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
+) -> None:
+    """Scheduled retraining: train on shards new since the last retrain (plus a replay share of old ones),
+    warm-started from the `champion` model version; register the result as `challenger` and promote it to
+    `champion` when it beats the champion by retrain.margin on retrain.metric.
+
+    Exit 0: retrained or nothing new; 3: another retrain holds the lock; 1: failed; 2: bad pipeline."""
+    pipe = _load(pipeline, overrides or [])
+    from mlflow.exceptions import MlflowException
+
+    from mmtl.data.shardio import ShardError
+    from mmtl.jobs.retrain import exit_code
+    from mmtl.jobs.retrain import retrain as run_retrain
+
+    try:
+        result = run_retrain(pipe, say=lambda m: console.print(f"[cyan]mmtl retrain[/] {m}", highlight=False),
+                             address=address)
+    except (ValueError, FileNotFoundError, RuntimeError, ShardError, MlflowException) as exc:
+        _fail(str(exc), 1)
+    print(json.dumps(result, default=str) if as_json else result["message"])
+    raise typer.Exit(exit_code(result))
+
+
 def main() -> None:  # pragma: no cover
     app()
 

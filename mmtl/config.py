@@ -1,9 +1,10 @@
 """Pipeline schema (pydantic) and loader with dotted ``a.b.c=value`` overrides.
 
 A pipeline is one YAML file with the sections ``data``, ``model``, ``strategy``, ``train``, ``eval`` and
-``tracking`` (and, for ``mmtl retrain``, an optional ``retrain``). Unknown keys and bad values are errors that name the field path and the offending value
-(:class:`PipelineError`). Paths in a pipeline are resolved relative to the pipeline file's directory's
-project root (the directory that holds ``pipelines/``) unless absolute or a URI.
+``tracking`` (and, for ``mmtl retrain``, an optional ``retrain``). Unknown keys and bad values are errors that
+name the field path and the offending value (:class:`PipelineError`). Paths in a pipeline are resolved relative
+to the pipeline file's directory's project root (the directory that holds ``pipelines/``) unless absolute or a
+URI.
 """
 from __future__ import annotations
 

@@ -162,25 +162,10 @@ def _free_port() -> int:
 @pytest.fixture
 def process_group():
     """A gloo process group of world size 1 on loopback for DeepSpeed in this process."""
-    import torch.distributed as dist
+    from mmtl.train.loop import single_process_group
 
-    if dist.is_initialized():
+    with single_process_group():
         yield
-        return
-    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "RANK": "0", "WORLD_SIZE": "1",
-           "LOCAL_RANK": "0"}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def test_deepspeed_zero2_step_trains_lora(process_group, tmp_path):

@@ -150,29 +150,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@contextlib.contextmanager
-def single_process_group():
-    """A gloo process group of world size 1 on loopback (for DeepSpeed in this process), unless one exists;
-    restores the env vars it set and destroys the group it made."""
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        yield
-        return
-    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "RANK": "0", "WORLD_SIZE": "1",
-           "LOCAL_RANK": "0"}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+from mmtl.train.loop import single_process_group  # noqa: E402,F401  (re-export)
 
 
 def _quiet_deepspeed() -> None:

@@ -114,21 +114,11 @@ def _assemble(imgs, txts, meta, refs, caps, stats, spec) -> Embedded:
 
 def _model_from_bytes(pipeline_yaml: str, weights: bytes):
     """Rebuild an exported model from its pipeline YAML and safetensors bytes (as ``load_exported`` does)."""
-    import yaml
     from safetensors.torch import load as load_safetensors
 
-    from mmtl.config import Pipeline
-    from mmtl.models import build_model
+    from mmtl.tracking.registry import model_from_export
 
-    pipe = Pipeline.model_validate(yaml.safe_load(pipeline_yaml))
-    cfg = pipe.model.model_copy(deep=True)
-    cfg.vision.weights = None
-    if cfg.family != "two_tower":
-        cfg.weights = None
-    model = build_model(cfg)
-    sd = load_safetensors(weights)
-    model.load_state_dict({k: v for k, v in sd.items() if k != "logit_bias"}, strict=True)
-    return model.eval(), pipe
+    return model_from_export(pipeline_yaml, load_safetensors(weights))
 
 
 class ShardEmbedder:

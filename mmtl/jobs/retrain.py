@@ -351,9 +351,9 @@ def _mlflow_manifest(client, uri: str, experiment: str, model_name: str, dst: Pa
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return None
-    runs = client.search_runs([exp.experiment_id],
-                              filter_string=f"tags.`mmtl.retrain` = 'done' and tags.`retrain.model_name` = '{model_name}'",
-                              order_by=["attributes.start_time DESC"], max_results=1)
+    query = f"tags.`mmtl.retrain` = 'done' and tags.`retrain.model_name` = '{model_name}'"
+    runs = client.search_runs([exp.experiment_id], filter_string=query, order_by=["attributes.start_time DESC"],
+                              max_results=1)
     if not runs:
         return None
     local = mlflow.artifacts.download_artifacts(run_id=runs[0].info.run_id, artifact_path=MANIFEST_ARTIFACT,

@@ -17,31 +17,45 @@ PIP_REQUIREMENTS = ["torch", "torchvision", "timm", "transformers", "open_clip_t
                     "pydantic", "pillow"]
 
 
+def model_from_export(pipeline_yaml: str, state_dict: dict):
+    """Rebuild an exported model from its resolved pipeline YAML and its consolidated state dict.
+
+    The architecture comes from the pipeline; every weight comes from ``state_dict`` (the original tower
+    weight files and ``model.init_from`` are not read; an ``hf`` model keeps its directory, which holds its
+    config and tokenizer). Returns ``(model in eval mode, pipeline)``.
+
+    Raises:
+        RuntimeError: the state dict does not match the architecture (strict load).
+    """
+    import yaml
+
+    from mmtl.config import Pipeline
+    from mmtl.models import build_model
+
+    pipe = Pipeline.model_validate(yaml.safe_load(pipeline_yaml))
+    cfg = pipe.model.model_copy(deep=True)
+    cfg.vision.weights = None
+    cfg.init_from = None
+    if cfg.family == "open_clip":
+        cfg.weights = None
+    model = build_model(cfg)
+    model.load_state_dict({k: v for k, v in state_dict.items() if k != "logit_bias"}, strict=True)
+    return model.eval(), pipe
+
+
 def load_exported(export_dir: str | Path):
     """Rebuild a model from an export folder (``model.safetensors`` + ``pipeline.yaml``).
 
     Returns ``(model, pipeline)``. Raises FileNotFoundError when a file is missing.
     """
-    import yaml
     from safetensors.torch import load_file
-
-    from mmtl.config import Pipeline
-    from mmtl.models import build_model
 
     export_dir = Path(export_dir)
     for f in ("model.safetensors", "pipeline.yaml"):
         if not (export_dir / f).exists():
             raise FileNotFoundError(f"{export_dir / f} not found: not an mmtl export")
-    pipe = Pipeline.model_validate(yaml.safe_load((export_dir / "pipeline.yaml").read_text()))
-    cfg = pipe.model.model_copy(deep=True)
-    cfg.vision.weights = None  # weights come from the export, not from the original files
-    if cfg.family != "two_tower":
-        cfg.weights = None
-    model = build_model(cfg)
-    sd = load_file(str(export_dir / "model.safetensors"))
-    model.load_state_dict({k: v for k, v in sd.items() if k != "logit_bias"}, strict=True)
-    model.eval()
-    return model, pipe
+    return model_from_export((export_dir / "pipeline.yaml").read_text(),
+                             load_file(str(export_dir / "model.safetensors")))
 
 
 try:

@@ -12,6 +12,7 @@ micro-batches); with dynamic streaming splits the exact rows a rank skips may di
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
@@ -178,6 +179,47 @@ def _checkpoint(engine, pipe, step, rank, world_size, metrics, report, export: b
             report(metrics, d)
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def single_process_group():
+    """A gloo process group of world size 1 on 127.0.0.1, to drive :func:`run_training` / DeepSpeed in one
+    process without Ray (benchmarks, GPU checks, tests), unless a group exists. On exit it destroys the group
+    it made, restores the env vars it set and drops DeepSpeed's cached communication backend (which would
+    otherwise keep pointing at the destroyed group: "Group ... is not registered")."""
+    import socket
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        yield
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        try:  # DeepSpeed's own teardown also drops the groups it cached (world, data parallel ...)
+            import deepspeed.comm as ds_dist
+            import deepspeed.comm.comm as ds_comm
+
+            if ds_comm.cdb is not None:
+                ds_dist.destroy_process_group()
+                ds_comm.cdb = None
+        except ImportError:  # pragma: no cover
+            pass
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _maybe_fail(step: int, rank: int) -> None:
