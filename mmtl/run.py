@@ -95,7 +95,7 @@ def _train(pipe: Pipeline, run_dir: Path, feats, uri: str, run_id: str, say: Say
         from mmtl.data.stream import count_samples
 
         name = f"mmtl-sample-stats-{run_id}"
-        make_stats_actor(name)
+        stats_handle = make_stats_actor(name)  # noqa: F841  (kept alive for the whole fit)
         cfg["stats_actor"] = name
         n = count_samples(pipe.data.train)
         ds = build_image_dataset(pipe, pipe.data.train, epochs_needed(t.max_steps, t.effective_global_batch, n), name)

@@ -73,9 +73,10 @@ def tiny_pipeline(shards: dict, runs_root: Path, **sections) -> dict:
     return raw
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_local():
-    """One local Ray instance for the session (127.0.0.1 only), stopped at the end."""
+    """A local Ray instance per test module (127.0.0.1 only), stopped at the end of the module: a fresh
+    instance per module keeps one module's leftovers (actor pools, detached actors) from starving the next."""
     import ray
 
     from mmtl.runtime import init_ray

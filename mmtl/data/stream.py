@@ -180,7 +180,8 @@ def epochs_needed(steps: int, global_batch: int, samples_per_epoch: int) -> int:
 
 
 def make_stats_actor(name: str):
-    """Create (or get) the named actor that sums reject counts reported by read tasks."""
+    """Create (or get) the named actor that sums reject counts reported by read tasks; keep the returned handle
+    for as long as the counts are needed."""
     import ray
 
     @ray.remote(num_cpus=0)
@@ -194,7 +195,8 @@ def make_stats_actor(name: str):
         def get(self) -> dict[str, Any]:
             return dict(self.counts)
 
-    return SampleStatsActor.options(name=name, get_if_exists=True, lifetime="detached").remote()
+    # not detached: it lives as long as the driver holds the handle (the training run), then goes away
+    return SampleStatsActor.options(name=name, get_if_exists=True).remote()
 
 
 def count_samples(spec) -> int:
