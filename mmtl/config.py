@@ -94,7 +94,7 @@ class LoraConfig(_Section):
 
 
 class StrategyConfig(_Section):
-    kind: Literal["frozen", "full", "lora"] = "frozen"
+    kind: Literal["frozen", "full", "lora", "prompt_tuning", "cross_attention"] = "frozen"
     lock: Literal["both", "image", "text", "none"] = Field(
         "both", description="frozen: which towers stay frozen ('image' is LiT)."
     )

@@ -70,7 +70,17 @@ def _ridge(pipe, feats) -> dict:
     return out
 
 
-def _train(pipe: Pipeline, run_dir: Path, feats, uri: str, run_id: str, say: Say):
+def fit(pipe: Pipeline, run_dir: Path, arrays: Optional[dict], uri: str, run_id: str, say: Say):
+    """Train with Ray Train (``TorchTrainer`` of ``train.num_workers`` workers, each running
+    :func:`mmtl.train.worker.train_loop_per_worker`) and return the ``ray.train.Result``.
+
+    ``arrays``: in-memory training rows ``{name: (N, ...) ndarray}`` put in the object store once and indexed
+    by a shuffled Ray Data index stream (cached frozen-tower outputs; task modules get these names as
+    ``forward`` arguments), or ``None`` to stream and decode ``data.train`` shards.
+
+    Raises:
+        RuntimeError: training failed past ``train.max_failures`` (the run is left resumable).
+    """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -87,9 +97,9 @@ def _train(pipe: Pipeline, run_dir: Path, feats, uri: str, run_id: str, say: Say
     cfg = {"pipeline": pipe.model_dump(mode="json"), "tracking_uri": uri, "run_id": run_id,
            "features_ref": None, "stats_actor": None,
            "env": {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}}
-    if feats is not None:
-        n = len(feats["train"])
-        cfg["features_ref"] = ray.put({"image": feats["train"].image, "text": feats["train"].text})
+    if arrays is not None:
+        n = len(next(iter(arrays.values())))
+        cfg["features_ref"] = ray.put(arrays)
         ds = build_index_dataset(n, epochs_needed(t.max_steps, t.effective_global_batch, n), pipe.data.seed)
     else:
         from mmtl.data.stream import count_samples
@@ -126,6 +136,21 @@ def _train(pipe: Pipeline, run_dir: Path, feats, uri: str, run_id: str, say: Say
     return result
 
 
+def copy_export(result, run_dir: Path, uri: str, run_id: str) -> Path:
+    """Copy the final checkpoint's ``export/`` (and a LoRA ``adapter/``, logged to MLflow) into ``run_dir``;
+    returns ``<run_dir>/export``."""
+    export_dir = run_dir / "export"
+    with result.checkpoint.as_directory() as d:
+        if export_dir.exists():
+            shutil.rmtree(export_dir)
+        shutil.copytree(Path(d) / "export", export_dir)
+        if (Path(d) / "adapter").exists():  # LoRA: the adapter alone, as an artifact
+            shutil.rmtree(run_dir / "adapter", ignore_errors=True)
+            shutil.copytree(Path(d) / "adapter", run_dir / "adapter")
+            mlu.log_artifacts(uri, run_id, [run_dir / "adapter"], "adapter")
+    return export_dir
+
+
 def run_pipeline(pipe: Pipeline, *, address: Optional[str] = None, must_resume: bool = False,
                  say: Say = print) -> dict:
     """Run ``pipe`` end to end and return the summary (also written to ``<run_dir>/summary.json``).
@@ -140,6 +165,7 @@ def run_pipeline(pipe: Pipeline, *, address: Optional[str] = None, must_resume: 
     from mmtl.strategies import apply_strategy, uses_feature_cache
     from mmtl.train.checkpoint import check_compatible, read_meta
     from mmtl.train.loop import seed_everything
+    from mmtl.train.tasks import is_contrastive, task_driver
 
     t_start = time.time()
     specs = _eval_specs(pipe)
@@ -160,8 +186,11 @@ def run_pipeline(pipe: Pipeline, *, address: Optional[str] = None, must_resume: 
         state_file.write_text(json.dumps({"mlflow_run_id": run_id, "tracking_uri": uri}))
     say(f"run dir {run_dir}  mlflow run {run_id}")
     try:
-        summary = _run(pipe, run_dir, uri, run_id, specs, resuming, say, t_start,
-                       build_model, apply_strategy, uses_feature_cache, seed_everything)
+        if is_contrastive(pipe):
+            summary = _run(pipe, run_dir, uri, run_id, specs, resuming, say, t_start,
+                           build_model, apply_strategy, uses_feature_cache, seed_everything)
+        else:
+            summary = task_driver(pipe.strategy.kind)(pipe, run_dir, uri, run_id, resuming, say, t_start)
     except BaseException:
         mlu.end_run(uri, run_id, "FAILED")
         raise
@@ -199,17 +228,10 @@ def _run(pipe, run_dir, uri, run_id, specs, resuming, say, t_start, build_model,
         metrics.update(_ridge(pipe, feats))
     init_ray()
     t_train = time.time()
-    result = _train(pipe, run_dir, feats, uri, run_id, say)
+    arrays = None if feats is None else {"image_feat": feats["train"].image, "text_feat": feats["train"].text}
+    result = fit(pipe, run_dir, arrays, uri, run_id, say)
     train_s = time.time() - t_train
-    export_dir = run_dir / "export"
-    with result.checkpoint.as_directory() as d:
-        if export_dir.exists():
-            shutil.rmtree(export_dir)
-        shutil.copytree(Path(d) / "export", export_dir)
-        if (Path(d) / "adapter").exists():  # LoRA: the adapter alone, as an artifact
-            shutil.rmtree(run_dir / "adapter", ignore_errors=True)
-            shutil.copytree(Path(d) / "adapter", run_dir / "adapter")
-            mlu.log_artifacts(uri, run_id, [run_dir / "adapter"], "adapter")
+    export_dir = copy_export(result, run_dir, uri, run_id)
     from safetensors.torch import load_file
 
     sd = load_file(str(export_dir / "model.safetensors"))

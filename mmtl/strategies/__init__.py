@@ -26,8 +26,12 @@ def apply_strategy(model, cfg: StrategyConfig, zero_stage: Optional[int] = None)
 
         apply_lora(model, cfg, zero_stage=zero_stage)
         return trainable_summary(model)
+    elif cfg.kind == "prompt_tuning":
+        from mmtl.strategies.prompt_tuning import apply
+    elif cfg.kind == "cross_attention":
+        from mmtl.strategies.cross_attention import apply
     else:
-        raise ValueError(f"strategy.kind={cfg.kind!r} is not available in this build (frozen, full, lora)")
+        raise ValueError(f"strategy.kind={cfg.kind!r} is not available in this build")
     apply(model, cfg)
     return trainable_summary(model)
 

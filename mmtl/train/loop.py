@@ -28,7 +28,8 @@ from mmtl.config import Pipeline
 from mmtl.train.checkpoint import (consolidated_state_dict, restore_checkpoint, save_adapters, save_checkpoint,
                                    write_export)
 from mmtl.train.ds_config import WarmupCosine, build_optimizer, deepspeed_config
-from mmtl.train.step import ContrastiveModule, train_step
+from mmtl.train.step import train_step
+from mmtl.train.tasks import make_train_module
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -40,7 +41,7 @@ def seed_everything(seed: int) -> None:
 
 
 def build_engine(pipe: Pipeline, model: torch.nn.Module):
-    """Wrap ``model`` in :class:`ContrastiveModule` and ``deepspeed.initialize`` it with the pipeline's
+    """Wrap ``model`` in its train module (:func:`mmtl.train.tasks.make_train_module`) and ``deepspeed.initialize`` it with the pipeline's
     ZeRO / precision / batch config, a client AdamW and the warmup-cosine schedule."""
     import deepspeed
     import deepspeed.ops
@@ -48,7 +49,7 @@ def build_engine(pipe: Pipeline, model: torch.nn.Module):
     # DeepSpeed JIT-compiles a shared-memory all-reduce for CPU inference (~1 min of g++); training over
     # gloo/NCCL never uses it, so skip the build.
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    module = ContrastiveModule(model, pipe.train.loss)
+    module = make_train_module(pipe, model)
     if pipe.train.precision != "fp32":  # params and buffers (e.g. BatchNorm stats) in the compute dtype
         module.to(_DTYPES[pipe.train.precision])
     optimizer = build_optimizer(pipe.train, module.parameters())
@@ -80,11 +81,13 @@ def _to_device(batch: dict, device, dtype) -> dict:
     return out
 
 
-def feature_batches(it: Iterator[dict], feats: dict) -> Iterator[dict]:
-    """Map index batches ``{"idx": (B,)}`` to cached tower outputs ``image_feat`` (B,D_v), ``text_feat`` (B,D_t)."""
+def feature_batches(it: Iterator[dict], arrays: dict[str, np.ndarray]) -> Iterator[dict]:
+    """Map index batches ``{"idx": (B,)}`` to rows of in-memory arrays: ``{name: arrays[name][idx]}`` as
+    tensors, for every name (contrastive: ``image_feat`` (B,D_v) and ``text_feat`` (B,D_t) cached tower
+    outputs; task modules choose their own names, which must match their ``forward`` arguments)."""
     for b in it:
         idx = b["idx"].numpy() if isinstance(b["idx"], torch.Tensor) else np.asarray(b["idx"])
-        yield {"image_feat": torch.from_numpy(feats["image"][idx]), "text_feat": torch.from_numpy(feats["text"][idx])}
+        yield {name: torch.from_numpy(np.ascontiguousarray(a[idx])) for name, a in arrays.items()}
 
 
 def run_training(
@@ -134,7 +137,8 @@ def run_training(
             with open(f"{trace}.rank{rank}", "a") as f:
                 f.write(f"{n}\n")
         _maybe_fail(n, rank)
-        scale = float(engine.module.model.logit_scale.detach().float().exp().clamp(max=model.max_logit_scale))
+        scale = float(model.logit_scale.detach().float().exp().clamp(max=model.max_logit_scale))
+        task_metrics = getattr(engine.module, "metrics", None)
         metrics = {
             "steps": n,
             "train/loss": float("nan") if loss is None else loss,
@@ -144,6 +148,7 @@ def run_training(
             "train/samples_per_s": gbatch / dt,
             "train/skipped_nonfinite_steps": skipped,
             "train/wall_s": time.perf_counter() - t_first,
+            **({f"train/{k}": v for k, v in task_metrics().items()} if task_metrics else {}),
         }
         if on_step:
             on_step(n, metrics)

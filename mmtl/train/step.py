@@ -64,8 +64,10 @@ def train_step(engine, micro_batches: list[dict], nonfinite: str = "error") -> O
     Raises:
         FloatingPointError: non-finite loss with ``nonfinite == "error"``.
     """
-    module: ContrastiveModule = engine.module
+    module = engine.module
     k = len(micro_batches)
+    if not isinstance(module, ContrastiveModule):
+        return _task_step(engine, micro_batches, nonfinite)
     if k == 1:
         img, txt, scale = engine(**micro_batches[0])
         loss = module.loss(gather_with_grad(img), gather_with_grad(txt), scale)
@@ -91,6 +93,24 @@ def train_step(engine, micro_batches: list[dict], nonfinite: str = "error") -> O
         engine.step()
         value = float(loss.detach())
     return value
+
+
+def _task_step(engine, micro_batches: list[dict], nonfinite: str) -> Optional[float]:
+    """A task module's step (:mod:`mmtl.train.tasks`): ``engine(**mb)`` is the micro-batch loss; DeepSpeed
+    averages gradients over ranks and accumulates the micro-batches. Returns the mean micro-batch loss."""
+    first = engine(**micro_batches[0])
+    ok = torch.isfinite(first.detach()).all().float().reshape(1)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)  # the loss is per rank: every rank must agree to skip
+    if ok.item() < 1 and not _finite(first * float("nan"), nonfinite):
+        return None
+    total = 0.0
+    for j, mb in enumerate(micro_batches):
+        loss = first if j == 0 else engine(**mb)
+        engine.backward(loss)
+        engine.step()
+        total += float(loss.detach())
+    return total / len(micro_batches)
 
 
 def _finite(loss: torch.Tensor, policy: str) -> bool:
