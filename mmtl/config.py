@@ -93,6 +93,35 @@ class LoraConfig(_Section):
     text_targets: Optional[list[str]] = None
 
 
+class CrossAttentionConfig(_Section):
+    """``strategy.fusion`` (``strategy.kind: cross_attention``): fusion of frozen tower tokens + a task head.
+
+    Data: the question is the sample caption (``.txt``); its ``.json`` holds ``answers_field`` (a list of
+    answer strings, or one string) and ``qtype_field`` (question type, for per-type accuracy).
+    """
+
+    task: Literal["vqa", "itm"] = Field("vqa", description="vqa: answer classification; itm: image-text matching.")
+    kind: Literal["xattn", "late"] = Field(
+        "xattn", description="xattn: gated cross-attention (Flamingo); late: MLP on concatenated pooled features.")
+    n_blocks: int = Field(2, ge=1, description="Gated cross-attention blocks.")
+    n_heads: int = Field(8, ge=1, description="Attention heads (must divide the text token width).")
+    ff_mult: int = Field(2, ge=1, description="Feed-forward width multiple of the text token width.")
+    hidden: int = Field(512, gt=0, description="Hidden width of the task head MLP (and of the late-fusion MLP).")
+    dropout: float = Field(0.1, ge=0, lt=1)
+    resampler_tokens: int = Field(0, ge=0, description="Perceiver resampler latents; 0: off (all image tokens).")
+    resampler_depth: int = Field(1, ge=1)
+    max_image_tokens: int = Field(256, gt=0, description="Size of the learned image-token position table.")
+    image_pool: int = Field(1, ge=1, description="Average-pool the image token grid by this factor (memory).")
+    answers: Optional[list[str]] = Field(None, description="Answer vocabulary; null: built from the train set.")
+    answers_file: Optional[str] = Field(None, description="Answer vocabulary file, one answer a line.")
+    max_answers: int = Field(1000, gt=1, description="Most frequent train answers kept when built from data.")
+    answers_field: str = "answers"
+    qtype_field: str = "question_type"
+    image_id_field: Optional[str] = Field(
+        "image_id", description="json key shared by samples of one image: its tokens are computed once.")
+    tower_lora: bool = Field(False, description="LoRA in the towers: not supported (features are precomputed).")
+
+
 class StrategyConfig(_Section):
     kind: Literal["frozen", "full", "lora", "prompt_tuning", "cross_attention"] = "frozen"
     lock: Literal["both", "image", "text", "none"] = Field(
@@ -101,6 +130,7 @@ class StrategyConfig(_Section):
     unlock_image_blocks: int = Field(0, ge=0)
     unlock_text_blocks: int = Field(0, ge=0)
     lora: LoraConfig = Field(default_factory=LoraConfig)
+    fusion: CrossAttentionConfig = Field(default_factory=CrossAttentionConfig)
 
 
 class TrainConfig(_Section):
@@ -291,6 +321,7 @@ def _resolve_paths(pipe: Pipeline, base: Path) -> Pipeline:
     m.text.path = fix(m.text.path)
     m.text.tokenizer_path = fix(m.text.tokenizer_path)
     m.init_from = fix(m.init_from)
+    pipe.strategy.fusion.answers_file = fix(pipe.strategy.fusion.answers_file)
     if not Path(pipe.train.runs_root).is_absolute():
         pipe.train.runs_root = str(Path.cwd() / pipe.train.runs_root)
     if pipe.retrain is not None and pipe.retrain.manifest_dir and not Path(pipe.retrain.manifest_dir).is_absolute():

@@ -105,6 +105,25 @@ class MultimodalModel(nn.Module):
         """Stable hash of the tower identity (architecture, weights content, input size, pooling)."""
         raise NotImplementedError
 
+    # ---- token-level features (fusion), see mmtl.models.tokens --------------------------------------
+    def image_tokens(self, images: Tensor) -> Tensor:
+        """(B,3,H,W) normalised float -> (B, N, D_v) image-tower tokens before pooling (patches / grid cells)."""
+        from mmtl.models.tokens import image_tokens
+
+        return image_tokens(self, images)
+
+    def text_tokens(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """(B,L) ids + mask -> (B, L, D_t) text-tower token states (padding where ``attention_mask`` is 0)."""
+        from mmtl.models.tokens import text_tokens
+
+        return text_tokens(self, input_ids, attention_mask)
+
+    def token_dims(self) -> tuple[int, int]:
+        """``(D_v, D_t)``: the widths of :meth:`image_tokens` and :meth:`text_tokens`."""
+        from mmtl.models.tokens import token_dims
+
+        return token_dims(self)
+
     # ---- shared ------------------------------------------------------------------------------------
     def scale(self) -> Tensor:
         """Inverse temperature ``exp(logit_scale)`` clamped to ``<= max_logit_scale``; shape (1,)."""

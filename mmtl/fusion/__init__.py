@@ -1,0 +1,2 @@
+"""Token-level fusion of frozen towers: gated cross-attention (Flamingo), late fusion, VQA / ITM heads,
+the ``cross_attention`` train module, driver and evaluation."""

@@ -1,0 +1,131 @@
+"""Token-level tower outputs for every model family, for fusion modules (:mod:`mmtl.fusion`).
+
+:meth:`MultimodalModel.image_tokens` / :meth:`~MultimodalModel.text_tokens` / :meth:`~MultimodalModel.token_dims`
+dispatch here on ``model.cfg.family``:
+
+* ``two_tower``: image tokens are the timm ``forward_features`` map before global pooling, flattened row by row
+  (a CNN's (B, C, h, w) grid -> (B, h*w, C): EfficientNet-Lite0 gives 1,280-d tokens on a (S/32)^2 grid, 5x5 at
+  160 px; a timm ViT's prefix tokens are dropped). Their mean is exactly the pooled ``image_features`` of
+  an EfficientNet. Text tokens are the encoder's ``last_hidden_state`` (B, L, D_t); their masked mean is the
+  mean-pooled ``text_features``.
+* ``hf`` (transformers CLIP / SigLIP): ``vision_model(...).last_hidden_state`` (CLIP keeps its class token
+  first) and ``text_model(...).last_hidden_state`` (after the final layer norm), at the towers' hidden widths,
+  before any projection.
+* ``open_clip``: ViT patch tokens after ``ln_post`` (``VisionTransformer._pool``'s ``tokens``, width
+  ``transformer.width``) and text token states after ``ln_final``, before pooling and projection. ModifiedResNet
+  and timm-trunk image towers are refused (ValueError).
+
+Shapes: ``images`` (B, 3, S, S) normalised float; ``input_ids``, ``attention_mask`` (B, L) long (right padded);
+image tokens (B, N, D_v); text tokens (B, L, D_t) aligned with ``attention_mask`` (1 = real token).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+def _family(model) -> str:
+    cfg = getattr(model, "cfg", None)
+    if cfg is None:
+        raise ValueError(f"{type(model).__name__} has no .cfg: token features need an mmtl model family")
+    return cfg.family
+
+
+def _check_ids(input_ids: Tensor, attention_mask: Tensor) -> None:
+    if input_ids.shape != attention_mask.shape or input_ids.dim() != 2:
+        raise ValueError(f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} "
+                         "must both be (B, L)")
+
+
+# ---- two_tower ----------------------------------------------------------------------------------------
+def _timm_tokens(tower: nn.Module, images: Tensor) -> Tensor:
+    x = tower.forward_features(images)
+    if x.dim() == 4:  # CNN feature map (B, C, h, w) -> (B, h*w, C), row-major grid
+        return x.flatten(2).transpose(1, 2)
+    if x.dim() == 3:  # ViT-like (B, prefix + N, C)
+        return x[:, int(getattr(tower, "num_prefix_tokens", 0)):]
+    raise ValueError(f"timm forward_features returned shape {tuple(x.shape)}; expected (B,C,h,w) or (B,N,C)")
+
+
+# ---- open_clip ----------------------------------------------------------------------------------------
+def _open_clip_image_tokens(visual: nn.Module, images: Tensor) -> Tensor:
+    if not all(hasattr(visual, a) for a in ("_embeds", "transformer", "_pool")):
+        raise ValueError(f"open_clip image tower {type(visual).__name__} has no patch tokens in mmtl "
+                         "(only VisionTransformer towers are supported)")
+    x = visual.transformer(visual._embeds(images))
+    _, tokens = visual._pool(x)
+    return tokens
+
+
+def _open_clip_text_tokens(tower: nn.Module, input_ids: Tensor) -> Tensor:
+    n = input_ids.shape[1]
+    if hasattr(tower, "text"):  # OpenClipCustomTextTower: a TextTransformer, full context length
+        text = tower.text
+        pad = tower.context_length - n
+        ids = torch.nn.functional.pad(input_ids, (0, pad), value=getattr(text, "pad_id", 0)) if pad > 0 else input_ids
+        old = text.output_tokens
+        text.output_tokens = True
+        try:
+            _, tokens = text(ids)
+        finally:
+            text.output_tokens = old
+        return tokens[:, :n]
+    cast = tower.transformer.get_cast_dtype()
+    x = tower.token_embedding(input_ids).to(cast) + tower.positional_embedding[:n].to(cast)
+    mask = tower.attn_mask[:n, :n] if tower.attn_mask is not None else None
+    if mask is None and n != tower.context_length:
+        raise ValueError("non-causal open_clip text towers need full-length inputs")
+    return tower.ln_final(tower.transformer(x, attn_mask=mask))
+
+
+# ---- dispatch -----------------------------------------------------------------------------------------
+def image_tokens(model, images: Tensor) -> Tensor:
+    """(B, 3, S, S) normalised images -> (B, N, D_v) image-tower tokens (see module docstring per family).
+
+    Raises:
+        ValueError: a family / tower without token outputs.
+    """
+    fam = _family(model)
+    if fam == "two_tower":
+        return _timm_tokens(model.image_tower, images)
+    if fam == "hf":
+        return model.image_tower.vision_model(pixel_values=images).last_hidden_state
+    if fam == "open_clip":
+        return _open_clip_image_tokens(model.image_tower, images)
+    raise ValueError(f"image_tokens: unknown model family {fam!r}")
+
+
+def text_tokens(model, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """(B, L) ids + mask -> (B, L, D_t) text-tower token states aligned with ``attention_mask``.
+
+    Raises:
+        ValueError: shapes differ / not 2-D, or an unknown family.
+    """
+    _check_ids(input_ids, attention_mask)
+    fam = _family(model)
+    if fam == "two_tower":
+        return model.text_tower(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    if fam == "hf":
+        tower = model.text_tower
+        mask = attention_mask if tower.use_mask else None
+        return tower.text_model(input_ids=input_ids, attention_mask=mask).last_hidden_state
+    if fam == "open_clip":
+        return _open_clip_text_tokens(model.text_tower, input_ids)
+    raise ValueError(f"text_tokens: unknown model family {fam!r}")
+
+
+def token_dims(model) -> tuple[int, int]:
+    """``(D_v, D_t)``: widths of :func:`image_tokens` and :func:`text_tokens` (no forward pass)."""
+    fam = _family(model)
+    if fam == "two_tower":
+        return int(model.image_tower.num_features), int(model.text_tower.config.hidden_size)
+    if fam == "hf":
+        return (int(model.image_tower.vision_model.config.hidden_size),
+                int(model.text_tower.text_model.config.hidden_size))
+    if fam == "open_clip":
+        v, t = model.image_tower, model.text_tower
+        if not hasattr(v, "transformer"):
+            raise ValueError(f"open_clip image tower {type(v).__name__} has no patch tokens in mmtl")
+        tt = t.text.transformer if hasattr(t, "text") else t.transformer
+        return int(v.transformer.width), int(tt.width)
+    raise ValueError(f"token_dims: unknown model family {fam!r}")

@@ -1,0 +1,158 @@
+"""Cross-attention fusion: token features per family, gated blocks, heads and losses (no Ray)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from mmtl.config import CrossAttentionConfig, StrategyConfig
+from mmtl.fusion.blocks import CrossAttentionFusion, GatedCrossAttentionBlock, LateFusion, PerceiverResampler
+from mmtl.fusion.heads import (build_vocab, itm_loss, mine_hard_negatives, per_type_accuracy, soft_scores,
+                               vqa_accuracy, vqa_loss)
+from mmtl.fusion.task import FusionTaskModule
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    from mmtl.models import build_model, tiny_two_tower_config
+    from mmtl.strategies import apply_strategy
+
+    torch.manual_seed(0)
+    m = build_model(tiny_two_tower_config(image_size=64))
+    apply_strategy(m, StrategyConfig(kind="cross_attention"))
+    return m
+
+
+@pytest.mark.parametrize("family", ["two_tower", "open_clip", "hf"])
+def test_token_shapes_every_family(family):
+    from mmtl.models import build_model, tiny_hf_clip_config, tiny_open_clip_config, tiny_two_tower_config
+
+    cfg = {"two_tower": tiny_two_tower_config(image_size=64), "open_clip": tiny_open_clip_config(),
+           "hf": tiny_hf_clip_config()}[family]
+    m = build_model(cfg).eval()
+    tok = m.tokenize(["how many red circles are there?", "a"])
+    with torch.no_grad():
+        it = m.image_tokens(torch.randn(2, 3, cfg.image_size, cfg.image_size))
+        tt = m.text_tokens(tok["input_ids"], tok["attention_mask"])
+    d_v, d_t = m.token_dims()
+    assert it.dim() == 3 and it.shape[0] == 2 and it.shape[2] == d_v and it.shape[1] >= 1
+    assert tt.shape == (2, cfg.context_length, d_t)
+    if family == "two_tower":  # tokens pool back to the pooled features exactly
+        x = torch.randn(2, 3, 64, 64)
+        with torch.no_grad():
+            assert it.shape[1] == 4  # 64 px / 32 = 2x2 grid
+            assert torch.allclose(m.image_tokens(x).mean(1), m.image_features(x), atol=1e-5)
+            mask = tok["attention_mask"].unsqueeze(-1).float()
+            pooled = (tt * mask).sum(1) / mask.sum(1)
+            assert torch.allclose(pooled, m.text_features(tok["input_ids"], tok["attention_mask"]), atol=1e-5)
+
+
+def test_gates_at_zero_leave_text_unchanged():
+    torch.manual_seed(0)
+    text, image = torch.randn(3, 7, 32), torch.randn(3, 5, 48)
+    mask = torch.ones(3, 7)
+    mask[0, 4:] = 0
+    for resampler in (0, 4):
+        fusion = CrossAttentionFusion(48, 32, n_blocks=3, n_heads=4, resampler_tokens=resampler)
+        pooled, fused = fusion(image, text, mask)
+        assert torch.equal(fused, text)
+        assert torch.allclose(pooled[0], text[0, :4].mean(0), atol=1e-6)
+        with torch.no_grad():
+            fusion.blocks[0].attn_gate.fill_(0.5)
+        assert not torch.allclose(fusion(image, text, mask)[1], text)
+    blk = GatedCrossAttentionBlock(32, 4)
+    assert blk.attn_gate.shape == (1,) and float(blk.attn_gate) == 0 and float(blk.ff_gate) == 0
+
+
+def test_resampler_fixed_token_count_and_errors():
+    r = PerceiverResampler(32, n_latents=6, depth=2, n_heads=4)
+    assert r(torch.randn(2, 11, 32)).shape == (2, 6, 32)
+    with pytest.raises(ValueError, match="n_heads"):
+        CrossAttentionFusion(48, 30, n_heads=4)
+    fusion = CrossAttentionFusion(8, 16, n_heads=2, max_image_tokens=4)
+    with pytest.raises(ValueError, match="max_image_tokens"):
+        fusion(torch.randn(1, 5, 8), torch.randn(1, 3, 16), None)
+    assert LateFusion(8, 16)(torch.randn(2, 5, 8), torch.randn(2, 3, 16), None)[0].shape == (2, 24)
+
+
+@pytest.mark.parametrize("kind", ["xattn", "late"])
+def test_only_fusion_and_head_get_gradients(tiny_model, kind):
+    m = tiny_model
+    module = FusionTaskModule(m, CrossAttentionConfig(kind=kind, n_heads=2, hidden=16), n_answers=5)
+    tok = m.tokenize(["how many?", "what colour is the square?", "where?", "is it left?"])
+    images = torch.randn(4, 3, 64, 64)
+    it = m.image_tokens(images)  # computed with autograd on: frozen towers must still get no gradient
+    tt = m.text_tokens(tok["input_ids"], tok["attention_mask"])
+    target = torch.zeros(4, 5)
+    target[torch.arange(4), torch.tensor([0, 1, 2, 3])] = 1
+    loss = module(image_tokens=it, text_tokens=tt, text_mask=tok["attention_mask"], answer_target=target)
+    loss.backward()
+    for name, p in module.named_parameters():
+        if name.startswith("model."):
+            assert not p.requires_grad and p.grad is None, name
+        else:
+            assert p.requires_grad and p.grad is not None, name
+    if kind == "xattn":  # at step 0 only the gates (and the head) see a non-zero gradient through the blocks
+        assert float(module.fusion.blocks[-1].ff_gate.grad.abs()) > 0
+    assert set(module.metrics()) == {"vqa_acc"} and module.metrics() == {}
+
+
+def test_vqa_loss_and_accuracy_by_hand():
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 1.5, 0.0]])
+    target = torch.tensor([[1.0, 0.0, 1 / 3], [0.0, 2 / 3, 1.0]])
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    bce = lambda z, y: -(y * math.log(sig(z)) + (1 - y) * math.log(1 - sig(z)))  # noqa: E731
+    expect = sum(bce(float(z), float(y)) for z, y in zip(logits.flatten(), target.flatten())) / 2
+    assert float(vqa_loss(logits, target)) == pytest.approx(expect, rel=1e-6)
+    acc = vqa_accuracy(logits, target)  # argmax 0 -> 1.0; argmax 1 -> 2/3
+    assert acc.tolist() == pytest.approx([1.0, 2 / 3])
+    assert per_type_accuracy(acc.tolist(), ["count", "colour"]) == pytest.approx(
+        {"overall": 5 / 6, "colour": 2 / 3, "count": 1.0})
+    with pytest.raises(ValueError):
+        vqa_loss(logits, target[:, :2])
+
+
+def test_soft_scores_and_vocab():
+    vocab = {"2": 0, "3": 1, "red": 2}
+    assert soft_scores(["2"], vocab).tolist() == [1, 0, 0]
+    assert soft_scores(["2", "3"], vocab).tolist() == [0.5, 0.5, 0]
+    np.testing.assert_allclose(soft_scores(["2", "2", "3", "blue"], vocab), [2 / 3, 1 / 3, 0])
+    np.testing.assert_allclose(soft_scores(["red"] * 4 + ["2"] * 6, vocab), [1, 0, 1])  # VQA: min(1, n/3)
+    assert build_vocab([["a"], ["b"], ["a"], ["c", "a"]], 2) == ["a", "b"]
+    with pytest.raises(ValueError, match="at least 2"):
+        build_vocab([["a"], ["a"]], 10)
+
+
+def test_hard_negatives_and_itm():
+    torch.manual_seed(0)
+    sim = torch.tensor([[9.0, 8.0, -9.0], [-9.0, 9.0, 8.0], [8.0, -9.0, 9.0]])
+    for _ in range(5):
+        neg_t, neg_i = mine_hard_negatives(sim)
+        assert neg_t.tolist() == [1, 2, 0]  # the hardest non-matching text per image
+        assert neg_i.tolist() == [2, 0, 1]  # the hardest non-matching image per text
+    with pytest.raises(ValueError):
+        mine_hard_negatives(torch.zeros(1, 1))
+    assert float(itm_loss(torch.tensor([0.0]), torch.tensor([0.0, 0.0]))) == pytest.approx(math.log(2))
+
+
+def test_itm_module_trains_step(tiny_model):
+    module = FusionTaskModule(tiny_model, CrossAttentionConfig(task="itm", n_heads=2, hidden=16))
+    opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-2)
+    it, tt, mask = torch.randn(6, 4, 256), torch.randn(6, 5, 32), torch.ones(6, 5)
+    loss = module(image_tokens=it, text_tokens=tt, text_mask=mask)
+    loss.backward()
+    opt.step()
+    assert torch.isfinite(loss) and "itm_acc" in module.metrics()
+
+
+def test_strategy_refuses_unsupported_options(tiny_model):
+    from mmtl.strategies import apply_strategy
+
+    with pytest.raises(ValueError, match="tower_lora"):
+        apply_strategy(tiny_model, StrategyConfig(kind="cross_attention", fusion={"tower_lora": True}))
+    with pytest.raises(ValueError, match="lock"):
+        apply_strategy(tiny_model, StrategyConfig(kind="cross_attention", lock="image"))
+    with pytest.raises(ValueError, match="at least 2"):
+        FusionTaskModule(tiny_model, CrossAttentionConfig(), n_answers=None)
