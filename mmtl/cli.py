@@ -334,6 +334,26 @@ def eval_cmd(
                   else f"mlflow: not logged ({ml['reason']})", highlight=False)
 
 
+@datasets_app.command("diagrams")
+def datasets_diagrams(
+    out: Path = typer.Option(Path("data/diagrams"), "--out", help="Output folder (train/, test/, answers.txt)"),
+    train_images: int = typer.Option(1000, "--train-images", help="Train images (4 questions each)"),
+    test_images: int = typer.Option(250, "--test-images", help="Test images (layouts never seen in train)"),
+    image_size: int = typer.Option(160, "--image-size", help="Rendered image side in pixels"),
+    test_percent: int = typer.Option(20, "--test-percent", help="Share of layouts assigned to test"),
+    seed: int = typer.Option(0, "--seed", help="Generator seed"),
+) -> None:
+    """Render a diagram VQA set offline (shapes, labelled boxes and arrows; count/colour/position/relation)."""
+    from mmtl.datasets.diagrams import build_diagrams
+
+    try:
+        stats = build_diagrams(out, train_images=train_images, test_images=test_images, image_size=image_size,
+                               test_percent=test_percent, seed=seed)
+    except ValueError as exc:
+        _fail(str(exc), 1)
+    print(json.dumps(stats, indent=2))
+
+
 @datasets_app.command("fashion-mnist")
 def datasets_fashion_mnist(
     out: Path = typer.Option(Path("data/fashion-mnist"), "--out", help="Output folder (train/, test/, classes.txt)"),
