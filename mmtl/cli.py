@@ -283,6 +283,30 @@ def bench_step_cmd(
         out.write((json.dumps(r) if as_json else format_table(r)) + "\n")
 
 
+@app.command("export")
+def export_cmd(
+    run_dir: Path = typer.Argument(..., help="Run directory (<runs_root>/<name>)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder; default <run_dir>/export-merged or export-adapter"),
+    merge: bool = typer.Option(True, "--merge/--no-merge", help="LoRA: fold the adapter into the base weights (loads without PEFT)"),
+    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="Checkpoint folder or step number; default the latest"),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object"),
+) -> None:
+    """Write a standalone model folder (model.safetensors + pipeline.yaml) from a run's checkpoint."""
+    from mmtl.export import ExportError, export_run
+
+    dest = out or run_dir / ("export-merged" if merge else "export-adapter")
+    try:
+        info = export_run(run_dir, dest, merge=merge, checkpoint=checkpoint)
+    except (ExportError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    if as_json:
+        print(json.dumps(info, indent=2))
+    else:
+        diff = f", max |merged - adapted| = {info['max_abs_diff']:.1e}" if "max_abs_diff" in info else ""
+        console.print(f"exported step {info['step']} ({info['kind']}, merged={info['merged']}{diff}) -> {info['out']}",
+                      highlight=False)
+
+
 @app.command("eval")
 def eval_cmd(
     model: str = typer.Argument(..., help="Run dir, export folder, runs:/<run_id>/model, models:/<name>@<alias> or models:/<name>/<version>"),
@@ -300,6 +324,7 @@ def eval_cmd(
     address: Optional[str] = typer.Option(None, "--address", help="Ray address to join for the Ray path"),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object"),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="Learned CoOp prompt for zero-shot: a prompt_tuning run dir, its export or prompt.safetensors (default: the model's own, if any)"),
 ) -> None:
     """Evaluate a model on a shard set: zero-shot classification (template ensemble) or image-text retrieval."""
     from mmtl.data.shardlist import ShardError
@@ -313,7 +338,8 @@ def eval_cmd(
     try:
         report = run_eval(model, task, data, classes, templates, label_field, ks_list, batch_size,
                           str(out) if out else None, log_mlflow, tracking_uri, use_ray=use_ray, ray_address=address,
-                          device=device, say=lambda m: console.print(f"[cyan]mmtl[/] {m}", highlight=False))
+                          device=device, say=lambda m: console.print(f"[cyan]mmtl[/] {m}", highlight=False),
+                          prompt=prompt)
     except (ModelSpecError, EvalError) as exc:
         _fail(str(exc))
     except (ShardError, FileNotFoundError, ValueError, RuntimeError) as exc:

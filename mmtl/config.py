@@ -152,6 +152,10 @@ class TrainConfig(_Section):
     )
     optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: float = Field(1e-3, gt=0)
+    tower_lr: Optional[float] = Field(
+        None, gt=0, description="LR for pretrained tower weights being fine-tuned (full, LiT, unlocked blocks); "
+        "LoRA weights, heads and fusion layers use `lr`. null: `lr` for everything.",
+    )
     weight_decay: float = Field(0.1, ge=0)
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = Field(1e-6, gt=0)

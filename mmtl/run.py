@@ -207,7 +207,12 @@ def _run(pipe, run_dir, uri, run_id, specs, resuming, say, t_start, build_model,
     summary_trainable = apply_strategy(model, pipe.strategy, zero_stage=pipe.train.zero_stage)
     say(f"trainable parameters: {summary_trainable['params_trainable']:,} of {summary_trainable['params_total']:,}"
         f" ({100 * summary_trainable['trainable_share']:.2f}%)")
-    mlu.log_metrics(uri, run_id, {f"model/{k}": v for k, v in summary_trainable.items()})
+    from mmtl.train.memory import describe, model_state_bytes
+
+    est = model_state_bytes(summary_trainable["params_total"], summary_trainable["params_trainable"], pipe.train)
+    say(f"estimated memory: {describe(est)}")
+    mlu.log_metrics(uri, run_id, {**{f"model/{k}": v for k, v in summary_trainable.items()},
+                                  **{f"model/est_{k}_bytes_per_worker": v for k, v in est.items()}})
     feats = None
     if uses_feature_cache(pipe):
         cache_root = Path(pipe.data.cache_dir or Path(pipe.train.runs_root) / "cache")
@@ -260,6 +265,7 @@ def _run(pipe, run_dir, uri, run_id, specs, resuming, say, t_start, build_model,
         "wall_time_s": round(time.time() - t_start, 2),
         "train_time_s": round(train_s, 2),
         "feature_cache": feats is not None,
+        "trainable": {**summary_trainable, "est_model_state_bytes_per_worker": est["total"]},
         "image_size": pipe.model.image_size,
         "metrics": {**final_train, **metrics},
         "export_path": str(export_dir / "model.safetensors"),

@@ -79,6 +79,38 @@ def test_image_stream_zero_stages(ray_local, tiny_shards, tmp_path, stage, preci
 
         model, _ = load_exported(Path(summary["export_path"]).parent)  # plain model, no PEFT
         assert not any("lora_" in n for n, _ in model.named_parameters())
+        _check_export_merge(Path(summary["run_dir"]), load_file(summary["export_path"]))
+    assert summary["trainable"]["params_trainable"] > 0
+    assert summary["trainable"]["est_model_state_bytes_per_worker"] > 0
+    assert summary["metrics"]["train/peak_rss_mb"] > 50
+
+
+def _check_export_merge(run_dir: Path, trained_sd):
+    """`mmtl export RUN --merge` from the last checkpoint's adapter equals the export merged at training time;
+    the step-3 checkpoint exports too (an interrupted run can be exported) and differs from the final one."""
+    import torch
+    from safetensors.torch import load_file
+    from typer.testing import CliRunner
+
+    from mmtl.cli import app
+
+    res = CliRunner().invoke(app, ["export", str(run_dir), "--json"])
+    assert res.exit_code == 0, res.output
+    info = json.loads(res.stdout)
+    assert info["merged"] and info["step"] == 6 and info["max_abs_diff"] < 1e-4
+    merged = load_file(str(Path(info["out"]) / "model.safetensors"))
+    assert set(merged) == set(trained_sd)
+    for k, v in trained_sd.items():
+        assert torch.allclose(merged[k], v, atol=1e-5), k
+    early = run_dir / "early"
+    res = CliRunner().invoke(app, ["export", str(run_dir), "--checkpoint", "3", "--out", str(early), "--json"])
+    assert res.exit_code == 0, res.output
+    sd3 = load_file(str(early / "model.safetensors"))
+    assert any(not torch.equal(sd3[k], trained_sd[k]) for k in trained_sd)
+    res = CliRunner().invoke(app, ["export", str(run_dir), "--no-merge", "--json"])
+    assert res.exit_code == 0 and (Path(json.loads(res.stdout)["out"]) / "adapter" / "trainable.safetensors").exists()
+    res = CliRunner().invoke(app, ["export", str(run_dir), "--checkpoint", "999"])
+    assert res.exit_code == 2 and "no checkpoint at step 999" in res.output
 
 
 def test_resume_after_failure_continues_at_checkpoint(ray_local, tiny_shards, tmp_path, monkeypatch, mlflow_server):

@@ -80,3 +80,56 @@ def test_train_modes_follow_trainable_parts(model_factory):
     set_train_modes(m)
     assert not m.image_tower.training and m.text_tower.training
     assert m.image_head.training and m.head_dropout.training
+
+
+def test_frozen_batchnorm_stays_in_eval_mode_under_lora_and_unlocking():
+    """A BatchNorm whose affine params are frozen keeps its running statistics (eval mode); a trainable one
+    (full fine-tuning, unlocked block) re-estimates them."""
+    import torch
+
+    from mmtl.models import build_model
+    from mmtl.models.two_tower import tiny_two_tower_config
+    from mmtl.train.loop import set_train_modes
+
+    bn = torch.nn.modules.batchnorm._BatchNorm
+    m = build_model(tiny_two_tower_config())
+    apply_strategy(m, StrategyConfig(kind="lora"))
+    set_train_modes(m)
+    norms = [x for x in m.image_tower.modules() if isinstance(x, bn)]
+    assert norms and not any(x.training for x in norms) and m.image_tower.training
+    m = build_model(tiny_two_tower_config())
+    apply_strategy(m, StrategyConfig(kind="frozen", unlock_image_blocks=1))
+    set_train_modes(m)
+    last = [x for x in m.image_tower.blocks[-1].modules() if isinstance(x, bn)]
+    first = [x for x in m.image_tower.blocks[0].modules() if isinstance(x, bn)]
+    assert last and all(x.training for x in last) and not any(x.training for x in first)
+    m = build_model(tiny_two_tower_config())
+    apply_strategy(m, StrategyConfig(kind="full"))
+    set_train_modes(m)
+    assert all(x.training for x in m.image_tower.modules() if isinstance(x, bn))
+
+
+def test_tower_lr_groups_and_memory_estimate():
+    import torch
+
+    from mmtl.config import TrainConfig
+    from mmtl.models import build_model
+    from mmtl.models.two_tower import tiny_two_tower_config
+    from mmtl.train.ds_config import build_optimizer
+    from mmtl.train.memory import model_state_bytes
+
+    m = build_model(tiny_two_tower_config())
+    apply_strategy(m, StrategyConfig(kind="full"))
+    opt = build_optimizer(TrainConfig(lr=1e-3, tower_lr=1e-5), m.named_parameters())
+    tower = {id(p) for n, p in m.named_parameters() if "_tower." in n}
+    for g in opt.param_groups:
+        ids = {id(p) for p in g["params"]}
+        assert g["lr"] == (1e-5 if ids <= tower else 1e-3) and (ids <= tower or not ids & tower)
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(m.parameters()))
+    assert {g["lr"] for g in build_optimizer(TrainConfig(lr=1e-3), m.parameters()).param_groups} == {1e-3}
+    # ZeRO paper accounting: fp32 AdamW, 2 workers, 1000 params of which 100 trainable
+    est = model_state_bytes(1000, 100, TrainConfig(num_workers=2, zero_stage=0, precision="fp32"))
+    assert est == {"params": 4000, "grads": 400, "optimizer": 800, "total": 5200}
+    est = model_state_bytes(1000, 100, TrainConfig(num_workers=2, zero_stage=3, precision="bf16"))
+    assert est == {"params": 1000, "grads": 100, "optimizer": 600, "total": 1700}
+    assert torch.isfinite(torch.tensor(float(est["total"])))

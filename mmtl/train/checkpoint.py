@@ -124,32 +124,48 @@ def write_export(d: Path, state_dict: dict, pipeline_yaml: str) -> Path:
     return out
 
 
+TRAINABLE_FILE = "trainable.safetensors"
+
+
 def save_adapters(engine_module, out_dir: Path, zero_stage: int) -> Optional[Path]:
     """Write the LoRA adapters of the engine's model (``engine.module``, a ContrastiveModule, or the model
     itself) to ``out_dir`` as :func:`mmtl.strategies.lora.save_adapter` does (``adapter_model.safetensors`` in
-    fp32 + ``adapter_config.json``). Every rank must call it (under ZeRO-3 the ``lora_*`` parameters are
+    fp32 + ``adapter_config.json``), plus :data:`TRAINABLE_FILE`: the other trainable weights (projection
+    heads, logit scale, and the SigLIP ``logit_bias`` of the wrapper), so that base model + this folder is the
+    whole trained model (``mmtl export RUN --merge``). Every rank must call it (under ZeRO-3 the parameters are
     gathered); rank 0 writes and gets the folder back, other ranks get ``None``.
 
     Raises:
         ValueError: the model has no mmtl LoRA adapters.
     """
     import torch.distributed as dist
+    from safetensors.torch import save_file
 
     from mmtl.strategies.lora import adapter_meta, write_adapter
 
     model = getattr(engine_module, "model", engine_module)
     meta = adapter_meta(model)
-    params = [p for n, p in model.named_parameters() if "lora_" in n]
+    params = [p for p in engine_module.parameters() if p.requires_grad]
 
-    def grab() -> dict[str, torch.Tensor]:
-        return {k: v.detach().float().cpu().clone() for k, v in model.state_dict().items() if "lora_" in k}
+    def grab() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        lora = {k: v.detach().float().cpu().clone() for k, v in model.state_dict().items() if "lora_" in k}
+        rest = {n: p.detach().float().cpu().clone() for n, p in model.named_parameters()
+                if p.requires_grad and "lora_" not in n}
+        bias = getattr(engine_module, "logit_bias", None)
+        if bias is not None and engine_module is not model:
+            rest["logit_bias"] = bias.detach().float().cpu().clone()
+        return lora, rest
 
     if zero_stage == 3:
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            sd = grab()
+            sd, rest = grab()
     else:
-        sd = grab()
+        sd, rest = grab()
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    return write_adapter(out_dir, sd, meta) if rank == 0 else None
+    if rank != 0:
+        return None
+    out = write_adapter(out_dir, sd, meta)
+    save_file({k: v.contiguous() for k, v in rest.items()}, str(out / TRAINABLE_FILE))
+    return out

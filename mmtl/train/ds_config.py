@@ -46,19 +46,33 @@ def deepspeed_config(cfg: TrainConfig) -> dict:
     return ds
 
 
-def build_optimizer(cfg: TrainConfig, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    """Client optimizer over trainable ``params``; weight decay is not applied to 1-d params (biases, norms,
-    logit scale), as in CLIP/open_clip.
+def is_tower_weight(name: str) -> bool:
+    """True for a pretrained tower weight (``image_tower.`` / ``text_tower.`` anywhere in the dotted name) that is
+    not a LoRA adapter weight; these train at ``train.tower_lr`` when it is set."""
+    return ("image_tower." in name or "text_tower." in name) and "lora_" not in name
+
+
+def build_optimizer(cfg: TrainConfig, params: Iterable) -> torch.optim.Optimizer:
+    """Client optimizer over the trainable parameters; weight decay is not applied to 1-d params (biases,
+    norms, logit scale), as in CLIP/open_clip.
+
+    Args:
+        params: ``nn.Parameter`` s, or ``(name, parameter)`` pairs (``named_parameters()``); with names,
+            pretrained tower weights (:func:`is_tower_weight`) get ``train.tower_lr`` when it is set.
 
     Raises:
         ValueError: when there is no trainable parameter.
     """
-    params = [p for p in params if p.requires_grad]
-    if not params:
+    named = [p if isinstance(p, tuple) else ("", p) for p in params]
+    named = [(n, p) for n, p in named if p.requires_grad]
+    if not named:
         raise ValueError("no trainable parameters: check strategy.kind / strategy.lock")
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = []
+    for tower in (False, True):
+        lr = cfg.tower_lr if (tower and cfg.tower_lr is not None) else cfg.lr
+        part = [p for n, p in named if is_tower_weight(n) == tower]
+        groups += [{"params": [p for p in part if p.ndim >= 2], "weight_decay": cfg.weight_decay, "lr": lr},
+                   {"params": [p for p in part if p.ndim < 2], "weight_decay": 0.0, "lr": lr}]
     groups = [g for g in groups if g["params"]]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9)

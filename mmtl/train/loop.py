@@ -52,7 +52,7 @@ def build_engine(pipe: Pipeline, model: torch.nn.Module):
     module = make_train_module(pipe, model)
     if pipe.train.precision != "fp32":  # params and buffers (e.g. BatchNorm stats) in the compute dtype
         module.to(_DTYPES[pipe.train.precision])
-    optimizer = build_optimizer(pipe.train, module.parameters())
+    optimizer = build_optimizer(pipe.train, module.named_parameters())
     scheduler = WarmupCosine(optimizer, pipe.train)
     engine, _, _, _ = deepspeed.initialize(
         model=module, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(pipe.train),
@@ -62,13 +62,19 @@ def build_engine(pipe: Pipeline, model: torch.nn.Module):
 
 
 def set_train_modes(model: torch.nn.Module) -> None:
-    """Train mode for every top-level part that has trainable parameters (BatchNorm statistics and dropout
-    update only there); fully frozen towers stay in eval mode so their outputs match the cached features."""
+    """Train mode for every top-level part that has trainable parameters (dropout is active only there); fully
+    frozen towers stay in eval mode so their outputs match the cached features. BatchNorm layers whose own
+    parameters are frozen (a frozen base under LoRA or partial unlocking) also stay in eval mode: their running
+    statistics belong to the frozen base and are not re-estimated (so base + adapter is the whole model)."""
     model.train()
     for child in model.children():
         params = list(child.parameters())
         if params and not any(p.requires_grad for p in params):
             child.eval()
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and not any(
+                p.requires_grad for p in m.parameters(recurse=False)):
+            m.eval()
 
 
 def _to_device(batch: dict, device, dtype) -> dict:
@@ -148,6 +154,7 @@ def run_training(
             "train/samples_per_s": gbatch / dt,
             "train/skipped_nonfinite_steps": skipped,
             "train/wall_s": time.perf_counter() - t_first,
+            "train/peak_rss_mb": _peak_rss_mb(),
             **({f"train/{k}": v for k, v in task_metrics().items()} if task_metrics else {}),
         }
         if on_step:
@@ -161,6 +168,13 @@ def run_training(
         return metrics
     _checkpoint(engine, pipe, metrics["steps"], rank, world_size, metrics, report, export=True)
     return metrics
+
+
+def _peak_rss_mb() -> float:
+    """Peak resident memory of this worker process so far (MiB; ``getrusage`` ru_maxrss, KiB on Linux)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _checkpoint(engine, pipe, step, rank, world_size, metrics, report, export: bool) -> None:
