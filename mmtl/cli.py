@@ -311,7 +311,7 @@ def export_cmd(
 def eval_cmd(
     model: str = typer.Argument(..., help="Run dir, export folder, runs:/<run_id>/model, models:/<name>@<alias> or models:/<name>/<version>"),
     data: str = typer.Option(..., "--data", help="Shard spec: folder, glob, brace pattern, .tar or URI"),
-    task: str = typer.Option("zero-shot", "--task", help="zero-shot or retrieval"),
+    task: str = typer.Option("zero-shot", "--task", help="zero-shot, retrieval, or vqa / itm (cross_attention models)"),
     classes: Optional[str] = typer.Option(None, "--classes", help="Class names: a file (one a line) or a comma list"),
     templates: Optional[str] = typer.Option(None, "--templates", help="Prompt templates: a file (one a line, with {}) or one template"),
     label_field: str = typer.Option("category", "--label-field", help="Sample json field holding the class name"),

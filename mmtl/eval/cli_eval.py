@@ -62,7 +62,8 @@ from mmtl.eval.tasks import (  # noqa: F401
     retrieval_metrics,
 )
 
-TASKS = ("zero-shot", "retrieval")
+TASKS = ("zero-shot", "retrieval", "vqa", "itm")
+FUSION_TASKS = ("vqa", "itm")  # cross_attention models: mmtl.fusion.evaluate
 RAY_THRESHOLD = 5_000
 """Above this many samples (tar-header count) the set is embedded with Ray Data."""
 
@@ -106,7 +107,8 @@ def run_eval(spec: str, task: str, data: str, classes: Optional[str] = None, tem
     Args:
         spec: run directory, export folder, ``runs:/<id>/model``, ``models:/<name>@<alias>`` or
             ``models:/<name>/<version>`` (see :mod:`mmtl.eval.resolve`).
-        task: "zero-shot" or "retrieval".
+        task: "zero-shot", "retrieval", or "vqa" / "itm" for cross_attention models (accuracy overall and per
+            question type, see :mod:`mmtl.fusion.evaluate`).
         data: shard spec (folder, glob, brace pattern, tar path or URI).
         classes: zero-shot class names: a file (one a line) or a comma list; default the pipeline's
             ``eval.zero_shot.classes``, else the sorted distinct ``label_field`` values of the data.
@@ -143,6 +145,10 @@ def run_eval(spec: str, task: str, data: str, classes: Optional[str] = None, tem
     t0 = time.time()
     if task not in TASKS:
         raise EvalError(f"task must be one of {', '.join(TASKS)}; got {task!r}")
+    if task in FUSION_TASKS:  # VQA / ITM accuracy per question type of a cross_attention model
+        from mmtl.fusion.evaluate import run_fusion_eval
+
+        return run_fusion_eval(spec, task, data, batch_size, out_dir, log_to_mlflow, tracking_uri, say)
     if batch_size < 1:
         raise EvalError(f"batch_size must be >= 1, got {batch_size}")
     ks = [int(k) for k in ks]

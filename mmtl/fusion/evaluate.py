@@ -1,0 +1,164 @@
+"""Evaluate a ``cross_attention`` model: VQA accuracy or ITM accuracy, overall and per question type.
+
+* ``vqa``: ``vqa/overall`` and ``vqa/<question type>``: mean VQA accuracy (the soft score of the argmax
+  answer, :func:`mmtl.fusion.heads.vqa_accuracy`); questions whose answers are all outside the vocabulary
+  score 0 (counted in ``vqa/out_of_vocab``).
+* ``itm``: every sample is scored as a positive pair and against one negative text: the most similar text
+  (ITC similarity) among samples of other images in the same chunk of 256; ``itm/accuracy`` (positives
+  above 0 and negatives at or below 0, over both), ``itm/<question type>`` likewise.
+
+:func:`load_fusion_export` rebuilds the train module from an export folder (``model.safetensors`` holds the
+towers under their model keys plus ``fusion.*`` / ``head.*`` / ``itc_*``; ``pipeline.yaml`` holds the answer
+vocabulary in ``strategy.fusion.answers``). :func:`run_fusion_eval` is ``mmtl eval --task vqa|itm``.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from mmtl.fusion.features import TokenSet
+from mmtl.fusion.heads import per_type_accuracy, soft_scores
+
+OWN_PREFIXES = ("fusion.", "head.", "itc_")
+
+
+def split_state_dict(sd: dict) -> dict:
+    """Export keys -> :class:`~mmtl.fusion.task.FusionTaskModule` keys (``model.`` added to the towers')."""
+    return {(k if k.startswith(OWN_PREFIXES) else f"model.{k}"): v for k, v in sd.items()}
+
+
+def load_fusion_export(export_dir: str | Path):
+    """``(FusionTaskModule in eval mode, pipeline)`` from an export folder.
+
+    Raises:
+        FileNotFoundError: a file is missing; ValueError: the export is not a cross_attention model.
+        RuntimeError: weights do not match (strict load).
+    """
+    import yaml
+    from safetensors.torch import load_file
+
+    from mmtl.config import Pipeline
+    from mmtl.fusion.task import FusionTaskModule
+    from mmtl.models import build_model
+
+    d = Path(export_dir)
+    for f in ("model.safetensors", "pipeline.yaml"):
+        if not (d / f).exists():
+            raise FileNotFoundError(f"{d / f} not found: not an mmtl export")
+    pipe = Pipeline.model_validate(yaml.safe_load((d / "pipeline.yaml").read_text()))
+    if pipe.strategy.kind != "cross_attention":
+        raise ValueError(f"{d} was trained with strategy.kind={pipe.strategy.kind!r}, not cross_attention")
+    cfg = pipe.model.model_copy(deep=True)
+    cfg.vision.weights, cfg.init_from = None, None
+    if cfg.family == "open_clip":
+        cfg.weights = None
+    module = FusionTaskModule.from_pipeline(pipe, build_model(cfg))
+    module.load_state_dict(split_state_dict(load_file(str(d / "model.safetensors"))), strict=True)
+    return module.eval(), pipe
+
+
+def _chunks(n: int, size: int):
+    for i in range(0, n, size):
+        yield slice(i, min(n, i + size))
+
+
+def _t(a: np.ndarray) -> torch.Tensor:
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    return t.float() if t.is_floating_point() else t
+
+
+@torch.no_grad()
+def evaluate_vqa(module, ts: TokenSet, answers: list[str], batch_size: int = 256) -> tuple[dict, list[int]]:
+    """``({"vqa/overall", "vqa/<type>", "vqa/num_samples", "vqa/out_of_vocab"}, predicted answer index per row)``."""
+    vocab = {a: i for i, a in enumerate(answers)}
+    scores, preds = [], []
+    for sl in _chunks(len(ts), batch_size):
+        logits = module.answer_logits(_t(ts.image_tokens[sl]), _t(ts.text_tokens[sl]), _t(ts.text_mask[sl]))
+        target = np.stack([soft_scores(a, vocab) for a in ts.answers[sl]])
+        p = logits.argmax(1).numpy()
+        preds.extend(int(x) for x in p)
+        scores.extend(float(x) for x in target[np.arange(len(p)), p])
+    out = {f"vqa/{k}": v for k, v in per_type_accuracy(scores, ts.qtypes).items()}
+    out["vqa/num_samples"] = len(ts)
+    out["vqa/out_of_vocab"] = sum(1 for a in ts.answers if not any(x in vocab for x in a))
+    return out, preds
+
+
+@torch.no_grad()
+def evaluate_itm(module, ts: TokenSet, chunk: int = 256) -> dict:
+    """``{"itm/accuracy", "itm/<type>", "itm/num_samples"}`` (see module docstring)."""
+    correct: list[float] = []
+    ids = np.array(ts.image_ids)
+    for sl in _chunks(len(ts), chunk):
+        it, tt, tm = _t(ts.image_tokens[sl]), _t(ts.text_tokens[sl]), _t(ts.text_mask[sl])
+        sim = module.similarity(it, tt, tm)
+        same = torch.from_numpy(ids[sl][:, None] == ids[sl][None, :])
+        sim = sim.masked_fill(same, float("-inf"))
+        neg = sim.argmax(1)
+        ok_neg = ~same.all(1)
+        pos = module.match_logits(it, tt, tm) > 0
+        negl = module.match_logits(it, tt[neg], tm[neg]) <= 0
+        correct.extend(((pos.float() + torch.where(ok_neg, negl.float(), pos.float())) / 2).tolist())
+    out = {f"itm/{k}": v for k, v in per_type_accuracy(correct, ts.qtypes).items()}
+    out["itm/accuracy"] = out.pop("itm/overall")
+    out["itm/num_samples"] = len(ts)
+    return out
+
+
+def evaluate_tokens(module, pipe, ts: TokenSet) -> dict:
+    """Metrics of ``strategy.fusion.task`` on ``ts``."""
+    if pipe.strategy.fusion.task == "vqa":
+        return evaluate_vqa(module, ts, pipe.strategy.fusion.answers)[0]
+    return evaluate_itm(module, ts)
+
+
+def run_fusion_eval(spec: str, task: str, data: str, batch_size: int = 64, out_dir: Optional[str] = None,
+                    log_to_mlflow: bool = True, tracking_uri: Optional[str] = None, say=None) -> dict:
+    """``mmtl eval MODEL --task vqa|itm --data SHARDS``: resolve MODEL, compute the frozen towers' tokens of
+    the set, score it; writes ``<out_dir>/eval.json`` and logs a nested MLflow run like the other tasks.
+
+    Raises:
+        EvalError: ``task`` differs from the model's ``strategy.fusion.task``; see :func:`load_fusion_export`.
+    """
+    from mmtl.data.stream import clean_options
+    from mmtl.eval.args import EvalError
+    from mmtl.eval.mlflow_log import _log_mlflow
+    from mmtl.eval.resolve import resolve_export
+    from mmtl.fusion.features import compute_tokens
+
+    say = say or (lambda m: None)
+    t0 = time.time()
+    res = resolve_export(spec, tracking_uri)
+    try:
+        module, pipe = load_fusion_export(res.export_dir)
+        if pipe.strategy.fusion.task != task:
+            raise EvalError(f"the model was trained for --task {pipe.strategy.fusion.task}, not {task}")
+        ts = compute_tokens(module.model, data, pipe.strategy.fusion, clean_options(pipe), batch_size, say)
+        metrics = evaluate_tokens(module, pipe, ts)
+        result = {"task": task, "model": res.describe(), "data": str(data), "num_samples": len(ts),
+                  "metrics": metrics, "data_stats": ts.stats, "files": {}, "out_dir": out_dir,
+                  "embedding": "local", "ks": [],
+                  "mlflow": {"logged": False, "reason": "disabled (--no-mlflow)"}}
+        files = []
+        if out_dir:
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            files = [Path(out_dir) / "eval.json"]
+            result["files"]["eval_json"] = str(files[0])
+        if log_to_mlflow and not res.mlflow_run_id:
+            result["mlflow"] = {"logged": False, "reason": "the model has no MLflow run (plain export folder)"}
+        result["seconds"] = round(time.time() - t0, 3)
+        if files:
+            files[0].write_text(json.dumps(result, indent=2, default=str) + "\n")
+        if log_to_mlflow and res.mlflow_run_id:
+            try:
+                result["mlflow"] = _log_mlflow(res, task, str(data), result, files, say)
+            except Exception as e:  # the metrics are computed: report the failure, keep the result
+                result["mlflow"] = {"logged": False, "reason": f"MLflow logging failed: {type(e).__name__}: {e}"}
+        return json.loads(json.dumps(result, default=str))
+    finally:
+        res.cleanup()

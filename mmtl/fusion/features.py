@@ -1,0 +1,174 @@
+"""Frozen-tower token features of a VQA / ITM shard set, computed once and cached.
+
+A sample is an image, its caption (the question) and its json (``strategy.fusion.answers_field``,
+``qtype_field``, ``image_id_field``). Samples sharing an ``image_id`` share one image-token computation; each
+distinct text runs through the text tower once. For ``task: itm`` the text is the caption followed by the
+first answer ("how many circles are there? 2"), for ``vqa`` the caption alone.
+
+Arrays of a :class:`TokenSet` (``N`` samples, ``T`` image tokens, ``L`` text tokens trimmed to the longest
+question of the set): ``image_tokens`` (N, T, D_v) float16, ``text_tokens`` (N, L, D_t) float16,
+``text_mask`` (N, L) int64. Memory is about ``N * T * D_v * 2`` bytes (e.g. 4,000 questions x 25 tokens x
+1,280 = 256 MB); ``strategy.fusion.image_pool`` average-pools a square token grid by that factor first.
+
+Cache: ``<cache_root>/fusion-<key>.npz`` + ``.json``, where ``key`` hashes both tower fingerprints, the shard
+files (names, sizes, mtimes), the fields read and ``image_pool``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from mmtl.config import CrossAttentionConfig
+
+_VERSION = 1
+
+
+@dataclass
+class TokenSet:
+    """Token features + labels of one shard set (see module docstring for shapes)."""
+
+    image_tokens: np.ndarray
+    text_tokens: np.ndarray
+    text_mask: np.ndarray
+    captions: list[str]
+    answers: list[list[str]]
+    qtypes: list[str]
+    image_ids: list[str]
+    stats: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+
+def _answers(meta: dict, key: str) -> list[str]:
+    v = meta.get(key)
+    if v is None:
+        return []
+    return [str(a) for a in v] if isinstance(v, (list, tuple)) else [str(v)]
+
+
+def pool_grid(tokens: torch.Tensor, factor: int) -> torch.Tensor:
+    """(B, h*w, D) row-major square grid -> (B, ceil(h/f)*ceil(w/f), D) by average pooling (``factor`` f).
+
+    Raises:
+        ValueError: the token count is not a square.
+    """
+    if factor == 1:
+        return tokens
+    b, n, d = tokens.shape
+    h = math.isqrt(n)
+    if h * h != n:
+        raise ValueError(f"strategy.fusion.image_pool needs a square token grid, got {n} tokens")
+    grid = tokens.transpose(1, 2).reshape(b, d, h, h)
+    grid = torch.nn.functional.avg_pool2d(grid, factor, ceil_mode=True)
+    return grid.flatten(2).transpose(1, 2)
+
+
+def _key(model, spec, fcfg: CrossAttentionConfig) -> str:
+    from mmtl.data.shardlist import resolve_shards
+
+    files = []
+    for s in resolve_shards(spec):
+        p = Path(s)
+        files.append([s, p.stat().st_size, int(p.stat().st_mtime)] if p.exists() else [s])
+    ident = {"v": _VERSION, "image": model.fingerprint("image"), "text": model.fingerprint("text"), "files": files,
+             "fields": [fcfg.answers_field, fcfg.qtype_field, fcfg.image_id_field], "pool": fcfg.image_pool,
+             "task": fcfg.task}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def compute_tokens(model, spec, fcfg: CrossAttentionConfig, clean_opts, batch_size: int = 64,
+                   say: Callable[[str], None] = lambda m: None) -> TokenSet:
+    """Read ``spec`` and run the frozen towers (eval mode, no grad) over it; see module docstring.
+
+    Raises:
+        EmptyDatasetError / MissingShardsError: no samples.
+    """
+    from mmtl.data.shardio import iter_samples
+    from mmtl.data.shardlist import EmptyDatasetError
+
+    import collections
+
+    t0 = time.perf_counter()
+    stats: collections.Counter = collections.Counter()
+    model.eval()
+    tf = model.image_transform(train=False)
+    captions, answers, qtypes, ids = [], [], [], []
+    img_index: dict[str, int] = {}
+    pending: list = []
+    image_rows: list[np.ndarray] = []
+
+    def flush() -> None:
+        if pending:
+            with torch.no_grad():
+                toks = pool_grid(model.image_tokens(torch.stack(pending)), fcfg.image_pool)
+            image_rows.extend(toks.to(torch.float16).numpy())
+            pending.clear()
+
+    for s in iter_samples(spec, clean_opts, stats):
+        iid = str(s.meta.get(fcfg.image_id_field, s.uid)) if fcfg.image_id_field else s.uid
+        if iid not in img_index:
+            img_index[iid] = len(img_index)
+            pending.append(tf(s.image))
+            if len(pending) >= batch_size:
+                flush()
+        captions.append(s.caption)
+        answers.append(_answers(s.meta, fcfg.answers_field))
+        qtypes.append(str(s.meta.get(fcfg.qtype_field, "all")))
+        ids.append(iid)
+    flush()
+    if not captions:
+        raise EmptyDatasetError(f"no usable samples in {spec}")
+    images = np.stack(image_rows)
+    if fcfg.task == "itm":  # the text to match: question + its first answer ("how many circles? 2")
+        captions = [f"{c} {a[0]}" if a else c for c, a in zip(captions, answers)]
+    uniq = sorted(set(captions))  # questions repeat: each distinct text runs once
+    tok = model.tokenize(uniq)
+    n = max(int(tok["attention_mask"].sum(1).max()), 1)  # right padding: later positions are padding only
+    trim = model.cfg.family == "two_tower" or (model.cfg.family == "hf" and model.text_tower.use_mask)
+    parts = []
+    for i in range(0, len(uniq), batch_size):
+        b_ids, b_mask = tok["input_ids"][i:i + batch_size], tok["attention_mask"][i:i + batch_size]
+        if trim:  # masked bidirectional encoders: padding never changes the real tokens' states
+            b_ids, b_mask = b_ids[:, :n], b_mask[:, :n]
+        with torch.no_grad():
+            parts.append(model.text_tokens(b_ids, b_mask)[:, :n].to(torch.float16).numpy())
+    pos = {c: i for i, c in enumerate(uniq)}
+    text_rows = np.array([pos[c] for c in captions])
+    text, mask = np.concatenate(parts)[text_rows], tok["attention_mask"][:, :n].numpy().astype(np.int64)[text_rows]
+    rows = np.array([img_index[i] for i in ids])
+    out_stats = {**{k: int(v) for k, v in stats.items()}, "samples": len(captions), "images": len(img_index),
+             "seconds": round(time.perf_counter() - t0, 1)}
+    say(f"tokens: {len(captions)} samples, {len(img_index)} images, image tokens {images.shape[1:]}, "
+        f"text tokens {text.shape[1:]} ({out_stats['seconds']} s)")
+    return TokenSet(images[rows], text, mask, captions, answers, qtypes, ids, out_stats)
+
+
+def load_or_compute(model, spec, fcfg: CrossAttentionConfig, clean_opts, cache_root: Optional[Path],
+                    say: Callable[[str], None] = lambda m: None) -> TokenSet:
+    """:func:`compute_tokens` through the cache under ``cache_root`` (None: no cache)."""
+    if cache_root is None:
+        return compute_tokens(model, spec, fcfg, clean_opts, say=say)
+    key = _key(model, spec, fcfg)
+    npz, meta = Path(cache_root) / f"fusion-{key}.npz", Path(cache_root) / f"fusion-{key}.json"
+    if npz.exists() and meta.exists():
+        arr, m = np.load(npz), json.loads(meta.read_text())
+        say(f"tokens: {len(m['captions'])} samples from cache {npz.name}")
+        return TokenSet(arr["image_tokens"], arr["text_tokens"], arr["text_mask"], m["captions"], m["answers"],
+                        m["qtypes"], m["image_ids"], m["stats"])
+    ts = compute_tokens(model, spec, fcfg, clean_opts, say=say)
+    npz.parent.mkdir(parents=True, exist_ok=True)
+    tmp = npz.with_name(npz.stem + ".tmp.npz")
+    np.savez(tmp, image_tokens=ts.image_tokens, text_tokens=ts.text_tokens, text_mask=ts.text_mask)
+    tmp.replace(npz)
+    meta.write_text(json.dumps({"captions": ts.captions, "answers": ts.answers, "qtypes": ts.qtypes,
+                                "image_ids": ts.image_ids, "stats": ts.stats}))
+    return ts
