@@ -283,6 +283,31 @@ def bench_step_cmd(
         out.write((json.dumps(r) if as_json else format_table(r)) + "\n")
 
 
+@bench_app.command("strategies")
+def bench_strategies_cmd(
+    pipeline: str = typer.Option("pipelines/quickstart.yaml", help="Pipeline whose data and towers every row uses"),
+    rows: str = typer.Option("frozen,lit,lora_text,lora_both,full", help="Comma list of rows"),
+    image_size: int = typer.Option(128, help="Input resolution (pixels) for every row"),
+    steps: int = typer.Option(150, help="Optimizer steps per row"),
+    micro_batch: int = typer.Option(32, help="Micro-batch per worker"),
+    tower_lr: float = typer.Option(1e-5, help="LR of fine-tuned tower weights (LiT, full); heads/LoRA use train.lr"),
+    context_length: int = typer.Option(32, help="Text tokens per caption"),
+    runs_root: str = typer.Option("runs/bench-strategies", help="Where the rows' runs go"),
+    out: Optional[Path] = typer.Option(None, "--out", help="Also write the JSON result here (updated after each row)"),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the Markdown table"),
+) -> None:
+    """Transfer strategies side by side (frozen heads, LiT, LoRA text, LoRA both, full): R@K, params, memory, time."""
+    from mmtl.bench.strategies import bench_strategies, format_markdown
+
+    try:
+        r = bench_strategies(pipeline, [x.strip() for x in rows.split(",") if x.strip()], image_size, steps,
+                             micro_batch, tower_lr, context_length, runs_root, out,
+                             say=lambda m: console.print(f"[cyan]mmtl[/] {m}", highlight=False))
+    except (ValueError, RuntimeError) as exc:
+        _fail(str(exc), 1)
+    print(json.dumps(r, indent=1) if as_json else format_markdown(r))
+
+
 @app.command("export")
 def export_cmd(
     run_dir: Path = typer.Argument(..., help="Run directory (<runs_root>/<name>)"),
