@@ -122,6 +122,29 @@ class CrossAttentionConfig(_Section):
     tower_lora: bool = Field(False, description="LoRA in the towers: not supported (features are precomputed).")
 
 
+class PromptTuningConfig(_Section):
+    """``strategy.prompt`` (``strategy.kind: prompt_tuning``): CoOp context optimisation (Zhou et al., IJCV 2022).
+
+    M learnable context vectors are put in front of each class name's tokens; the whole model stays frozen.
+    """
+
+    n_ctx: int = Field(4, gt=0, le=64, description="Context vectors M (must equal the token count of `init`).")
+    init: Optional[str] = Field("a photo of a", description="Phrase whose token embeddings initialise the "
+                                "context (CoOp); null: N(0, init_std) random init.")
+    init_std: float = Field(0.02, gt=0)
+    class_specific: bool = Field(False, description="One context per class (C, M, D) instead of shared (M, D).")
+    class_suffix: str = Field(".", description="Text after the class name: [SOS] ctx_1..ctx_M name<suffix> [EOS].")
+    label_field: str = Field("category", description="Sample json key holding the class name (or class index).")
+    classes: Optional[list[str]] = Field(None, description="Class names in label order; default "
+                                         "eval.zero_shot.classes, else the sorted labels of data.train.")
+    base_classes: Optional[list[str]] = Field(None, description="Train on these classes only; the other "
+                                              "classes are held-out 'new' classes (base-to-new evaluation).")
+    shots_per_class: Optional[int] = Field(None, gt=0, description="Use at most this many train samples per "
+                                           "class (seeded by data.seed); null: all.")
+    zero_shot_only: bool = Field(False, description="Train nothing: report the frozen model's zero-shot "
+                                 "accuracy (single template and template ensemble) on the eval sets.")
+
+
 class StrategyConfig(_Section):
     kind: Literal["frozen", "full", "lora", "prompt_tuning", "cross_attention"] = "frozen"
     lock: Literal["both", "image", "text", "none"] = Field(
@@ -130,6 +153,7 @@ class StrategyConfig(_Section):
     unlock_image_blocks: int = Field(0, ge=0)
     unlock_text_blocks: int = Field(0, ge=0)
     lora: LoraConfig = Field(default_factory=LoraConfig)
+    prompt: PromptTuningConfig = Field(default_factory=PromptTuningConfig)
     fusion: CrossAttentionConfig = Field(default_factory=CrossAttentionConfig)
 
 

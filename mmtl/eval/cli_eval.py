@@ -97,11 +97,25 @@ def _jsonable(x):
     return x
 
 
+def _prompt(spec: Optional[str], export_dir: Path):
+    """The learned prompt (:class:`mmtl.prompting.artifact.LoadedPrompt`) named by ``spec``, else the one in
+    ``export_dir`` (a prompt_tuning export), else None. Raises EvalError for a bad ``spec``."""
+    from mmtl.prompting.artifact import LoadedPrompt, find_prompt
+
+    try:
+        if spec is None:
+            return LoadedPrompt(export_dir) if find_prompt(export_dir) else None
+        return LoadedPrompt(spec)
+    except (FileNotFoundError, ValueError) as e:
+        raise EvalError(str(e)) from None
+
+
 def run_eval(spec: str, task: str, data: str, classes: Optional[str] = None, templates: Optional[str] = None,
              label_field: str = "category", ks: Sequence[int] = (1, 5, 10), batch_size: int = 64,
              out_dir: Optional[str] = None, log_to_mlflow: bool = True, tracking_uri: Optional[str] = None, *,
              use_ray: Optional[bool] = None, ray_threshold: int = RAY_THRESHOLD, ray_actors: int = 2,
-             ray_address: Optional[str] = None, device: str = "auto", say: Optional[Say] = None) -> dict:
+             ray_address: Optional[str] = None, device: str = "auto", say: Optional[Say] = None,
+             prompt: Optional[str] = None) -> dict:
     """Evaluate MODEL ``spec`` on the shard set ``data``; return a JSON-serialisable report.
 
     Args:
@@ -127,6 +141,9 @@ def run_eval(spec: str, task: str, data: str, classes: Optional[str] = None, tem
         ray_address: Ray cluster to join (default: as ``mmtl run``: a local instance if none runs).
         device: "auto" (CUDA when available), "cpu" or "cuda".
         say: progress messages (default: none).
+        prompt: a learned CoOp prompt (``mmtl.prompting``: a prompt_tuning run dir, its export or the
+            ``prompt.safetensors`` file) used instead of templates for zero-shot, with base/new-class metrics
+            (``zero_shot/base_acc1`` ...) where it has a split; default: the export's own prompt, if any.
 
     Returns ``{"task", "model" (resolution details), "data", "num_samples", "embedding" ("local"|"ray"),
     "metrics", "data_stats", "files", "out_dir", "mlflow", "seconds", ...}`` plus, for zero-shot, ``classes``,
@@ -156,6 +173,8 @@ def run_eval(spec: str, task: str, data: str, classes: Optional[str] = None, tem
         raise EvalError(f"ks must be positive integers, got {ks}")
     class_list = parse_classes(classes) if task == "zero-shot" else None
     template_list = parse_templates(templates) if task == "zero-shot" else None
+    if prompt is not None and task != "zero-shot":
+        raise EvalError("--prompt (a learned CoOp prompt) applies to --task zero-shot only")
     res = _resolve(spec, tracking_uri)
     tmp_out = None
     try:
@@ -183,7 +202,10 @@ def run_eval(spec: str, task: str, data: str, classes: Optional[str] = None, tem
                                   "num_samples": len(emb.image), "embedding": "ray" if use_ray else "local",
                                   "data_stats": emb.stats}
         if task == "zero-shot":
-            part = _zero_shot(emb, model, pipe, class_list, template_list, label_field, out, say)
+            learned = _prompt(prompt, res.export_dir)
+            if learned is not None:
+                say(f"zero-shot with the learned prompt in {learned.dir}")
+            part = _zero_shot(emb, model, pipe, class_list, template_list, label_field, out, say, prompt=learned)
         else:
             part = _retrieval(emb, pipe, ks, out)
         result.update(part)

@@ -65,12 +65,15 @@ def _label_index(meta: list[dict], label_field: str, classes: list[str]) -> tupl
     return keep, labels, skipped
 
 
-def _zero_shot(emb: Embedded, model, pipe, classes, templates, label_field, out: Path, say: Say) -> dict:
+def _zero_shot(emb: Embedded, model, pipe, classes, templates, label_field, out: Path, say: Say,
+               prompt=None) -> dict:
     from mmtl.eval.evaluate import encode_prompts
     from mmtl.eval.metrics import class_embeddings, confusion_matrix, zero_shot_metrics
 
     zs = pipe.eval.zero_shot
     source = "argument"
+    if classes is None and prompt is not None:  # a learned CoOp prompt (mmtl.prompting) knows its classes
+        classes, source = prompt.default_classes(), "prompt"
     if classes is None and zs is not None and zs.classes:
         classes, source = list(zs.classes), "pipeline"
     if classes is None:
@@ -89,10 +92,19 @@ def _zero_shot(emb: Embedded, model, pipe, classes, templates, label_field, out:
                         f"(values seen: {', '.join(seen) or 'none'}; classes: {classes[:5]}...)")
     if skipped:
         say(f"zero-shot: skipped {dict(skipped)} samples without a known {label_field!r}")
-    with torch.no_grad():  # the model is back on the CPU: C x T short prompts
-        cls_emb = class_embeddings(classes, templates, lambda p: encode_prompts(model, p)).float().cpu()
     image = emb.image[keep]
-    metrics = zero_shot_metrics(image, cls_emb, labels)
+    extra, prompt_info = {}, None
+    with torch.no_grad():  # the model is back on the CPU: C x T short prompts
+        if prompt is not None:  # learned context instead of templates; base/new metrics where split
+            from mmtl.prompting.artifact import eval_with_prompt
+
+            try:
+                cls_emb, extra, prompt_info = eval_with_prompt(prompt, model, image, labels, classes)
+            except ValueError as e:
+                raise EvalError(f"--prompt {prompt.dir}: {e}") from None
+        else:
+            cls_emb = class_embeddings(classes, templates, lambda p: encode_prompts(model, p)).float().cpu()
+    metrics = {**zero_shot_metrics(image, cls_emb, labels), **extra}
     pred = (F.normalize(image, dim=-1) @ cls_emb.t()).argmax(1).tolist()
     cm = confusion_matrix(pred, labels, len(classes))
     rows = per_class_rows(cm, classes)
@@ -102,6 +114,7 @@ def _zero_shot(emb: Embedded, model, pipe, classes, templates, label_field, out:
     return {"metrics": {f"zero_shot/{k}": v for k, v in metrics.items()}, "classes": classes,
             "classes_from": source, "templates": templates, "label_field": label_field,
             "skipped": dict(skipped), "per_class": rows, "confusion_matrix": cm.tolist(),
+            **({"prompt": prompt_info} if prompt_info is not None else {}),
             "files": {"per_class_csv": csv_path, "confusion_png": png}}
 
 

@@ -1,0 +1,162 @@
+"""The learned CoOp prompt as a small artifact, and zero-shot metrics with it on base / new classes.
+
+Files (in a prompt_tuning run's ``export/`` folder, and in MLflow under ``prompt/``):
+
+* ``prompt.safetensors``: one tensor ``ctx``, (M, D) class-shared or (C_base, M, D) class-specific;
+* ``prompt.json``: ``classnames`` (the classes the context was trained on, label order), ``classes`` (all
+  classes, base then new as configured), ``base_classes``, ``new_classes``, ``n_ctx``, ``init``,
+  ``class_specific``, ``class_suffix``, ``family``, ``text_fingerprint`` (of the frozen text tower),
+  ``embed_dim``, ``source`` (the CoOp paper).
+
+Base-to-new protocol (CoOp / CoCoOp): "base" accuracy classifies base-class samples among the base classes only,
+"new" accuracy new-class samples among the new classes only, "all" every sample among all classes.
+Class-specific context has no vectors for new classes: those subsets are skipped with a reason, never guessed.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+
+PROMPT_FILE = "prompt.safetensors"
+PROMPT_META = "prompt.json"
+SOURCE = "CoOp: Zhou, Yang, Loy & Liu, Learning to Prompt for Vision-Language Models, IJCV 2022"
+
+
+def save_prompt(out_dir: str | Path, ctx: torch.Tensor, meta: dict) -> list[Path]:
+    """Write ``prompt.safetensors`` (``ctx`` as float32) and ``prompt.json`` into ``out_dir``; returns both paths."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({"ctx": ctx.detach().float().cpu().contiguous()}, str(out / PROMPT_FILE))
+    (out / PROMPT_META).write_text(json.dumps({**meta, "source": SOURCE}, indent=2) + "\n")
+    return [out / PROMPT_FILE, out / PROMPT_META]
+
+
+def find_prompt(path: str | Path) -> Optional[Path]:
+    """The folder holding a prompt artifact: ``path`` itself (the .safetensors / .json file or its folder), its
+    ``export/`` (a run directory) or ``prompt/``; None when there is none."""
+    p = Path(path).expanduser()
+    if p.is_file() and p.name in (PROMPT_FILE, PROMPT_META):
+        p = p.parent
+    for d in (p, p / "export", p / "prompt"):
+        if (d / PROMPT_FILE).is_file() and (d / PROMPT_META).is_file():
+            return d
+    return None
+
+
+class LoadedPrompt:
+    """A saved prompt: ``ctx`` tensor and ``meta`` dict (see module docstring); :meth:`learner` rebuilds the
+    :class:`~mmtl.prompting.coop.PromptLearner` for a model."""
+
+    def __init__(self, path: str | Path) -> None:
+        """Raises FileNotFoundError (no artifact at ``path``) or ValueError (unreadable / inconsistent files)."""
+        from safetensors.torch import load_file
+
+        d = find_prompt(path)
+        if d is None:
+            raise FileNotFoundError(f"no learned prompt at {path}: expected {PROMPT_FILE} + {PROMPT_META} (a "
+                                    "prompt_tuning run directory, its export/ folder, or the files themselves)")
+        self.dir = d
+        try:
+            self.meta = json.loads((d / PROMPT_META).read_text())
+            self.ctx = load_file(str(d / PROMPT_FILE))["ctx"]
+        except (OSError, ValueError, KeyError) as e:
+            raise ValueError(f"prompt artifact in {d} is unreadable: {type(e).__name__}: {e}") from None
+        for key in ("classnames", "n_ctx", "class_specific"):
+            if key not in self.meta:
+                raise ValueError(f"{d / PROMPT_META} lacks {key!r}")
+
+    @property
+    def classnames(self) -> list[str]:
+        return list(self.meta["classnames"])
+
+    @property
+    def class_specific(self) -> bool:
+        return bool(self.meta["class_specific"])
+
+    def default_classes(self) -> list[str]:
+        """Classes to evaluate by default: all configured classes (shared context), the trained ones (specific)."""
+        return self.classnames if self.class_specific else list(self.meta.get("classes") or self.classnames)
+
+    def learner(self, model):
+        """The :class:`~mmtl.prompting.coop.PromptLearner` of this prompt for ``model`` (eval mode).
+
+        Raises:
+            ValueError: the context's width does not match the model's token embeddings.
+            NotImplementedError: unsupported model family.
+        """
+        from mmtl.prompting.coop import PromptLearner
+
+        m = self.meta
+        return PromptLearner(model, m["classnames"], m["n_ctx"], m.get("init"), m["class_specific"],
+                             m.get("class_suffix", "."), ctx=self.ctx).eval()
+
+    def describe(self, model=None) -> dict:
+        out = {"dir": str(self.dir), **{k: self.meta.get(k) for k in
+               ("n_ctx", "init", "class_specific", "class_suffix", "base_classes", "new_classes")}}
+        if model is not None and self.meta.get("text_fingerprint"):
+            out["text_fingerprint_match"] = self.meta["text_fingerprint"] == model.fingerprint("text")
+        return out
+
+
+def subset_metrics(image_emb: torch.Tensor, labels: Sequence[int], classes: Sequence[str], subset: Sequence[str],
+                   embed: Callable[[list[str]], torch.Tensor]) -> Optional[dict]:
+    """Zero-shot metrics of the samples whose class is in ``subset``, classified among ``subset`` only.
+
+    ``image_emb`` (N, E), ``labels`` N indices into ``classes``, ``embed(names) -> (len(names), E)``.
+    Returns :func:`~mmtl.eval.metrics.zero_shot_metrics` or None when no sample falls in ``subset``.
+    """
+    from mmtl.eval.metrics import zero_shot_metrics
+
+    names = [c for c in subset if c in classes]
+    pos = {classes.index(c): i for i, c in enumerate(names)}
+    keep = [i for i, y in enumerate(labels) if y in pos]
+    if len(names) < 2 or not keep:
+        return None
+    with torch.no_grad():
+        cls_emb = embed(names).float().cpu()
+    return zero_shot_metrics(image_emb[keep], cls_emb, [pos[labels[i]] for i in keep])
+
+
+def split_metrics(image_emb: torch.Tensor, labels: Sequence[int], classes: Sequence[str],
+                  embed: Callable[[list[str]], torch.Tensor], base: Optional[Sequence[str]],
+                  new: Optional[Sequence[str]], subsets: Sequence[str] = ("all", "base", "new")) -> tuple[dict, dict]:
+    """``{"<subset>_<metric>": v}`` for the subsets all / base / new (base and new only when new classes
+    exist), and ``{subset: reason}`` for subsets skipped (e.g. class-specific context and new classes)."""
+    out, skipped = {}, {}
+    parts = {"all": list(classes)}
+    if new and any(c in classes for c in new):
+        parts.update(base=list(base or []), new=list(new))
+    for name in subsets:
+        if name not in parts:
+            continue
+        try:
+            m = subset_metrics(image_emb, labels, list(classes), parts[name], embed)
+        except ValueError as e:  # class-specific context asked for classes it has no vectors for
+            skipped[name] = str(e)
+            continue
+        if m is None:
+            skipped[name] = "fewer than 2 classes or no sample of these classes"
+            continue
+        out.update({f"{name}_{k}": v for k, v in m.items()})
+    return out, skipped
+
+
+def eval_with_prompt(prompt: LoadedPrompt, model, image_emb: torch.Tensor, labels: Sequence[int],
+                     classes: Sequence[str]) -> tuple[torch.Tensor, dict, dict]:
+    """For ``mmtl eval --task zero-shot`` with a learned prompt: ``(class embeddings (C, E) of classes,
+    {"base_<metric>", "new_<metric>"} where the prompt has a base/new split, info dict)``.
+
+    Raises:
+        ValueError: class-specific context and a class it has no context for; a context/model mismatch.
+    """
+    learner = prompt.learner(model)
+    with torch.no_grad():
+        cls_emb = learner.embed_classes(model, list(classes)).float().cpu()
+    extra, skipped = split_metrics(image_emb, labels, list(classes), lambda n: learner.embed_classes(model, n),
+                                   prompt.meta.get("base_classes"), prompt.meta.get("new_classes"), ("base", "new"))
+    return cls_emb, extra, {**prompt.describe(model), "skipped_subsets": skipped}
