@@ -136,6 +136,21 @@ def fit(pipe: Pipeline, run_dir: Path, arrays: Optional[dict], uri: str, run_id:
     return result
 
 
+def report_trainable(pipe: Pipeline, counts: dict, uri: str, run_id: str, say: Say) -> dict:
+    """Print and log to MLflow, before training, the trainable parameter count and share (``counts`` from
+    :func:`mmtl.strategies.trainable_summary` of the module that trains) and the estimated model-state memory
+    per worker (:mod:`mmtl.train.memory`). Returns ``counts`` + ``est_model_state_bytes_per_worker`` (bytes)."""
+    from mmtl.train.memory import describe, model_state_bytes
+
+    say(f"trainable parameters: {counts['params_trainable']:,} of {counts['params_total']:,}"
+        f" ({100 * counts['trainable_share']:.2f}%)")
+    est = model_state_bytes(counts["params_total"], counts["params_trainable"], pipe.train)
+    say(f"estimated memory: {describe(est)}")
+    mlu.log_metrics(uri, run_id, {**{f"model/{k}": v for k, v in counts.items()},
+                                  **{f"model/est_{k}_bytes_per_worker": v for k, v in est.items()}})
+    return {**counts, "est_model_state_bytes_per_worker": est["total"]}
+
+
 def copy_export(result, run_dir: Path, uri: str, run_id: str) -> Path:
     """Copy the final checkpoint's ``export/`` (and a LoRA ``adapter/``, logged to MLflow) into ``run_dir``;
     returns ``<run_dir>/export``."""
@@ -205,14 +220,7 @@ def _run(pipe, run_dir, uri, run_id, specs, resuming, say, t_start, build_model,
     seed_everything(pipe.train.seed)
     model = build_model(pipe.model)
     summary_trainable = apply_strategy(model, pipe.strategy, zero_stage=pipe.train.zero_stage)
-    say(f"trainable parameters: {summary_trainable['params_trainable']:,} of {summary_trainable['params_total']:,}"
-        f" ({100 * summary_trainable['trainable_share']:.2f}%)")
-    from mmtl.train.memory import describe, model_state_bytes
-
-    est = model_state_bytes(summary_trainable["params_total"], summary_trainable["params_trainable"], pipe.train)
-    say(f"estimated memory: {describe(est)}")
-    mlu.log_metrics(uri, run_id, {**{f"model/{k}": v for k, v in summary_trainable.items()},
-                                  **{f"model/est_{k}_bytes_per_worker": v for k, v in est.items()}})
+    summary_trainable = report_trainable(pipe, summary_trainable, uri, run_id, say)
     feats = None
     if uses_feature_cache(pipe):
         cache_root = Path(pipe.data.cache_dir or Path(pipe.train.runs_root) / "cache")
@@ -265,7 +273,7 @@ def _run(pipe, run_dir, uri, run_id, specs, resuming, say, t_start, build_model,
         "wall_time_s": round(time.time() - t_start, 2),
         "train_time_s": round(train_s, 2),
         "feature_cache": feats is not None,
-        "trainable": {**summary_trainable, "est_model_state_bytes_per_worker": est["total"]},
+        "trainable": summary_trainable,
         "image_size": pipe.model.image_size,
         "metrics": {**final_train, **metrics},
         "export_path": str(export_dir / "model.safetensors"),
