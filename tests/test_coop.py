@@ -199,6 +199,7 @@ def test_class_specific_prompt_refuses_new_classes(tmp_path, tiny_shards):
 @pytest.mark.e2e
 def test_prompt_tuning_run_end_to_end(tmp_path, tiny_shards, ray_local):
     from conftest import tiny_pipeline
+    from mmtl.cli import print_summary
     from mmtl.config import build_pipeline
     from mmtl.eval.cli_eval import run_eval
     from mmtl.run import run_pipeline
@@ -226,3 +227,29 @@ def test_prompt_tuning_run_end_to_end(tmp_path, tiny_shards, ray_local):
                    use_ray=False)
     assert rep["metrics"]["zero_shot/base_acc1"] == pytest.approx(m["test/coop_base_acc1"], abs=1e-5)
     assert rep["metrics"]["zero_shot/acc1"] == pytest.approx(m["test/coop_all_acc1"], abs=1e-5)
+    print_summary(summary)
+    raw["strategy"]["prompt"]["zero_shot_only"] = True  # the fashion-zero-shot mode: baselines only, no Ray
+    zs = run_pipeline(build_pipeline(raw), say=lambda m: None)
+    assert zs["steps"] == 0 and zs["export_path"] is None and "test/coop_all_acc1" not in zs["metrics"]
+    assert zs["metrics"]["test/zs_ensemble_new_acc1"] == m["test/zs_ensemble_new_acc1"]
+    print_summary(zs)
+
+
+@pytest.mark.parametrize("name", ["fashion-zero-shot", "fashion-coop", "emoji-coop"])
+def test_prompt_pipelines_validate(name):
+    """The CoOp pipelines keep meaning what the README table measured with them."""
+    from pathlib import Path
+
+    from mmtl.config import load_pipeline
+
+    pipe = load_pipeline(Path(__file__).resolve().parents[1] / "pipelines" / f"{name}.yaml")
+    p = pipe.strategy.prompt
+    assert pipe.strategy.kind == "prompt_tuning" and pipe.model.family == "two_tower"
+    assert pipe.model.init_from.endswith("runs/quickstart/export/model.safetensors")
+    assert p.zero_shot_only == (name == "fashion-zero-shot")
+    assert len(p.classes) == 10 and len(pipe.eval.zero_shot.templates) >= 4
+    if name != "fashion-zero-shot":
+        assert p.shots_per_class == 16 and p.n_ctx == 4 and p.init == "a photo of a" and not p.class_specific
+    override = load_pipeline(Path(__file__).resolve().parents[1] / "pipelines" / "emoji-coop.yaml",
+                             ["strategy.prompt.base_classes=[Activities,Animals & Nature,Flags,Food & Drink,Objects]"])
+    assert override.strategy.prompt.base_classes[1] == "Animals & Nature"

@@ -120,8 +120,10 @@ def run_prompt_tuning(pipe, run_dir: Path, uri: str, run_id: str, resuming: bool
         metrics.update(m)
         skipped.update(s)
     summary = {"status": "finished", "run_name": run_dir.name, "run_dir": str(run_dir), "mlflow_run_id": run_id,
-               "mlflow_tracking_uri": uri, "strategy": "prompt_tuning", "classes": classes, "base_classes": base,
-               "new_classes": new, "templates": templates, "eval_samples": {k: len(v[1]) for k, v in sets.items()}}
+               "mlflow_tracking_uri": uri, "mlflow_ui": f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000",
+               "strategy": "prompt_tuning", "classes": classes, "base_classes": base, "new_classes": new,
+               "templates": templates, "eval_samples": {k: len(v[1]) for k, v in sets.items()}, "steps": 0,
+               "export_path": None, "prompt_path": None, "registered_model": None}
     if not p.zero_shot_only:
         keep, y = labels_of(feats["train"].meta, p.label_field, base)
         if not len(keep):
