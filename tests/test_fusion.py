@@ -156,3 +156,25 @@ def test_strategy_refuses_unsupported_options(tiny_model):
         apply_strategy(tiny_model, StrategyConfig(kind="cross_attention", lock="image"))
     with pytest.raises(ValueError, match="at least 2"):
         FusionTaskModule(tiny_model, CrossAttentionConfig(), n_answers=None)
+
+
+def test_itm_and_vqa_evaluation_on_token_sets(tiny_model):
+    from mmtl.fusion.evaluate import evaluate_itm, evaluate_vqa
+    from mmtl.fusion.features import TokenSet
+
+    rng = np.random.default_rng(0)
+    ts = TokenSet(rng.standard_normal((6, 4, 256)).astype(np.float16), rng.standard_normal((6, 5, 32)).astype(np.float16),
+                  np.ones((6, 5), dtype=np.int64), ["q"] * 6, [["2"], ["red"], ["2", "3"], ["x"], ["3"], ["red"]],
+                  ["count", "colour", "count", "count", "count", "colour"], ["a", "a", "b", "b", "c", "c"])
+    itm = FusionTaskModule(tiny_model, CrossAttentionConfig(task="itm", n_heads=2, hidden=16)).eval()
+    out = evaluate_itm(itm, ts)
+    assert out["itm/num_samples"] == 6 and 0 <= out["itm/accuracy"] <= 1 and {"itm/count", "itm/colour"} <= set(out)
+    vqa = FusionTaskModule(tiny_model, CrossAttentionConfig(n_heads=2, hidden=16), n_answers=3).eval()
+    with torch.no_grad():
+        vqa.head.net[-1].bias.copy_(torch.tensor([10.0, 0.0, 0.0]))  # always answers "2"
+        vqa.head.net[-1].weight.zero_()
+    metrics, preds = evaluate_vqa(vqa, ts, ["2", "3", "red"])
+    assert preds == [0] * 6
+    # scores of "2": 1, 0, 0.5, 0, 0, 0 -> count (1 + 0.5 + 0 + 0) / 4, colour 0
+    assert metrics["vqa/count"] == pytest.approx(0.375) and metrics["vqa/colour"] == 0
+    assert metrics["vqa/overall"] == pytest.approx(1.5 / 6) and metrics["vqa/out_of_vocab"] == 1
