@@ -163,8 +163,8 @@ def test_itm_and_vqa_evaluation_on_token_sets(tiny_model):
     from mmtl.fusion.features import TokenSet
 
     rng = np.random.default_rng(0)
-    ts = TokenSet(rng.standard_normal((6, 4, 256)).astype(np.float16), rng.standard_normal((6, 5, 32)).astype(np.float16),
-                  np.ones((6, 5), dtype=np.int64), ["q"] * 6, [["2"], ["red"], ["2", "3"], ["x"], ["3"], ["red"]],
+    image, text = rng.standard_normal((6, 4, 256)), rng.standard_normal((6, 5, 32))
+    ts = TokenSet(image.astype(np.float16), text.astype(np.float16), np.ones((6, 5), dtype=np.int64), ["q"] * 6, [["2"], ["red"], ["2", "3"], ["x"], ["3"], ["red"]],
                   ["count", "colour", "count", "count", "count", "colour"], ["a", "a", "b", "b", "c", "c"])
     itm = FusionTaskModule(tiny_model, CrossAttentionConfig(task="itm", n_heads=2, hidden=16)).eval()
     out = evaluate_itm(itm, ts)
