@@ -78,7 +78,7 @@ def run_cross_attention(pipe: Pipeline, run_dir: Path, uri: str, run_id: str, re
     from mmtl.fusion.features import load_or_compute
     from mmtl.fusion.task import FusionTaskModule
     from mmtl.models import build_model
-    from mmtl.run import _eval_specs, copy_export, fit
+    from mmtl.run import _eval_specs, copy_export, fit, report_trainable
     from mmtl.runtime import init_ray
     from mmtl.strategies import apply_strategy, trainable_summary
     from mmtl.train.loop import seed_everything
@@ -99,10 +99,8 @@ def run_cross_attention(pipe: Pipeline, run_dir: Path, uri: str, run_id: str, re
         say(f"answer vocabulary: {len(f.answers)} answers")
     (run_dir / "pipeline.yaml").write_text(pipe.to_yaml())
     module = FusionTaskModule.from_pipeline(pipe, model)
-    summ = trainable_summary(module)
-    say(f"trainable parameters ({f.kind} fusion + {f.task} head): {summ['params_trainable']:,} of "
-        f"{summ['params_total']:,} ({100 * summ['trainable_share']:.2f}%)")
-    mlu.log_metrics(uri, run_id, {f"model/{k}": v for k, v in summ.items()})
+    say(f"trains: {f.kind} fusion + {f.task} head")
+    summ = report_trainable(pipe, trainable_summary(module), uri, run_id, say)
     mlu.log_metrics(uri, run_id, {f"data/{n}_{k}": v for n, ts in sets.items() for k, v in ts.stats.items()})
     arrays = train_arrays(pipe, sets["train"])
     say(f"training arrays: {sum(a.nbytes for a in arrays.values()) / 2**20:.0f} MiB "
