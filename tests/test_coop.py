@@ -209,7 +209,7 @@ def test_prompt_tuning_run_end_to_end(tmp_path, tiny_shards, ray_local):
         "label_field": "color", "n_ctx": 2, "init": None,
         "base_classes": ["red", "green", "blue", "yellow"], "shots_per_class": 6}})
     raw["train"].update(max_steps=4, num_workers=1, micro_batch_size=8, checkpoint_every=4, lr=0.05)
-    raw["tracking"].update(model_name=None, log_model=False)
+    raw["tracking"].update(model_name=None, log_model=True)
     summary = run_pipeline(build_pipeline(raw), say=lambda m: None)
     assert summary["steps"] == 4 and summary["train_rows"] == 24
     assert summary["new_classes"] == ["black", "orange", "purple", "white"]  # sorted labels of data.train
@@ -228,6 +228,12 @@ def test_prompt_tuning_run_end_to_end(tmp_path, tiny_shards, ray_local):
     assert rep["metrics"]["zero_shot/base_acc1"] == pytest.approx(m["test/coop_base_acc1"], abs=1e-5)
     assert rep["metrics"]["zero_shot/acc1"] == pytest.approx(m["test/coop_all_acc1"], abs=1e-5)
     print_summary(summary)
+    # runs:/<id>/model: the logged model + the run's prompt/ artifacts
+    uri_rep = run_eval(f"runs:/{summary['mlflow_run_id']}/model", "zero-shot", tiny_shards["test"], label_field="color",
+                       log_to_mlflow=False, use_ray=False, tracking_uri=summary["mlflow_tracking_uri"])
+    assert uri_rep["classes_from"] == "prompt" and uri_rep["prompt"]["n_ctx"] == 2
+    assert uri_rep["metrics"]["zero_shot/acc1"] == pytest.approx(m["test/coop_all_acc1"], abs=1e-5)
+    raw["tracking"]["log_model"] = False
     raw["strategy"]["prompt"]["zero_shot_only"] = True  # the fashion-zero-shot mode: baselines only, no Ray
     zs = run_pipeline(build_pipeline(raw), say=lambda m: None)
     assert zs["steps"] == 0 and zs["export_path"] is None and "test/coop_all_acc1" not in zs["metrics"]

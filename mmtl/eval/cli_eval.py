@@ -97,14 +97,20 @@ def _jsonable(x):
     return x
 
 
-def _prompt(spec: Optional[str], export_dir: Path):
+def _prompt(spec: Optional[str], export_dir: Path, res=None):
     """The learned prompt (:class:`mmtl.prompting.artifact.LoadedPrompt`) named by ``spec``, else the one in
-    ``export_dir`` (a prompt_tuning export), else None. Raises EvalError for a bad ``spec``."""
-    from mmtl.prompting.artifact import LoadedPrompt, find_prompt
+    ``export_dir`` (a prompt_tuning export), else for a ``runs:/`` / ``models:/`` model its run's MLflow
+    ``prompt/`` artifacts, else None. Raises EvalError for a bad ``spec``."""
+    from mmtl.prompting.artifact import LoadedPrompt, download_prompt, find_prompt
 
     try:
         if spec is None:
-            return LoadedPrompt(export_dir) if find_prompt(export_dir) else None
+            if find_prompt(export_dir):
+                return LoadedPrompt(export_dir)
+            if res is not None and res.kind == "mlflow_uri" and res.mlflow_run_id and res.temporary is not None:
+                found = download_prompt(res.mlflow_run_id, res.tracking_uri, res.temporary / "prompt")
+                return LoadedPrompt(found) if found else None
+            return None
         return LoadedPrompt(spec)
     except (FileNotFoundError, ValueError) as e:
         raise EvalError(str(e)) from None
@@ -202,7 +208,7 @@ def run_eval(spec: str, task: str, data: str, classes: Optional[str] = None, tem
                                   "num_samples": len(emb.image), "embedding": "ray" if use_ray else "local",
                                   "data_stats": emb.stats}
         if task == "zero-shot":
-            learned = _prompt(prompt, res.export_dir)
+            learned = _prompt(prompt, res.export_dir, res)
             if learned is not None:
                 say(f"zero-shot with the learned prompt in {learned.dir}")
             part = _zero_shot(emb, model, pipe, class_list, template_list, label_field, out, say, prompt=learned)

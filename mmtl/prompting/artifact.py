@@ -160,3 +160,17 @@ def eval_with_prompt(prompt: LoadedPrompt, model, image_emb: torch.Tensor, label
     extra, skipped = split_metrics(image_emb, labels, list(classes), lambda n: learner.embed_classes(model, n),
                                    prompt.meta.get("base_classes"), prompt.meta.get("new_classes"), ("base", "new"))
     return cls_emb, extra, {**prompt.describe(model), "skipped_subsets": skipped}
+
+
+def download_prompt(run_id: str, tracking_uri: str, dst: str | Path) -> Optional[Path]:
+    """Download the MLflow artifact folder ``prompt/`` of ``run_id`` (logged by every prompt_tuning run) into
+    ``dst``; returns the folder holding the prompt files, or None when the run has none."""
+    import mlflow.artifacts
+    from mlflow.tracking import MlflowClient
+
+    names = {Path(f.path).name for f in MlflowClient(tracking_uri=tracking_uri).list_artifacts(run_id, "prompt")}
+    if PROMPT_FILE not in names or PROMPT_META not in names:
+        return None
+    Path(dst).mkdir(parents=True, exist_ok=True)
+    return find_prompt(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="prompt", dst_path=str(dst),
+                                                           tracking_uri=tracking_uri))
