@@ -259,3 +259,15 @@ def test_prompt_pipelines_validate(name):
     override = load_pipeline(Path(__file__).resolve().parents[1] / "pipelines" / "emoji-coop.yaml",
                              ["strategy.prompt.base_classes=[Activities,Animals & Nature,Flags,Food & Drink,Objects]"])
     assert override.strategy.prompt.base_classes[1] == "Animals & Nature"
+
+
+def test_bad_init_fails_before_training(tmp_path, tiny_shards):
+    from conftest import tiny_pipeline
+    from mmtl.config import build_pipeline
+    from mmtl.run import run_pipeline
+
+    raw = tiny_pipeline(tiny_shards, tmp_path / "runs", strategy={"kind": "prompt_tuning", "prompt": {
+        "label_field": "color", "n_ctx": 3, "init": "a photo of a"}})
+    raw["eval"]["before_training"] = False
+    with pytest.raises(ValueError, match="n_ctx=4"):
+        run_pipeline(build_pipeline(raw), say=lambda m: None)

@@ -15,7 +15,8 @@ Metric names: ``<set>/<method>_<subset>_<metric>``: method ``zs_single`` / ``zs_
 baselines (the fashion-zero-shot pipeline).
 
 Raises ValueError (before training) for: no classes, base classes not among the classes, a train set
-without samples of the base classes, or an eval set without labelled samples.
+without samples of the base classes, an eval set without labelled samples, or an ``init`` phrase whose token
+count is not ``n_ctx``.
 """
 from __future__ import annotations
 
@@ -131,6 +132,9 @@ def run_prompt_tuning(pipe, run_dir: Path, uri: str, run_id: str, resuming: bool
         pick = few_shot(y, p.shots_per_class, pipe.data.seed)
         arrays = {"image_feat": feats["train"].image[keep[pick]], "label": y[pick]}
         say(f"CoOp train rows: {len(pick)} ({p.shots_per_class or 'all'} per class)")
+        from mmtl.prompting.coop import CoOpModule
+
+        CoOpModule.from_pipeline(pipe, model)  # n_ctx / init / tokenizer errors here, before Ray starts
         init_ray()
         t_train = time.time()
         result = fit(pipe, run_dir, arrays, uri, run_id, say)
