@@ -116,7 +116,8 @@ def encode_with_context(model, ids: Tensor, mask: Tensor, ctx: Tensor) -> Tensor
     c, m = ids.shape[0], ctx.shape[-2]
     ctx = ctx.unsqueeze(0).expand(c, -1, -1) if ctx.dim() == 2 else ctx
     x = torch.cat([emb[:, :1], ctx.to(emb.dtype), emb[:, 1 + m:]], dim=1)
-    feats = _two_tower_features(model, x, mask) if family_of(model) == "two_tower" else _hf_clip_features(model, x, mask)
+    encode = _two_tower_features if family_of(model) == "two_tower" else _hf_clip_features
+    feats = encode(model, x, mask)
     return model.project_text(feats)
 
 

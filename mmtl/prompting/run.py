@@ -115,13 +115,17 @@ def run_prompt_tuning(pipe, run_dir: Path, uri: str, run_id: str, resuming: bool
     templates = _templates(pipe)
     metrics: dict[str, float] = {f"model/{k}": v for k, v in trainable.items()}
     skipped: dict[str, str] = {}
+    def encode(q):
+        return encode_prompts(model, q)
+
     for method, tpl in (("zs_single", templates[:1]), ("zs_ensemble", templates)):
-        m, s = _method_metrics(method, lambda names, t=tpl: class_embeddings(names, t, lambda q: encode_prompts(model, q)),
-                               sets, classes, base, new)
+        m, s = _method_metrics(method, lambda names, t=tpl: class_embeddings(names, t, encode), sets, classes, base,
+                               new)
         metrics.update(m)
         skipped.update(s)
     summary = {"status": "finished", "run_name": run_dir.name, "run_dir": str(run_dir), "mlflow_run_id": run_id,
-               "mlflow_tracking_uri": uri, "mlflow_ui": f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000",
+               "mlflow_tracking_uri": uri,
+               "mlflow_ui": f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000",
                "strategy": "prompt_tuning", "classes": classes, "base_classes": base, "new_classes": new,
                "templates": templates, "eval_samples": {k: len(v[1]) for k, v in sets.items()}, "steps": 0,
                "export_path": None, "prompt_path": None, "registered_model": None}
