@@ -221,3 +221,28 @@ def test_tiny_config_is_fast_and_validation_errors():
 
 def test_hf_offline_env_set(tiny):
     assert os.environ.get("HF_HUB_OFFLINE") == "1" and os.environ.get("TRANSFORMERS_OFFLINE") == "1"
+
+
+def test_exported_model_fingerprint_follows_loaded_weights(tmp_path):
+    """Two exports of one architecture with different tower weights never share a feature-cache key; the same
+    export reloaded keeps its key."""
+    import torch
+    from safetensors.torch import save_file
+
+    from mmtl.config import build_pipeline
+    from mmtl.models import build_model, tiny_two_tower_config
+    from mmtl.tracking.registry import load_exported
+
+    pipe = build_pipeline({"data": {"train": "unused"}, "model": tiny_two_tower_config().model_dump(mode="json")})
+    fps = []
+    for i, seed in enumerate((0, 0, 1)):
+        torch.manual_seed(seed)
+        m = build_model(pipe.model)
+        d = tmp_path / f"e{i}"
+        d.mkdir()
+        save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(d / "model.safetensors"))
+        (d / "pipeline.yaml").write_text(pipe.to_yaml())
+        loaded, _ = load_exported(d)
+        fps.append((loaded.fingerprint("image"), loaded.fingerprint("text")))
+    assert fps[0] == fps[1]
+    assert fps[0][0] != fps[2][0] and fps[0][1] != fps[2][1]

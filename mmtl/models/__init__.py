@@ -121,6 +121,19 @@ def warm_start(model: MultimodalModel, path: str) -> dict:
     return {"loaded": len(matched), "skipped": skipped, "missing": missing, "towers_changed": sorted(changed)}
 
 
+def fingerprint_loaded_content(model: MultimodalModel) -> None:
+    """Re-derive both tower fingerprints from the towers' current weights (sha256 of their state dicts), for a
+    model whose weights were loaded after it was built (an export: its towers were built without their weight
+    files), so that two exports of one architecture never share a frozen-feature cache key."""
+    from mmtl.models.weights import params_digest
+
+    fps = getattr(model, "_fingerprints", None)
+    if not isinstance(fps, dict):
+        return
+    for which, tower in (("image", model.image_tower), ("text", model.text_tower)):
+        fps[which] = fingerprint_of({"base": fps[which], "content": params_digest(tower)})
+
+
 def build_tokenizer(cfg: ModelConfig):
     """A picklable ``texts -> dict(input_ids, attention_mask)`` callable (``.count(text)`` counts tokens),
     identical to ``build_model(cfg).tokenize``."""

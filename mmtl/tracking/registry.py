@@ -30,7 +30,7 @@ def model_from_export(pipeline_yaml: str, state_dict: dict):
     import yaml
 
     from mmtl.config import Pipeline
-    from mmtl.models import build_model
+    from mmtl.models import build_model, fingerprint_loaded_content
 
     pipe = Pipeline.model_validate(yaml.safe_load(pipeline_yaml))
     cfg = pipe.model.model_copy(deep=True)
@@ -40,6 +40,7 @@ def model_from_export(pipeline_yaml: str, state_dict: dict):
         cfg.weights = None
     model = build_model(cfg)
     model.load_state_dict({k: v for k, v in state_dict.items() if k != "logit_bias"}, strict=True)
+    fingerprint_loaded_content(model)
     return model.eval(), pipe
 
 
