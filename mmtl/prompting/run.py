@@ -85,9 +85,9 @@ def run_prompt_tuning(pipe, run_dir: Path, uri: str, run_id: str, resuming: bool
     from mmtl.eval.metrics import class_embeddings
     from mmtl.models import build_model
     from mmtl.prompting.artifact import LoadedPrompt
-    from mmtl.run import _eval_specs, _features, copy_export, fit
+    from mmtl.run import _eval_specs, _features, copy_export, fit, report_trainable
     from mmtl.runtime import init_ray
-    from mmtl.strategies import apply_strategy
+    from mmtl.strategies import apply_strategy, trainable_summary
     from mmtl.tracking import mlflow_utils as mlu
     from mmtl.train.loop import seed_everything
 
@@ -138,7 +138,9 @@ def run_prompt_tuning(pipe, run_dir: Path, uri: str, run_id: str, resuming: bool
         say(f"CoOp train rows: {len(pick)} ({p.shots_per_class or 'all'} per class)")
         from mmtl.prompting.coop import CoOpModule
 
-        CoOpModule.from_pipeline(pipe, model)  # n_ctx / init / tokenizer errors here, before Ray starts
+        probe = CoOpModule.from_pipeline(pipe, model)  # n_ctx / init / tokenizer errors here, before Ray starts
+        metrics.update({f"model/{k}": v for k, v in
+                        report_trainable(pipe, trainable_summary(probe), uri, run_id, say).items()})
         init_ray()
         t_train = time.time()
         result = fit(pipe, run_dir, arrays, uri, run_id, say)
