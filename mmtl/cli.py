@@ -10,29 +10,17 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from mmtl.cli_bench import bench_app
+from mmtl.cli_common import _fail, _load, console
+from mmtl.cli_data import datasets_app, shards_app
+
 app = typer.Typer(help="Multimodal (image-text) transfer learning on Ray.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
-shards_app = typer.Typer(help="Build and inspect WebDataset shards.", no_args_is_help=True)
-datasets_app = typer.Typer(help="Bundled and importable real datasets.", no_args_is_help=True)
-bench_app = typer.Typer(help="Benchmarks (ratios measured side by side in one run).", no_args_is_help=True)
 app.add_typer(shards_app, name="shards")
 app.add_typer(datasets_app, name="datasets")
 app.add_typer(bench_app, name="bench")
-console = Console(stderr=True)
 
-
-def _fail(msg: str, code: int = 2) -> None:
-    console.print(f"[bold red]error:[/] {msg}", highlight=False)
-    raise typer.Exit(code)
-
-
-def _load(pipeline: Path, overrides: List[str]):
-    from mmtl.config import PipelineError, load_pipeline
-
-    try:
-        return load_pipeline(pipeline, overrides)
-    except PipelineError as exc:
-        _fail(str(exc))
+ADDRESS_HELP = "Ray dashboard URL; default $RAY_ADDRESS (http) or http://127.0.0.1:8265"
 
 
 @app.command()
@@ -86,84 +74,6 @@ def config_cmd(
 ) -> None:
     """Validate a pipeline (with overrides) and print it resolved."""
     print(_load(pipeline, overrides or []).to_yaml())
-
-
-@shards_app.command("build")
-def shards_build(
-    src: str = typer.Argument(..., help="Folder of images with same-stem .txt captions, or a .csv/.tsv/.parquet"),
-    out: Path = typer.Option(..., "--out", help="Output folder for the shards"),
-    image_col: str = typer.Option("image", help="Table column with image paths"),
-    caption_col: str = typer.Option("caption", help="Table column with captions"),
-    prefix: str = typer.Option("shard", help="Shard file prefix: PREFIX-000000.tar"),
-    max_samples: int = typer.Option(10_000, help="Samples per shard at most"),
-    max_bytes: int = typer.Option(1 << 30, help="Bytes per shard at most"),
-    val_fraction: float = typer.Option(0.0, help="Share of samples for out/val"),
-    test_fraction: float = typer.Option(0.0, help="Share of samples for out/test"),
-    seed: int = typer.Option(0, help="Split seed"),
-) -> None:
-    """Write WebDataset shards (img2dataset layout) and a stats.json."""
-    from mmtl.data.build import build_shards
-
-    try:
-        stats = build_shards(src, str(out), image_col=image_col, caption_col=caption_col, prefix=prefix,
-                             max_samples_per_shard=max_samples, max_bytes_per_shard=max_bytes,
-                             val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
-    except (ValueError, FileNotFoundError) as exc:
-        _fail(str(exc))
-    print(json.dumps(stats, indent=2))
-
-
-@shards_app.command("inspect")
-def shards_inspect(
-    paths: List[str] = typer.Argument(..., help="Dir, glob, brace pattern (a-{000000..000009}.tar) or list"),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object"),
-    pipeline: Optional[Path] = typer.Option(None, help="Use this pipeline's tokenizer, context length, limits"),
-    dump: Optional[Path] = typer.Option(None, help="Write accepted samples as {key}.png + {key}.txt here"),
-) -> None:
-    """Count good samples and rejects by reason, reading through the training cleaning code."""
-    from mmtl.data.inspect import inspect_shards
-    from mmtl.data.samples import CleanOptions
-
-    opts = CleanOptions()
-    if pipeline:
-        pipe = _load(pipeline, [])
-        from mmtl.data.stream import clean_options
-        from mmtl.models import build_tokenizer
-
-        opts = clean_options(pipe, count_tokens=build_tokenizer(pipe.model).count)
-    spec = paths[0] if len(paths) == 1 else list(paths)
-    report = inspect_shards(spec, opts, dump_dir=str(dump) if dump else None)
-    if as_json:
-        print(json.dumps(report))
-    else:
-        table = Table(title="shards inspect")
-        table.add_column("field")
-        table.add_column("value", justify="right")
-        for k in ("shards", "samples_ok", "caption_truncated"):
-            table.add_row(k, str(report.get(k, 0)))
-        for k, v in sorted(report.get("rejected", {}).items()):
-            table.add_row(f"rejected: {k}", str(v))
-        Console().print(table)
-        for w in report.get("warnings", []):
-            console.print(f"[yellow]warning:[/] {w}", highlight=False)
-        for e in report.get("errors", []):
-            console.print(f"[red]error:[/] {e}", highlight=False)
-    if report.get("errors"):
-        raise typer.Exit(1)
-
-
-@datasets_app.command("emoji")
-def datasets_emoji(
-    out: Path = typer.Option(Path("mmtl/assets/emoji"), help="Output folder"),
-    npm_dir: Optional[Path] = typer.Option(None, help="Folder with node_modules already installed"),
-) -> None:
-    """Rebuild the bundled emoji image-text shards from the npm packages (needs npm + rsvg-convert)."""
-    from mmtl.datasets.emoji import build_emoji_dataset
-
-    print(json.dumps(build_emoji_dataset(str(out), str(npm_dir) if npm_dir else None), indent=2))
-
-
-ADDRESS_HELP = "Ray dashboard URL; default $RAY_ADDRESS (http) or http://127.0.0.1:8265"
 
 
 @app.command()
@@ -236,76 +146,6 @@ def stop(job_id: str = typer.Argument(...), address: Optional[str] = typer.Optio
     except (ConnectionError, RuntimeError, ValueError) as exc:
         _fail(str(exc), 1)
     print("stopped" if stopped else "already finished")
-
-
-@bench_app.command("ingest")
-def bench_ingest_cmd(
-    path: Optional[str] = typer.Argument(None, help="Shards to read; default: write synthetic 224-px JPEG shards"),
-    samples: int = typer.Option(2000, help="Synthetic samples to write"),
-    runs: int = typer.Option(3, help="Timed runs per side (median reported)"),
-    image_size: int = typer.Option(64, help="Model input size (px)"),
-    processes: int = typer.Option(2, help="Reader processes on both sides"),
-    batch_size: int = typer.Option(64),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object"),
-) -> None:
-    """samples/s of mmtl's Ray Data ingest vs webdataset + torch DataLoader on the same shards and transform."""
-    from mmtl.bench.ingest import bench_ingest
-
-    r = bench_ingest(path, samples=samples, runs=runs, image_size=image_size, processes=processes,
-                     batch_size=batch_size, say=None if as_json else (lambda m: console.print(m, highlight=False)))
-    if as_json:
-        print(json.dumps(r))
-    else:
-        sp = r["samples_per_s"]
-        print(f"mmtl {sp['mmtl']:.1f} samples/s  baseline {sp['baseline']:.1f} samples/s  ratio {r['ratio']:.3f}"
-              f"  (median of {r['runs']}, Ray start-up {r['startup_s']:.1f} s)")
-
-
-@bench_app.command("step")
-def bench_step_cmd(
-    steps: int = typer.Option(30, help="Timed steps per loop"),
-    warmup: int = typer.Option(5, help="Untimed steps first"),
-    zero_stages: str = typer.Option("0,2", help="Comma list of ZeRO stages"),
-    micro_batch: int = typer.Option(32),
-    repeats: int = typer.Option(3, help="Repeats (median reported)"),
-    no_ray: bool = typer.Option(False, "--no-ray", help="Skip the Ray Train variant"),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object"),
-) -> None:
-    """Step time: mmtl loop vs a bare loop on the same DeepSpeed engine, and bare DeepSpeed vs plain torch."""
-    from mmtl.bench.step import bench_step
-
-    from mmtl.bench.step import format_table, stdout_to_stderr
-
-    stages = tuple(int(x) for x in zero_stages.split(",") if x.strip())
-    with stdout_to_stderr() as out:
-        r = bench_step(steps=steps, warmup=warmup, zero_stages=stages, micro_batch=micro_batch,
-                       use_ray=not no_ray, repeats=repeats)
-        out.write((json.dumps(r) if as_json else format_table(r)) + "\n")
-
-
-@bench_app.command("strategies")
-def bench_strategies_cmd(
-    pipeline: str = typer.Option("pipelines/quickstart.yaml", help="Pipeline whose data and towers every row uses"),
-    rows: str = typer.Option("frozen,lit,lora_text,lora_both,full", help="Comma list of rows"),
-    image_size: int = typer.Option(128, help="Input resolution (pixels) for every row"),
-    steps: int = typer.Option(150, help="Optimizer steps per row"),
-    micro_batch: int = typer.Option(32, help="Micro-batch per worker"),
-    tower_lr: float = typer.Option(1e-5, help="LR of fine-tuned tower weights (LiT, full); heads/LoRA use train.lr"),
-    context_length: int = typer.Option(32, help="Text tokens per caption"),
-    runs_root: str = typer.Option("runs/bench-strategies", help="Where the rows' runs go"),
-    out: Optional[Path] = typer.Option(None, "--out", help="Also write the JSON result here (updated after each row)"),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the Markdown table"),
-) -> None:
-    """Transfer strategies side by side (frozen heads, LiT, LoRA text, LoRA both, full): R@K, params, memory, time."""
-    from mmtl.bench.strategies import bench_strategies, format_markdown
-
-    try:
-        r = bench_strategies(pipeline, [x.strip() for x in rows.split(",") if x.strip()], image_size, steps,
-                             micro_batch, tower_lr, context_length, runs_root, out,
-                             say=lambda m: console.print(f"[cyan]mmtl[/] {m}", highlight=False))
-    except (ValueError, RuntimeError) as exc:
-        _fail(str(exc), 1)
-    print(json.dumps(r, indent=1) if as_json else format_markdown(r))
 
 
 @app.command("export")
@@ -383,49 +223,6 @@ def eval_cmd(
     ml = report["mlflow"]
     console.print(f"mlflow: run {ml['eval_run_id']} at {ml['tracking_uri']}" if ml.get("logged")
                   else f"mlflow: not logged ({ml['reason']})", highlight=False)
-
-
-@datasets_app.command("diagrams")
-def datasets_diagrams(
-    out: Path = typer.Option(Path("data/diagrams"), "--out", help="Output folder (train/, test/, answers.txt)"),
-    train_images: int = typer.Option(1000, "--train-images", help="Train images (4 questions each)"),
-    test_images: int = typer.Option(250, "--test-images", help="Test images (layouts never seen in train)"),
-    image_size: int = typer.Option(160, "--image-size", help="Rendered image side in pixels"),
-    test_percent: int = typer.Option(20, "--test-percent", help="Share of layouts assigned to test"),
-    seed: int = typer.Option(0, "--seed", help="Generator seed"),
-) -> None:
-    """Render a diagram VQA set offline (shapes, labelled boxes and arrows; count/colour/position/relation)."""
-    from mmtl.datasets.diagrams import build_diagrams
-
-    try:
-        stats = build_diagrams(out, train_images=train_images, test_images=test_images, image_size=image_size,
-                               test_percent=test_percent, seed=seed)
-    except ValueError as exc:
-        _fail(str(exc), 1)
-    print(json.dumps(stats, indent=2))
-
-
-@datasets_app.command("fashion-mnist")
-def datasets_fashion_mnist(
-    out: Path = typer.Option(Path("data/fashion-mnist"), "--out", help="Output folder (train/, test/, classes.txt)"),
-    src: Path = typer.Option(Path("/usr/share/datasets/fashion-mnist"), "--src",
-                             help="IDX files, gz or raw (Debian: apt-get install dataset-fashion-mnist)"),
-    limit: Optional[int] = typer.Option(None, "--limit", help="At most this many samples per split"),
-    shots_per_class: Optional[int] = typer.Option(None, "--shots-per-class", help="Few-shot train set size per class"),
-    seed: int = typer.Option(0, "--seed", help="Seed of the few-shot draw"),
-    split: Optional[List[str]] = typer.Option(None, "--split", help="train and/or test; repeatable (default both)"),
-    max_samples: int = typer.Option(5000, "--max-samples", help="Samples per shard at most"),
-) -> None:
-    """Import Fashion-MNIST (IDX files) into WebDataset shards with class-name captions."""
-    from mmtl.datasets.fashion_mnist import import_fashion_mnist
-
-    try:
-        stats = import_fashion_mnist(src, out, splits=tuple(split or ("train", "test")), limit=limit,
-                                     shots_per_class=shots_per_class, seed=seed, max_samples_per_shard=max_samples,
-                                     progress=True)
-    except (FileNotFoundError, ValueError) as exc:
-        _fail(str(exc), 1)
-    print(json.dumps(stats, indent=2))
 
 
 @app.command()

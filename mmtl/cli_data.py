@@ -1,0 +1,133 @@
+"""``mmtl shards ...`` and ``mmtl datasets ...``: build / inspect shards, bundled and importable datasets."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from mmtl.cli_common import _fail, _load, console
+
+shards_app = typer.Typer(help="Build and inspect WebDataset shards.", no_args_is_help=True)
+datasets_app = typer.Typer(help="Bundled and importable real datasets.", no_args_is_help=True)
+
+
+@shards_app.command("build")
+def shards_build(
+    src: str = typer.Argument(..., help="Folder of images with same-stem .txt captions, or a .csv/.tsv/.parquet"),
+    out: Path = typer.Option(..., "--out", help="Output folder for the shards"),
+    image_col: str = typer.Option("image", help="Table column with image paths"),
+    caption_col: str = typer.Option("caption", help="Table column with captions"),
+    prefix: str = typer.Option("shard", help="Shard file prefix: PREFIX-000000.tar"),
+    max_samples: int = typer.Option(10_000, help="Samples per shard at most"),
+    max_bytes: int = typer.Option(1 << 30, help="Bytes per shard at most"),
+    val_fraction: float = typer.Option(0.0, help="Share of samples for out/val"),
+    test_fraction: float = typer.Option(0.0, help="Share of samples for out/test"),
+    seed: int = typer.Option(0, help="Split seed"),
+) -> None:
+    """Write WebDataset shards (img2dataset layout) and a stats.json."""
+    from mmtl.data.build import build_shards
+
+    try:
+        stats = build_shards(src, str(out), image_col=image_col, caption_col=caption_col, prefix=prefix,
+                             max_samples_per_shard=max_samples, max_bytes_per_shard=max_bytes,
+                             val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    print(json.dumps(stats, indent=2))
+
+
+@shards_app.command("inspect")
+def shards_inspect(
+    paths: List[str] = typer.Argument(..., help="Dir, glob, brace pattern (a-{000000..000009}.tar) or list"),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object"),
+    pipeline: Optional[Path] = typer.Option(None, help="Use this pipeline's tokenizer, context length, limits"),
+    dump: Optional[Path] = typer.Option(None, help="Write accepted samples as {key}.png + {key}.txt here"),
+) -> None:
+    """Count good samples and rejects by reason, reading through the training cleaning code."""
+    from mmtl.data.inspect import inspect_shards
+    from mmtl.data.samples import CleanOptions
+
+    opts = CleanOptions()
+    if pipeline:
+        pipe = _load(pipeline, [])
+        from mmtl.data.stream import clean_options
+        from mmtl.models import build_tokenizer
+
+        opts = clean_options(pipe, count_tokens=build_tokenizer(pipe.model).count)
+    spec = paths[0] if len(paths) == 1 else list(paths)
+    report = inspect_shards(spec, opts, dump_dir=str(dump) if dump else None)
+    if as_json:
+        print(json.dumps(report))
+    else:
+        table = Table(title="shards inspect")
+        table.add_column("field")
+        table.add_column("value", justify="right")
+        for k in ("shards", "samples_ok", "caption_truncated"):
+            table.add_row(k, str(report.get(k, 0)))
+        for k, v in sorted(report.get("rejected", {}).items()):
+            table.add_row(f"rejected: {k}", str(v))
+        Console().print(table)
+        for w in report.get("warnings", []):
+            console.print(f"[yellow]warning:[/] {w}", highlight=False)
+        for e in report.get("errors", []):
+            console.print(f"[red]error:[/] {e}", highlight=False)
+    if report.get("errors"):
+        raise typer.Exit(1)
+
+
+@datasets_app.command("emoji")
+def datasets_emoji(
+    out: Path = typer.Option(Path("mmtl/assets/emoji"), help="Output folder"),
+    npm_dir: Optional[Path] = typer.Option(None, help="Folder with node_modules already installed"),
+) -> None:
+    """Rebuild the bundled emoji image-text shards from the npm packages (needs npm + rsvg-convert)."""
+    from mmtl.datasets.emoji import build_emoji_dataset
+
+    print(json.dumps(build_emoji_dataset(str(out), str(npm_dir) if npm_dir else None), indent=2))
+
+
+@datasets_app.command("diagrams")
+def datasets_diagrams(
+    out: Path = typer.Option(Path("data/diagrams"), "--out", help="Output folder (train/, test/, answers.txt)"),
+    train_images: int = typer.Option(1000, "--train-images", help="Train images (4 questions each)"),
+    test_images: int = typer.Option(250, "--test-images", help="Test images (layouts never seen in train)"),
+    image_size: int = typer.Option(160, "--image-size", help="Rendered image side in pixels"),
+    test_percent: int = typer.Option(20, "--test-percent", help="Share of layouts assigned to test"),
+    seed: int = typer.Option(0, "--seed", help="Generator seed"),
+) -> None:
+    """Render a diagram VQA set offline (shapes, labelled boxes and arrows; count/colour/position/relation)."""
+    from mmtl.datasets.diagrams import build_diagrams
+
+    try:
+        stats = build_diagrams(out, train_images=train_images, test_images=test_images, image_size=image_size,
+                               test_percent=test_percent, seed=seed)
+    except ValueError as exc:
+        _fail(str(exc), 1)
+    print(json.dumps(stats, indent=2))
+
+
+@datasets_app.command("fashion-mnist")
+def datasets_fashion_mnist(
+    out: Path = typer.Option(Path("data/fashion-mnist"), "--out", help="Output folder (train/, test/, classes.txt)"),
+    src: Path = typer.Option(Path("/usr/share/datasets/fashion-mnist"), "--src",
+                             help="IDX files, gz or raw (Debian: apt-get install dataset-fashion-mnist)"),
+    limit: Optional[int] = typer.Option(None, "--limit", help="At most this many samples per split"),
+    shots_per_class: Optional[int] = typer.Option(None, "--shots-per-class", help="Few-shot train set size per class"),
+    seed: int = typer.Option(0, "--seed", help="Seed of the few-shot draw"),
+    split: Optional[List[str]] = typer.Option(None, "--split", help="train and/or test; repeatable (default both)"),
+    max_samples: int = typer.Option(5000, "--max-samples", help="Samples per shard at most"),
+) -> None:
+    """Import Fashion-MNIST (IDX files) into WebDataset shards with class-name captions."""
+    from mmtl.datasets.fashion_mnist import import_fashion_mnist
+
+    try:
+        stats = import_fashion_mnist(src, out, splits=tuple(split or ("train", "test")), limit=limit,
+                                     shots_per_class=shots_per_class, seed=seed, max_samples_per_shard=max_samples,
+                                     progress=True)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc), 1)
+    print(json.dumps(stats, indent=2))
