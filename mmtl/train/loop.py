@@ -41,8 +41,9 @@ def seed_everything(seed: int) -> None:
 
 
 def build_engine(pipe: Pipeline, model: torch.nn.Module):
-    """Wrap ``model`` in its train module (:func:`mmtl.train.tasks.make_train_module`) and ``deepspeed.initialize`` it with the pipeline's
-    ZeRO / precision / batch config, a client AdamW and the warmup-cosine schedule."""
+    """Wrap ``model`` in its train module (:func:`mmtl.train.tasks.make_train_module`) and
+    ``deepspeed.initialize`` it with the pipeline's ZeRO / precision / batch config, a client AdamW (own LR for
+    tower weights with ``train.tower_lr``) and the warmup-cosine schedule."""
     import deepspeed
     import deepspeed.ops
 
