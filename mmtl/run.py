@@ -74,7 +74,8 @@ def fit(pipe: Pipeline, run_dir: Path, arrays: Optional[dict], uri: str, run_id:
     """Train with Ray Train (``TorchTrainer`` of ``train.num_workers`` workers, each running
     :func:`mmtl.train.worker.train_loop_per_worker`) and return the ``ray.train.Result``.
 
-    ``arrays``: in-memory training rows ``{name: (N, ...) ndarray}`` put in the object store once and indexed
+    ``arrays``: in-memory training rows ``{name: (N, ...) ndarray or RowIndexed}`` (all of N rows; a
+    :class:`mmtl.train.arrays.RowIndexed` shares rows between samples) put in the object store once and indexed
     by a shuffled Ray Data index stream (cached frozen-tower outputs; task modules get these names as
     ``forward`` arguments), or ``None`` to stream and decode ``data.train`` shards.
 
@@ -98,7 +99,10 @@ def fit(pipe: Pipeline, run_dir: Path, arrays: Optional[dict], uri: str, run_id:
            "features_ref": None, "stats_actor": None,
            "env": {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}}
     if arrays is not None:
+        lengths = {name: len(a) for name, a in arrays.items()}
         n = len(next(iter(arrays.values())))
+        if set(lengths.values()) != {n}:
+            raise ValueError(f"training arrays must all have the same number of rows, got {lengths}")
         cfg["features_ref"] = ray.put(arrays)
         ds = build_index_dataset(n, epochs_needed(t.max_steps, t.effective_global_batch, n), pipe.data.seed)
     else:

@@ -161,10 +161,13 @@ def test_strategy_refuses_unsupported_options(tiny_model):
 def test_itm_and_vqa_evaluation_on_token_sets(tiny_model):
     from mmtl.fusion.evaluate import evaluate_itm, evaluate_vqa
     from mmtl.fusion.features import TokenSet
+    from mmtl.train.arrays import RowIndexed
 
     rng = np.random.default_rng(0)
-    image, text = rng.standard_normal((6, 4, 256)), rng.standard_normal((6, 5, 32))
-    ts = TokenSet(image.astype(np.float16), text.astype(np.float16), np.ones((6, 5), dtype=np.int64), ["q"] * 6, [["2"], ["red"], ["2", "3"], ["x"], ["3"], ["red"]],
+    image, text = rng.standard_normal((3, 4, 256)), rng.standard_normal((6, 5, 32))
+    image_tokens = RowIndexed(image.astype(np.float16), np.array([0, 0, 1, 1, 2, 2]))  # images a, b, c
+    ts = TokenSet(image_tokens, text.astype(np.float16), np.ones((6, 5), dtype=np.int64), ["q"] * 6,
+                  [["2"], ["red"], ["2", "3"], ["x"], ["3"], ["red"]],
                   ["count", "colour", "count", "count", "count", "colour"], ["a", "a", "b", "b", "c", "c"])
     itm = FusionTaskModule(tiny_model, CrossAttentionConfig(task="itm", n_heads=2, hidden=16)).eval()
     out = evaluate_itm(itm, ts)
@@ -178,3 +181,41 @@ def test_itm_and_vqa_evaluation_on_token_sets(tiny_model):
     # scores of "2": 1, 0, 0.5, 0, 0, 0 -> count (1 + 0.5 + 0 + 0) / 4, colour 0
     assert metrics["vqa/count"] == pytest.approx(0.375) and metrics["vqa/colour"] == 0
     assert metrics["vqa/overall"] == pytest.approx(1.5 / 6) and metrics["vqa/out_of_vocab"] == 1
+
+
+def test_row_indexed_arrays_share_rows_and_batch_like_the_materialised_array():
+    from mmtl.train.arrays import RowIndexed
+    from mmtl.train.loop import feature_batches
+
+    table = np.arange(3 * 2 * 4, dtype=np.float32).reshape(3, 2, 4)
+    rows = np.array([2, 0, 0, 1, 2])
+    view, full = RowIndexed(table, rows), table[rows]
+    assert len(view) == 5 and view.shape == (5, 2, 4) and view.nbytes == table.nbytes + rows.nbytes
+    np.testing.assert_array_equal(view[1:4], full[1:4])
+    np.testing.assert_array_equal(view[np.array([4, 0, 3])], full[[4, 0, 3]])
+    batch = next(feature_batches(iter([{"idx": torch.tensor([3, 1])}]), {"img": view, "y": np.arange(5)}))
+    assert torch.equal(batch["img"], torch.from_numpy(full[[3, 1]])) and batch["y"].tolist() == [3, 1]
+    with pytest.raises(ValueError, match="index"):
+        RowIndexed(table, np.array([0, 3]))
+    with pytest.raises(ValueError, match="index"):
+        RowIndexed(table, np.zeros((2, 2), dtype=int))
+
+
+def test_token_set_stores_each_image_once_and_the_cache_round_trips(tiny_model, tmp_path):
+    from mmtl.data.samples import CleanOptions
+    from mmtl.datasets.diagrams import build_diagrams
+    from mmtl.fusion.features import load_or_compute
+
+    build_diagrams(tmp_path / "d", train_images=6, test_images=2, image_size=64)
+    fcfg, opts = CrossAttentionConfig(n_heads=2), CleanOptions()
+    spec = str(tmp_path / "d" / "train")
+    ts = load_or_compute(tiny_model, spec, fcfg, opts, tmp_path / "cache")
+    ids = np.array(ts.image_ids)
+    assert len(ts.image_tokens.table) == len(set(ts.image_ids)) == 6 and len(ts) > 6  # several questions each
+    assert ts.image_tokens.shape == (len(ts), 4, 256)
+    assert all(len(set(ts.image_tokens.rows[ids == i])) == 1 for i in set(ts.image_ids))
+    again = load_or_compute(tiny_model, spec, fcfg, opts, tmp_path / "cache")
+    assert len(list((tmp_path / "cache").glob("fusion-*.npz"))) == 1
+    np.testing.assert_array_equal(again.image_tokens[:], ts.image_tokens[:])
+    np.testing.assert_array_equal(again.text_tokens, ts.text_tokens)
+    assert again.answers == ts.answers and again.image_ids == ts.image_ids

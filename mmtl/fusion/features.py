@@ -5,10 +5,12 @@ A sample is an image, its caption (the question) and its json (``strategy.fusion
 distinct text runs through the text tower once. For ``task: itm`` the text is the caption followed by the
 first answer ("how many circles are there? 2"), for ``vqa`` the caption alone.
 
-Arrays of a :class:`TokenSet` (``N`` samples, ``T`` image tokens, ``L`` text tokens trimmed to the longest
-question of the set): ``image_tokens`` (N, T, D_v) float16, ``text_tokens`` (N, L, D_t) float16,
-``text_mask`` (N, L) int64. Memory is about ``N * T * D_v * 2`` bytes (e.g. 4,000 questions x 25 tokens x
-1,280 = 256 MB); ``strategy.fusion.image_pool`` average-pools a square token grid by that factor first.
+Arrays of a :class:`TokenSet` (``N`` samples, ``M`` distinct images, ``T`` image tokens, ``L`` text tokens
+trimmed to the longest question of the set): ``image_tokens`` a :class:`~mmtl.train.arrays.RowIndexed`
+view (N, T, D_v) over an (M, T, D_v) float16 table (an image's questions share its row), ``text_tokens``
+(N, L, D_t) float16, ``text_mask`` (N, L) int64. Memory is about ``M * T * D_v * 2 + N * L * D_t * 2`` bytes
+(e.g. 3,000 images x 36 tokens x 1,280 = 276 MB); ``strategy.fusion.image_pool`` average-pools a square
+token grid by that factor first.
 
 Cache: ``<cache_root>/fusion-<key>.npz`` + ``.json``, where ``key`` hashes both tower fingerprints, the shard
 files (names, sizes, mtimes), the fields read and ``image_pool``.
@@ -27,15 +29,16 @@ import numpy as np
 import torch
 
 from mmtl.config import CrossAttentionConfig
+from mmtl.train.arrays import RowIndexed
 
-_VERSION = 1
+_VERSION = 2
 
 
 @dataclass
 class TokenSet:
     """Token features + labels of one shard set (see module docstring for shapes)."""
 
-    image_tokens: np.ndarray
+    image_tokens: RowIndexed
     text_tokens: np.ndarray
     text_mask: np.ndarray
     captions: list[str]
@@ -149,7 +152,7 @@ def compute_tokens(model, spec, fcfg: CrossAttentionConfig, clean_opts, batch_si
              "seconds": round(time.perf_counter() - t0, 1)}
     say(f"tokens: {len(captions)} samples, {len(img_index)} images, image tokens {images.shape[1:]}, "
         f"text tokens {text.shape[1:]} ({out_stats['seconds']} s)")
-    return TokenSet(images[rows], text, mask, captions, answers, qtypes, ids, out_stats)
+    return TokenSet(RowIndexed(images, rows), text, mask, captions, answers, qtypes, ids, out_stats)
 
 
 def load_or_compute(model, spec, fcfg: CrossAttentionConfig, clean_opts, cache_root: Optional[Path],
@@ -162,12 +165,12 @@ def load_or_compute(model, spec, fcfg: CrossAttentionConfig, clean_opts, cache_r
     if npz.exists() and meta.exists():
         arr, m = np.load(npz), json.loads(meta.read_text())
         say(f"tokens: {len(m['captions'])} samples from cache {npz.name}")
-        return TokenSet(arr["image_tokens"], arr["text_tokens"], arr["text_mask"], m["captions"], m["answers"],
-                        m["qtypes"], m["image_ids"], m["stats"])
+        return TokenSet(RowIndexed(arr["image_table"], arr["image_rows"]), arr["text_tokens"], arr["text_mask"],
+                        m["captions"], m["answers"], m["qtypes"], m["image_ids"], m["stats"])
     ts = compute_tokens(model, spec, fcfg, clean_opts, say=say)
     npz.parent.mkdir(parents=True, exist_ok=True)
     tmp = npz.with_name(npz.stem + ".tmp.npz")
-    np.savez(tmp, image_tokens=ts.image_tokens, text_tokens=ts.text_tokens, text_mask=ts.text_mask)
+    np.savez(tmp, image_table=ts.image_tokens.table, image_rows=ts.image_tokens.rows, text_tokens=ts.text_tokens, text_mask=ts.text_mask)
     tmp.replace(npz)
     meta.write_text(json.dumps({"captions": ts.captions, "answers": ts.answers, "qtypes": ts.qtypes,
                                 "image_ids": ts.image_ids, "stats": ts.stats}))

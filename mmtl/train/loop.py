@@ -88,10 +88,11 @@ def _to_device(batch: dict, device, dtype) -> dict:
     return out
 
 
-def feature_batches(it: Iterator[dict], arrays: dict[str, np.ndarray]) -> Iterator[dict]:
+def feature_batches(it: Iterator[dict], arrays: dict) -> Iterator[dict]:
     """Map index batches ``{"idx": (B,)}`` to rows of in-memory arrays: ``{name: arrays[name][idx]}`` as
     tensors, for every name (contrastive: ``image_feat`` (B,D_v) and ``text_feat`` (B,D_t) cached tower
-    outputs; task modules choose their own names, which must match their ``forward`` arguments)."""
+    outputs; task modules choose their own names, which must match their ``forward`` arguments). An array may
+    be a :class:`mmtl.train.arrays.RowIndexed` view (rows shared between samples)."""
     for b in it:
         idx = b["idx"].numpy() if isinstance(b["idx"], torch.Tensor) else np.asarray(b["idx"])
         yield {name: torch.from_numpy(np.ascontiguousarray(a[idx])) for name, a in arrays.items()}
