@@ -105,12 +105,18 @@ class CrossAttentionConfig(_Section):
         "xattn", description="xattn: gated cross-attention (Flamingo); late: MLP on concatenated pooled features.")
     n_blocks: int = Field(2, ge=1, description="Gated cross-attention blocks.")
     n_heads: int = Field(8, ge=1, description="Attention heads (must divide the text token width).")
+    self_attention: bool = Field(False, description="Add gated text self-attention to each block (the token "
+                                 "mixing Flamingo gets from its LM layers; ALBEF / BLIP multimodal layers).")
     ff_mult: int = Field(2, ge=1, description="Feed-forward width multiple of the text token width.")
     hidden: int = Field(512, gt=0, description="Hidden width of the task head MLP (and of the late-fusion MLP).")
     dropout: float = Field(0.1, ge=0, lt=1)
     resampler_tokens: int = Field(0, ge=0, description="Perceiver resampler latents; 0: off (all image tokens).")
     resampler_depth: int = Field(1, ge=1)
     max_image_tokens: int = Field(256, gt=0, description="Size of the learned image-token position table.")
+    image_layer: int = Field(
+        -1, le=-1, description="Image tokens from: -1 the tower's final tokens; -k an earlier stage/block, counted "
+        "from the end of [stage or block outputs..., final] (EfficientNet: -3 = stride 16; ViT: -3 = penultimate "
+        "block).")
     image_pool: int = Field(1, ge=1, description="Average-pool the image token grid by this factor (memory).")
     answers: Optional[list[str]] = Field(None, description="Answer vocabulary; null: built from the train set.")
     answers_file: Optional[str] = Field(None, description="Answer vocabulary file, one answer a line.")

@@ -39,11 +39,25 @@ def test_token_shapes_every_family(family):
     d_v, d_t = m.token_dims()
     assert it.dim() == 3 and it.shape[0] == 2 and it.shape[2] == d_v and it.shape[1] >= 1
     assert tt.shape == (2, cfg.context_length, d_t)
+    x = torch.randn(2, 3, cfg.image_size, cfg.image_size)
+    with torch.no_grad():  # an intermediate stage / block: -2 = the last one before the final tokens
+        final, mid = m.image_tokens(x), m.image_tokens(x, layer=-2)
+    assert mid.shape[0] == 2 and mid.shape[2] == m.token_dims(-2)[0] and m.token_dims(-2)[1] == d_t
+    if family == "open_clip":  # final tokens = ln_post(last block's patch tokens)
+        assert torch.allclose(m.image_tower.ln_post(mid), final, atol=1e-5)
+    if family == "hf":  # CLIP: last_hidden_state is the last block's output (class token kept)
+        assert torch.allclose(mid, final, atol=1e-5)
+    with pytest.raises(ValueError, match="image_layer=-99"):
+        m.token_dims(-99)
+    with pytest.raises(ValueError, match="image_layer=-99"):
+        m.image_tokens(torch.randn(1, 3, cfg.image_size, cfg.image_size), layer=-99)
     if family == "two_tower":  # tokens pool back to the pooled features exactly
         x = torch.randn(2, 3, 64, 64)
         with torch.no_grad():
             assert it.shape[1] == 4  # 64 px / 32 = 2x2 grid
             assert torch.allclose(m.image_tokens(x).mean(1), m.image_features(x), atol=1e-5)
+            stride16 = m.image_tokens(x, layer=-3)  # one feature-pyramid level finer: 4x4 grid at 64 px
+            assert stride16.shape == (2, 16, m.token_dims(-3)[0])
             mask = tok["attention_mask"].unsqueeze(-1).float()
             pooled = (tt * mask).sum(1) / mask.sum(1)
             assert torch.allclose(pooled, m.text_features(tok["input_ids"], tok["attention_mask"]), atol=1e-5)
@@ -54,8 +68,9 @@ def test_gates_at_zero_leave_text_unchanged():
     text, image = torch.randn(3, 7, 32), torch.randn(3, 5, 48)
     mask = torch.ones(3, 7)
     mask[0, 4:] = 0
-    for resampler in (0, 4):
-        fusion = CrossAttentionFusion(48, 32, n_blocks=3, n_heads=4, resampler_tokens=resampler)
+    for resampler, self_attention in ((0, False), (4, False), (0, True)):
+        fusion = CrossAttentionFusion(48, 32, n_blocks=3, n_heads=4, resampler_tokens=resampler,
+                                      self_attention=self_attention)
         pooled, fused = fusion(image, text, mask)
         assert torch.equal(fused, text)
         assert torch.allclose(pooled[0], text[0, :4].mean(0), atol=1e-6)
@@ -64,6 +79,16 @@ def test_gates_at_zero_leave_text_unchanged():
         assert not torch.allclose(fusion(image, text, mask)[1], text)
     blk = GatedCrossAttentionBlock(32, 4)
     assert blk.attn_gate.shape == (1,) and float(blk.attn_gate) == 0 and float(blk.ff_gate) == 0
+    # text self-attention mixes real tokens only: changing the padding of row 0 leaves its real tokens alone
+    fusion = CrossAttentionFusion(48, 32, n_blocks=2, n_heads=4, self_attention=True).eval()
+    with torch.no_grad():
+        for b in fusion.blocks:
+            b.attn_gate.fill_(1.0), b.self_gate.fill_(1.0), b.ff_gate.fill_(1.0)
+        other = text.clone()
+        other[0, 4:] = torch.randn(3, 32) * 10
+        a, b = fusion(image, text, mask)[1], fusion(image, other, mask)[1]
+    assert torch.allclose(a[0, :4], b[0, :4], atol=1e-5) and not torch.allclose(a[0, :4], text[0, :4])
+    assert torch.equal(a[1:], b[1:])
 
 
 def test_resampler_fixed_token_count_and_errors():

@@ -39,28 +39,45 @@ class GatedCrossAttentionBlock(nn.Module):
     """One Flamingo GATED XATTN-DENSE block (text queries, image keys/values), dimension ``dim`` throughout:
 
         x = x + tanh(alpha_xattn) * MHA(LN(x), media, media)
+        x = x + tanh(alpha_self) * MHA(LN(x), x, x)          (only with ``self_attention``)
         x = x + tanh(alpha_dense) * FFW(LN(x))
 
-    ``alpha_xattn`` and ``alpha_dense`` are parameters of shape (1,) initialised at 0 (identity at step 0).
+    ``alpha_*`` are parameters of shape (1,) initialised at 0 (identity at step 0). ``self_attention`` adds the
+    text self-attention that Flamingo gets from the frozen LM layer following each gated block (and that
+    ALBEF / BLIP's multimodal encoder layers have): without it every text token attends to the image on its
+    own and the tokens only meet in the final pooling.
 
     forward: ``x`` (B, L, dim) text tokens, ``media`` (B, N, dim) image tokens, ``media_mask`` (B, N) bool
-    (True = attend) or None -> (B, L, dim).
+    (True = attend) or None, ``text_mask`` (B, L) (1 = real token) or None -> (B, L, dim).
     """
 
-    def __init__(self, dim: int, n_heads: int, ff_mult: int = 2, dropout: float = 0.0) -> None:
+    def __init__(self, dim: int, n_heads: int, ff_mult: int = 2, dropout: float = 0.0,
+                 self_attention: bool = False) -> None:
         super().__init__()
         _check_heads(dim, n_heads)
         self.norm_attn = nn.LayerNorm(dim)
         self.attn = nn.MultiheadAttention(dim, n_heads, dropout=dropout, batch_first=True)
         self.attn_gate = nn.Parameter(torch.zeros(1))
+        if self_attention:
+            self.norm_self = nn.LayerNorm(dim)
+            self.self_attn = nn.MultiheadAttention(dim, n_heads, dropout=dropout, batch_first=True)
+            self.self_gate = nn.Parameter(torch.zeros(1))
+        else:
+            self.self_attn = None
         self.norm_ff = nn.LayerNorm(dim)
         self.ff = feed_forward(dim, ff_mult, dropout)
         self.ff_gate = nn.Parameter(torch.zeros(1))
 
-    def forward(self, x: Tensor, media: Tensor, media_mask: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, media: Tensor, media_mask: Optional[Tensor] = None,
+                text_mask: Optional[Tensor] = None) -> Tensor:
         pad = None if media_mask is None else ~media_mask.bool()
         a, _ = self.attn(self.norm_attn(x), media, media, key_padding_mask=pad, need_weights=False)
         x = x + torch.tanh(self.attn_gate) * a
+        if self.self_attn is not None:
+            h = self.norm_self(x)
+            text_pad = None if text_mask is None else ~text_mask.bool()
+            a, _ = self.self_attn(h, h, h, key_padding_mask=text_pad, need_weights=False)
+            x = x + torch.tanh(self.self_gate) * a
         return x + torch.tanh(self.ff_gate) * self.ff(self.norm_ff(x))
 
 
@@ -117,7 +134,7 @@ class CrossAttentionFusion(nn.Module):
 
     def __init__(self, d_image: int, d_text: int, *, n_blocks: int = 2, n_heads: int = 8, ff_mult: int = 2,
                  dropout: float = 0.0, resampler_tokens: int = 0, resampler_depth: int = 1,
-                 max_image_tokens: int = 256) -> None:
+                 max_image_tokens: int = 256, self_attention: bool = False) -> None:
         super().__init__()
         _check_heads(d_text, n_heads)
         self.out_dim = int(d_text)
@@ -125,7 +142,8 @@ class CrossAttentionFusion(nn.Module):
         self.pos = nn.Parameter(torch.randn(max_image_tokens, d_text) * 0.02)
         self.resampler = (PerceiverResampler(d_text, resampler_tokens, resampler_depth, n_heads, ff_mult)
                           if resampler_tokens > 0 else None)
-        self.blocks = nn.ModuleList(GatedCrossAttentionBlock(d_text, n_heads, ff_mult, dropout) for _ in range(n_blocks))
+        self.blocks = nn.ModuleList(GatedCrossAttentionBlock(d_text, n_heads, ff_mult, dropout, self_attention)
+                                    for _ in range(n_blocks))
 
     def media(self, image_tokens: Tensor) -> Tensor:
         """(B, N, D_v) -> (B, N or R, D_t) keys/values for the gated blocks."""
@@ -139,7 +157,7 @@ class CrossAttentionFusion(nn.Module):
         media = self.media(image_tokens)
         x = text_tokens
         for blk in self.blocks:
-            x = blk(x, media)
+            x = blk(x, media, text_mask=text_mask)
         return masked_mean(x, text_mask), x
 
 

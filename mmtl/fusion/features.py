@@ -13,7 +13,7 @@ view (N, T, D_v) over an (M, T, D_v) float16 table (an image's questions share i
 token grid by that factor first.
 
 Cache: ``<cache_root>/fusion-<key>.npz`` + ``.json``, where ``key`` hashes both tower fingerprints, the shard
-files (names, sizes, mtimes), the fields read and ``image_pool``.
+files (names, sizes, mtimes), the fields read, ``image_layer`` and ``image_pool``.
 """
 from __future__ import annotations
 
@@ -83,7 +83,7 @@ def _key(model, spec, fcfg: CrossAttentionConfig) -> str:
         p = Path(s)
         files.append([s, p.stat().st_size, int(p.stat().st_mtime)] if p.exists() else [s])
     ident = {"v": _VERSION, "image": model.fingerprint("image"), "text": model.fingerprint("text"), "files": files,
-             "fields": [fcfg.answers_field, fcfg.qtype_field, fcfg.image_id_field], "pool": fcfg.image_pool,
+             "fields": [fcfg.answers_field, fcfg.qtype_field, fcfg.image_id_field], "pool": fcfg.image_pool, "layer": fcfg.image_layer,
              "task": fcfg.task}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]
 
@@ -112,7 +112,7 @@ def compute_tokens(model, spec, fcfg: CrossAttentionConfig, clean_opts, batch_si
     def flush() -> None:
         if pending:
             with torch.no_grad():
-                toks = pool_grid(model.image_tokens(torch.stack(pending)), fcfg.image_pool)
+                toks = pool_grid(model.image_tokens(torch.stack(pending), fcfg.image_layer), fcfg.image_pool)
             image_rows.extend(toks.to(torch.float16).numpy())
             pending.clear()
 

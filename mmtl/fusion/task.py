@@ -30,7 +30,8 @@ def build_fusion(fcfg: CrossAttentionConfig, d_image: int, d_text: int) -> nn.Mo
         return LateFusion(d_image, d_text)
     return CrossAttentionFusion(d_image, d_text, n_blocks=fcfg.n_blocks, n_heads=fcfg.n_heads, ff_mult=fcfg.ff_mult,
                                 dropout=fcfg.dropout, resampler_tokens=fcfg.resampler_tokens,
-                                resampler_depth=fcfg.resampler_depth, max_image_tokens=fcfg.max_image_tokens)
+                                resampler_depth=fcfg.resampler_depth, max_image_tokens=fcfg.max_image_tokens,
+                                self_attention=fcfg.self_attention)
 
 
 class FusionTaskModule(nn.Module):
@@ -45,7 +46,7 @@ class FusionTaskModule(nn.Module):
         super().__init__()
         self.model = model
         self.task = fcfg.task
-        d_image, d_text = model.token_dims()
+        d_image, d_text = model.token_dims(fcfg.image_layer)
         self.fusion = build_fusion(fcfg, d_image, d_text)
         if fcfg.task == "vqa":
             if not n_answers or n_answers < 2:

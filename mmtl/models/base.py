@@ -106,11 +106,12 @@ class MultimodalModel(nn.Module):
         raise NotImplementedError
 
     # ---- token-level features (fusion), see mmtl.models.tokens --------------------------------------
-    def image_tokens(self, images: Tensor) -> Tensor:
-        """(B,3,H,W) normalised float -> (B, N, D_v) image-tower tokens before pooling (patches / grid cells)."""
+    def image_tokens(self, images: Tensor, layer: int = -1) -> Tensor:
+        """(B,3,H,W) normalised float -> (B, N, D_v) image-tower tokens before pooling (patches / grid cells);
+        ``layer`` -1: the final tokens, -k: an intermediate stage / block (:mod:`mmtl.models.tokens`)."""
         from mmtl.models.tokens import image_tokens
 
-        return image_tokens(self, images)
+        return image_tokens(self, images, layer)
 
     def text_tokens(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """(B,L) ids + mask -> (B, L, D_t) text-tower token states (padding where ``attention_mask`` is 0)."""
@@ -118,11 +119,11 @@ class MultimodalModel(nn.Module):
 
         return text_tokens(self, input_ids, attention_mask)
 
-    def token_dims(self) -> tuple[int, int]:
-        """``(D_v, D_t)``: the widths of :meth:`image_tokens` and :meth:`text_tokens`."""
+    def token_dims(self, layer: int = -1) -> tuple[int, int]:
+        """``(D_v, D_t)``: the widths of :meth:`image_tokens` (of level ``layer``) and :meth:`text_tokens`."""
         from mmtl.models.tokens import token_dims
 
-        return token_dims(self)
+        return token_dims(self, layer)
 
     # ---- shared ------------------------------------------------------------------------------------
     def scale(self) -> Tensor:

@@ -15,6 +15,14 @@ dispatch here on ``model.cfg.family``:
   ``transformer.width``) and text token states after ``ln_final``, before pooling and projection. ModifiedResNet
   and timm-trunk image towers are refused (ValueError).
 
+Intermediate levels (``layer``, ``strategy.fusion.image_layer``): ``-1`` is the final tokens above; ``-k`` (k >= 2)
+is the output of the (k-1)-th last stage / block of the image tower, counted from the end of
+``[stage or block outputs ..., final tokens]``: for a timm CNN its feature-pyramid stages (``feature_info``;
+EfficientNet-Lite0: -2 = stride 32 / 320-d, -3 = stride 16 / 112-d, a 12x12 grid at 192 px), for ViTs the
+transformer blocks without the final norm (-2 = last block, -3 = the penultimate one that LLaVA uses; hf keeps
+CLIP's class token, open_clip and timm drop prefix tokens). Lower levels see less of the image per token (a
+smaller receptive field), which helps questions about where things are and how many there are.
+
 Shapes: ``images`` (B, 3, S, S) normalised float; ``input_ids``, ``attention_mask`` (B, L) long (right padded);
 image tokens (B, N, D_v); text tokens (B, L, D_t) aligned with ``attention_mask`` (1 = real token).
 """
@@ -37,8 +45,35 @@ def _check_ids(input_ids: Tensor, attention_mask: Tensor) -> None:
                          "must both be (B, L)")
 
 
+def _level(n_levels: int, layer: int) -> int:
+    """0-based stage / block index of ``layer`` (-2 -> the last of ``n_levels``); ValueError if out of range."""
+    if layer >= -1 or layer < -(n_levels + 1):
+        raise ValueError(f"image_layer={layer}: this image tower has {n_levels} stages/blocks, so an intermediate "
+                         f"layer is -2 .. -{n_levels + 1} (-1 = the final tokens)")
+    return n_levels + layer + 1
+
+
+def _grid_to_tokens(x: Tensor) -> Tensor:
+    """(B, C, h, w) -> (B, h*w, C), row-major."""
+    return x.flatten(2).transpose(1, 2)
+
+
 # ---- two_tower ----------------------------------------------------------------------------------------
-def _timm_tokens(tower: nn.Module, images: Tensor) -> Tensor:
+def _timm_levels(tower: nn.Module) -> int:
+    blocks = getattr(tower, "blocks", None)
+    if getattr(tower, "feature_info", None) is not None and not hasattr(tower, "patch_embed"):
+        return len(tower.feature_info)  # CNN stages
+    if blocks is not None:
+        return len(blocks)  # ViT blocks
+    raise ValueError(f"timm tower {type(tower).__name__} exposes no stages or blocks for image_layer")
+
+
+def _timm_tokens(tower: nn.Module, images: Tensor, layer: int = -1) -> Tensor:
+    if layer != -1:
+        if not hasattr(tower, "forward_intermediates"):
+            raise ValueError(f"timm tower {type(tower).__name__} has no forward_intermediates: use image_layer=-1")
+        idx = _level(_timm_levels(tower), layer)
+        return _grid_to_tokens(tower.forward_intermediates(images, indices=[idx], intermediates_only=True)[0])
     x = tower.forward_features(images)
     if x.dim() == 4:  # CNN feature map (B, C, h, w) -> (B, h*w, C), row-major grid
         return x.flatten(2).transpose(1, 2)
@@ -48,10 +83,14 @@ def _timm_tokens(tower: nn.Module, images: Tensor) -> Tensor:
 
 
 # ---- open_clip ----------------------------------------------------------------------------------------
-def _open_clip_image_tokens(visual: nn.Module, images: Tensor) -> Tensor:
+def _open_clip_image_tokens(visual: nn.Module, images: Tensor, layer: int = -1) -> Tensor:
     if not all(hasattr(visual, a) for a in ("_embeds", "transformer", "_pool")):
         raise ValueError(f"open_clip image tower {type(visual).__name__} has no patch tokens in mmtl "
                          "(only VisionTransformer towers are supported)")
+    if layer != -1:
+        idx = _level(len(visual.transformer.resblocks), layer)
+        out = visual.forward_intermediates(images, indices=[idx], intermediates_only=True, output_fmt="NLC")
+        return out["image_intermediates"][0]
     x = visual.transformer(visual._embeds(images))
     _, tokens = visual._pool(x)
     return tokens
@@ -79,19 +118,24 @@ def _open_clip_text_tokens(tower: nn.Module, input_ids: Tensor) -> Tensor:
 
 
 # ---- dispatch -----------------------------------------------------------------------------------------
-def image_tokens(model, images: Tensor) -> Tensor:
-    """(B, 3, S, S) normalised images -> (B, N, D_v) image-tower tokens (see module docstring per family).
+def image_tokens(model, images: Tensor, layer: int = -1) -> Tensor:
+    """(B, 3, S, S) normalised images -> (B, N, D_v) image-tower tokens of level ``layer`` (-1: final; see the
+    module docstring per family).
 
     Raises:
-        ValueError: a family / tower without token outputs.
+        ValueError: a family / tower without token outputs, or ``layer`` out of range for the tower.
     """
     fam = _family(model)
     if fam == "two_tower":
-        return _timm_tokens(model.image_tower, images)
+        return _timm_tokens(model.image_tower, images, layer)
     if fam == "hf":
-        return model.image_tower.vision_model(pixel_values=images).last_hidden_state
+        vm = model.image_tower.vision_model
+        if layer == -1:
+            return vm(pixel_values=images).last_hidden_state
+        idx = _level(int(vm.config.num_hidden_layers), layer)
+        return vm(pixel_values=images, output_hidden_states=True).hidden_states[idx + 1]  # [0] = embeddings
     if fam == "open_clip":
-        return _open_clip_image_tokens(model.image_tower, images)
+        return _open_clip_image_tokens(model.image_tower, images, layer)
     raise ValueError(f"image_tokens: unknown model family {fam!r}")
 
 
@@ -114,18 +158,29 @@ def text_tokens(model, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
     raise ValueError(f"text_tokens: unknown model family {fam!r}")
 
 
-def token_dims(model) -> tuple[int, int]:
-    """``(D_v, D_t)``: widths of :func:`image_tokens` and :func:`text_tokens` (no forward pass)."""
+def token_dims(model, layer: int = -1) -> tuple[int, int]:
+    """``(D_v, D_t)``: widths of :func:`image_tokens` (of level ``layer``) and :func:`text_tokens` (no forward
+    pass). Raises ValueError like :func:`image_tokens`."""
     fam = _family(model)
     if fam == "two_tower":
-        return int(model.image_tower.num_features), int(model.text_tower.config.hidden_size)
+        tower, d_text = model.image_tower, int(model.text_tower.config.hidden_size)
+        if layer == -1:
+            return int(tower.num_features), d_text
+        idx = _level(_timm_levels(tower), layer)
+        if hasattr(tower, "patch_embed"):  # ViT blocks keep the embedding width
+            return int(tower.embed_dim), d_text
+        return int(tower.feature_info[idx]["num_chs"]), d_text
     if fam == "hf":
-        return (int(model.image_tower.vision_model.config.hidden_size),
-                int(model.text_tower.text_model.config.hidden_size))
+        vcfg = model.image_tower.vision_model.config
+        if layer != -1:
+            _level(int(vcfg.num_hidden_layers), layer)
+        return int(vcfg.hidden_size), int(model.text_tower.text_model.config.hidden_size)
     if fam == "open_clip":
         v, t = model.image_tower, model.text_tower
         if not hasattr(v, "transformer"):
             raise ValueError(f"open_clip image tower {type(v).__name__} has no patch tokens in mmtl")
+        if layer != -1:
+            _level(len(v.transformer.resblocks), layer)
         tt = t.text.transformer if hasattr(t, "text") else t.transformer
         return int(v.transformer.width), int(tt.width)
     raise ValueError(f"token_dims: unknown model family {fam!r}")
