@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -429,9 +430,14 @@ def test_registered_model_alias_through_mlflow_server(mlflow_server, tiny_export
 
     # the same model by version and by run URI, tracking URI from the environment
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    before = set(Path(tempfile.gettempdir()).glob("mmtl-model-*"))
     _, pipe, d = resolve_model(f"models:/tiny/{reg['version']}")
-    assert pipe.model.embed_dim == 16 and (d / "model.safetensors").is_file()
-    assert resolve_export(f"runs:/{parent}/model").mlflow_run_id == parent
+    assert pipe.model.embed_dim == 16 and d is None  # loaded, and the download is gone
+    assert set(Path(tempfile.gettempdir()).glob("mmtl-model-*")) == before
+    res = resolve_export(f"runs:/{parent}/model")
+    assert res.mlflow_run_id == parent and (res.export_dir / "model.safetensors").is_file()
+    res.cleanup()
+    assert not res.export_dir.exists()
     for bad, match in [("models:/tiny@nope", "cannot resolve"), ("models:/nope/1", "cannot resolve"),
                        (f"runs:/{'f' * 32}/model", "cannot resolve")]:
         with pytest.raises(ModelSpecError, match=match):

@@ -232,11 +232,14 @@ def resolve_export(spec: str, tracking_uri: Optional[str] = None, download_dir: 
 def resolve_model(spec: str, tracking_uri: Optional[str] = None):
     """Load the model ``spec`` names; returns ``(model, pipeline, export_dir)``.
 
-    For an MLflow URI ``export_dir`` is a temporary download the caller may delete after loading.
+    For an MLflow URI the download is deleted once the weights are in memory and ``export_dir`` is None.
     Raises :class:`ModelSpecError` for bad forms, FileNotFoundError/ValueError from loading.
     """
     from mmtl.tracking.registry import load_exported
 
     res = resolve_export(spec, tracking_uri)
-    model, pipe = load_exported(res.export_dir)
-    return model, pipe, res.export_dir
+    try:
+        model, pipe = load_exported(res.export_dir)
+        return model, pipe, (None if res.temporary is not None else res.export_dir)
+    finally:
+        res.cleanup()
