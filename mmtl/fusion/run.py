@@ -13,10 +13,9 @@ Recipe (called by :func:`mmtl.run.run_pipeline` inside the MLflow run):
   5. load the export, evaluate (:mod:`mmtl.fusion.evaluate`: accuracy overall and per question type), log
      metrics, ``summary.json`` and the export folder (artifact ``model``) to MLflow.
 
-Limits: the model is not registered in the MLflow registry (the registry's pyfunc embeds with a
-:class:`~mmtl.models.base.MultimodalModel`; a fusion export loads with
-:func:`mmtl.fusion.evaluate.load_fusion_export`). No evaluation before training (the gates start at 0 and the
-head is random: it would be chance).
+With ``tracking.log_model`` the export is logged as the run's MLflow model (a pyfunc answering questions or
+scoring matches, :mod:`mmtl.fusion.registry`) and registered under ``tracking.model_name`` when set. No
+evaluation before training (the gates start at 0 and the head is random: it would be chance).
 """
 from __future__ import annotations
 
@@ -137,8 +136,12 @@ def run_cross_attention(pipe: Pipeline, run_dir: Path, uri: str, run_id: str, re
         "metrics": {**final_train, **metrics}, "export_path": str(export_dir / "model.safetensors"),
         "registered_model": None,
     }
+    if pipe.tracking.log_model:
+        from mmtl.fusion.registry import log_fusion_model
+
+        summary["registered_model"] = log_fusion_model(uri, run_id, export_dir, f.task, pipe.tracking.model_name)
+        if pipe.tracking.model_name:
+            say(f"registered: {pipe.tracking.model_name} version {summary['registered_model']['version']}")
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     mlu.log_artifacts(uri, run_id, [run_dir / "summary.json"])
-    if pipe.tracking.log_model:
-        mlu.log_artifacts(uri, run_id, [export_dir], "model")
     return summary
