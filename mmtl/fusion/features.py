@@ -83,8 +83,8 @@ def _key(model, spec, fcfg: CrossAttentionConfig) -> str:
         p = Path(s)
         files.append([s, p.stat().st_size, int(p.stat().st_mtime)] if p.exists() else [s])
     ident = {"v": _VERSION, "image": model.fingerprint("image"), "text": model.fingerprint("text"), "files": files,
-             "fields": [fcfg.answers_field, fcfg.qtype_field, fcfg.image_id_field], "pool": fcfg.image_pool, "layer": fcfg.image_layer,
-             "task": fcfg.task}
+             "fields": [fcfg.answers_field, fcfg.qtype_field, fcfg.image_id_field], "pool": fcfg.image_pool,
+             "layer": fcfg.image_layer, "task": fcfg.task}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -169,9 +169,11 @@ def load_or_compute(model, spec, fcfg: CrossAttentionConfig, clean_opts, cache_r
                         m["captions"], m["answers"], m["qtypes"], m["image_ids"], m["stats"])
     ts = compute_tokens(model, spec, fcfg, clean_opts, say=say)
     npz.parent.mkdir(parents=True, exist_ok=True)
-    tmp = npz.with_name(npz.stem + ".tmp.npz")
-    np.savez(tmp, image_table=ts.image_tokens.table, image_rows=ts.image_tokens.rows, text_tokens=ts.text_tokens, text_mask=ts.text_mask)
+    tmp, tmp_meta = npz.with_name(npz.stem + ".tmp.npz"), meta.with_name(meta.stem + ".tmp.json")
+    np.savez(tmp, image_table=ts.image_tokens.table, image_rows=ts.image_tokens.rows, text_tokens=ts.text_tokens,
+             text_mask=ts.text_mask)
+    tmp_meta.write_text(json.dumps({"captions": ts.captions, "answers": ts.answers, "qtypes": ts.qtypes,
+                                    "image_ids": ts.image_ids, "stats": ts.stats}))
+    tmp_meta.replace(meta)  # the npz last: a cache entry counts only when both files are whole
     tmp.replace(npz)
-    meta.write_text(json.dumps({"captions": ts.captions, "answers": ts.answers, "qtypes": ts.qtypes,
-                                "image_ids": ts.image_ids, "stats": ts.stats}))
     return ts

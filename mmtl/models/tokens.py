@@ -15,8 +15,8 @@ dispatch here on ``model.cfg.family``:
   ``transformer.width``) and text token states after ``ln_final``, before pooling and projection. ModifiedResNet
   and timm-trunk image towers are refused (ValueError).
 
-Intermediate levels (``layer``, ``strategy.fusion.image_layer``): ``-1`` is the final tokens above; ``-k`` (k >= 2)
-is the output of the (k-1)-th last stage / block of the image tower, counted from the end of
+Intermediate levels (``layer``, ``strategy.fusion.image_layer``): ``-1`` is the final tokens above; ``-k``
+(k >= 2) is the output of the (k-1)-th last stage / block of the image tower, counted from the end of
 ``[stage or block outputs ..., final tokens]``: for a timm CNN its feature-pyramid stages (``feature_info``;
 EfficientNet-Lite0: -2 = stride 32 / 320-d, -3 = stride 16 / 112-d, a 12x12 grid at 192 px), for ViTs the
 transformer blocks without the final norm (-2 = last block, -3 = the penultimate one that LLaVA uses; hf keeps
@@ -76,7 +76,7 @@ def _timm_tokens(tower: nn.Module, images: Tensor, layer: int = -1) -> Tensor:
         return _grid_to_tokens(tower.forward_intermediates(images, indices=[idx], intermediates_only=True)[0])
     x = tower.forward_features(images)
     if x.dim() == 4:  # CNN feature map (B, C, h, w) -> (B, h*w, C), row-major grid
-        return x.flatten(2).transpose(1, 2)
+        return _grid_to_tokens(x)
     if x.dim() == 3:  # ViT-like (B, prefix + N, C)
         return x[:, int(getattr(tower, "num_prefix_tokens", 0)):]
     raise ValueError(f"timm forward_features returned shape {tuple(x.shape)}; expected (B,C,h,w) or (B,N,C)")
