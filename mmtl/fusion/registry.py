@@ -34,6 +34,8 @@ def predict_rows(module, pipe, images: list, texts: list[str]) -> dict[str, list
     if len(images) != len(texts):
         raise ValueError(f"{len(images)} images but {len(texts)} texts")
     f = pipe.strategy.fusion
+    if not images:
+        return {"answer": [], "score": []} if f.task == "vqa" else {"match_prob": []}
     model = module.model
     tf = model.image_transform(train=False)
     with torch.no_grad():
