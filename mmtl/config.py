@@ -110,6 +110,8 @@ class CrossAttentionConfig(_Section):
     ff_mult: int = Field(2, ge=1, description="Feed-forward width multiple of the text token width.")
     hidden: int = Field(512, gt=0, description="Hidden width of the task head MLP (and of the late-fusion MLP).")
     dropout: float = Field(0.1, ge=0, lt=1)
+    global_token: bool = Field(False, description="Append the mean image token (a CNN's pooled embedding) to the "
+                               "image tokens the text attends to.")
     resampler_tokens: int = Field(0, ge=0, description="Perceiver resampler latents; 0: off (all image tokens).")
     resampler_depth: int = Field(1, ge=1)
     max_image_tokens: int = Field(256, gt=0, description="Size of the learned image-token position table.")

@@ -244,3 +244,16 @@ def test_token_set_stores_each_image_once_and_the_cache_round_trips(tiny_model, 
     np.testing.assert_array_equal(again.image_tokens[:], ts.image_tokens[:])
     np.testing.assert_array_equal(again.text_tokens, ts.text_tokens)
     assert again.answers == ts.answers and again.image_ids == ts.image_ids
+
+
+def test_global_token_is_the_mean_image_token_with_its_own_position():
+    torch.manual_seed(0)
+    image = torch.randn(2, 4, 48)
+    fusion = CrossAttentionFusion(48, 32, n_heads=4, global_token=True, max_image_tokens=5)
+    media = fusion.media(image)
+    assert media.shape == (2, 5, 32)
+    expected = fusion.media_proj(image.mean(1)) + fusion.pos[4]
+    assert torch.allclose(media[:, 4], expected, atol=1e-6)
+    assert torch.allclose(media[:, :4], fusion.media_proj(image) + fusion.pos[:4], atol=1e-6)
+    with pytest.raises(ValueError, match="max_image_tokens"):
+        CrossAttentionFusion(48, 32, n_heads=4, global_token=True, max_image_tokens=4).media(image)

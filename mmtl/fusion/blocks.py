@@ -122,8 +122,12 @@ def masked_mean(x: Tensor, mask: Optional[Tensor]) -> Tensor:
 
 
 class CrossAttentionFusion(nn.Module):
-    """Image tokens -> LN + Linear(D_v, D_t) + learned position embedding [-> Perceiver resampler] -> K gated
-    cross-attention blocks over the frozen text tokens -> masked mean pool.
+    """Image tokens [+ their mean as a global token] -> LN + Linear(D_v, D_t) + learned position embedding
+    [-> Perceiver resampler] -> K gated cross-attention blocks over the frozen text tokens -> masked mean pool.
+
+    ``global_token`` appends the mean image token (for a CNN grid: exactly the tower's pooled embedding, what
+    late fusion sees; ViT towers often carry such a token already, e.g. CLIP's class token), so the question
+    can attend to the whole-image summary as well as to its parts.
 
     forward: ``image_tokens`` (B, N, D_v), ``text_tokens`` (B, L, D_t), ``text_mask`` (B, L) ->
     ``(pooled (B, D_t), fused tokens (B, L, D_t))``. With every gate at 0, ``fused == text_tokens`` exactly.
@@ -134,10 +138,11 @@ class CrossAttentionFusion(nn.Module):
 
     def __init__(self, d_image: int, d_text: int, *, n_blocks: int = 2, n_heads: int = 8, ff_mult: int = 2,
                  dropout: float = 0.0, resampler_tokens: int = 0, resampler_depth: int = 1,
-                 max_image_tokens: int = 256, self_attention: bool = False) -> None:
+                 max_image_tokens: int = 256, self_attention: bool = False, global_token: bool = False) -> None:
         super().__init__()
         _check_heads(d_text, n_heads)
         self.out_dim = int(d_text)
+        self.global_token = bool(global_token)
         self.media_proj = nn.Sequential(nn.LayerNorm(d_image), nn.Linear(d_image, d_text))
         self.pos = nn.Parameter(torch.randn(max_image_tokens, d_text) * 0.02)
         self.resampler = (PerceiverResampler(d_text, resampler_tokens, resampler_depth, n_heads, ff_mult)
@@ -146,7 +151,9 @@ class CrossAttentionFusion(nn.Module):
                                     for _ in range(n_blocks))
 
     def media(self, image_tokens: Tensor) -> Tensor:
-        """(B, N, D_v) -> (B, N or R, D_t) keys/values for the gated blocks."""
+        """(B, N, D_v) -> (B, N [+1] or R, D_t) keys/values for the gated blocks."""
+        if self.global_token:  # the tokens' mean (a CNN grid's pooled embedding) as one more token, last
+            image_tokens = torch.cat([image_tokens, image_tokens.mean(dim=1, keepdim=True)], dim=1)
         n = image_tokens.shape[1]
         if n > self.pos.shape[0]:
             raise ValueError(f"{n} image tokens > strategy.fusion.max_image_tokens={self.pos.shape[0]}")

@@ -31,7 +31,7 @@ def build_fusion(fcfg: CrossAttentionConfig, d_image: int, d_text: int) -> nn.Mo
     return CrossAttentionFusion(d_image, d_text, n_blocks=fcfg.n_blocks, n_heads=fcfg.n_heads, ff_mult=fcfg.ff_mult,
                                 dropout=fcfg.dropout, resampler_tokens=fcfg.resampler_tokens,
                                 resampler_depth=fcfg.resampler_depth, max_image_tokens=fcfg.max_image_tokens,
-                                self_attention=fcfg.self_attention)
+                                self_attention=fcfg.self_attention, global_token=fcfg.global_token)
 
 
 class FusionTaskModule(nn.Module):
