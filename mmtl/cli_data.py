@@ -93,9 +93,9 @@ def datasets_emoji(
 @datasets_app.command("diagrams")
 def datasets_diagrams(
     out: Path = typer.Option(Path("data/diagrams"), "--out", help="Output folder (train/, test/, answers.txt)"),
-    train_images: int = typer.Option(1000, "--train-images", help="Train images (4 questions each)"),
-    test_images: int = typer.Option(250, "--test-images", help="Test images (layouts never seen in train)"),
-    image_size: int = typer.Option(160, "--image-size", help="Rendered image side in pixels"),
+    train_images: int = typer.Option(3000, "--train-images", help="Train images (about 4 questions each)"),
+    test_images: int = typer.Option(1000, "--test-images", help="Test images (layouts never seen in train)"),
+    image_size: int = typer.Option(192, "--image-size", help="Rendered image side in pixels (192 px: 6x6 tokens)"),
     test_percent: int = typer.Option(20, "--test-percent", help="Share of layouts assigned to test"),
     seed: int = typer.Option(0, "--seed", help="Generator seed"),
 ) -> None:
