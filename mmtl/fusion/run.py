@@ -11,7 +11,7 @@ Recipe (called by :func:`mmtl.run.run_pipeline` inside the MLflow run):
      common loop: checkpoints, resume, MLflow step metrics) on the in-memory arrays ``image_tokens``,
      ``text_tokens``, ``text_mask`` (+ ``answer_target`` for VQA);
   5. load the export, evaluate (:mod:`mmtl.fusion.evaluate`: accuracy overall and per question type), log
-     metrics, ``summary.json`` and the export folder (artifact ``model``) to MLflow.
+     metrics, ``summary.json`` and the export as the run's MLflow model to MLflow.
 
 With ``tracking.log_model`` the export is logged as the run's MLflow model (a pyfunc answering questions or
 scoring matches, :mod:`mmtl.fusion.registry`) and registered under ``tracking.model_name`` when set. No
