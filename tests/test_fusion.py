@@ -257,3 +257,31 @@ def test_global_token_is_the_mean_image_token_with_its_own_position():
     assert torch.allclose(media[:, :4], fusion.media_proj(image) + fusion.pos[:4], atol=1e-6)
     with pytest.raises(ValueError, match="max_image_tokens"):
         CrossAttentionFusion(48, 32, n_heads=4, global_token=True, max_image_tokens=4).media(image)
+
+
+def test_vqa_samples_without_answers_are_skipped_and_counted(tiny_model, tmp_path):
+    import io
+
+    from PIL import Image
+
+    from mmtl.data.samples import CleanOptions
+    from mmtl.data.shardlist import EmptyDatasetError
+    from mmtl.data.shardwriter import ShardWriter
+    from mmtl.fusion.features import compute_tokens
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(buf, format="PNG")
+    metas = [{"answers": ["2"], "image_id": "a"}, {"answers": [], "image_id": "a"}, {"answers": ["  "]},
+             {"image_id": "b"}, {"answers": "red", "question_type": "colour", "image_id": "c"}]
+    with ShardWriter(tmp_path / "s", prefix="q") as w:
+        for i, meta in enumerate(metas):
+            w.write(f"k{i}", buf.getvalue(), "png", f"question {i}?", meta)
+    ts = compute_tokens(tiny_model, str(tmp_path / "s"), CrossAttentionConfig(n_heads=2), CleanOptions())
+    assert ts.answers == [["2"], ["red"]] and ts.qtypes == ["all", "colour"] and ts.image_ids == ["a", "c"]
+    assert ts.stats["no_answers"] == 3 and len(ts.image_tokens.table) == 2  # image "b" never computed
+    itm = compute_tokens(tiny_model, str(tmp_path / "s"), CrossAttentionConfig(task="itm", n_heads=2), CleanOptions())
+    assert len(itm) == 5 and itm.captions[0] == "question 0? 2" and itm.captions[1] == "question 1?"
+    with ShardWriter(tmp_path / "none", prefix="q") as w:
+        w.write("k0", buf.getvalue(), "png", "question?", {"image_id": "x"})
+    with pytest.raises(EmptyDatasetError, match="answers"):
+        compute_tokens(tiny_model, str(tmp_path / "none"), CrossAttentionConfig(n_heads=2), CleanOptions())

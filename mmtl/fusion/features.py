@@ -3,7 +3,8 @@
 A sample is an image, its caption (the question) and its json (``strategy.fusion.answers_field``,
 ``qtype_field``, ``image_id_field``). Samples sharing an ``image_id`` share one image-token computation; each
 distinct text runs through the text tower once. For ``task: itm`` the text is the caption followed by the
-first answer ("how many circles are there? 2"), for ``vqa`` the caption alone.
+first answer ("how many circles are there? 2"), for ``vqa`` the caption alone. VQA samples without a
+non-empty answer are skipped and counted (``no_answers`` in the stats, logged as ``data/<set>_no_answers``).
 
 Arrays of a :class:`TokenSet` (``N`` samples, ``M`` distinct images, ``T`` image tokens, ``L`` text tokens
 trimmed to the longest question of the set): ``image_tokens`` a :class:`~mmtl.train.arrays.RowIndexed`
@@ -31,7 +32,7 @@ import torch
 from mmtl.config import CrossAttentionConfig
 from mmtl.train.arrays import RowIndexed
 
-_VERSION = 2
+_VERSION = 3
 
 
 @dataclass
@@ -52,10 +53,12 @@ class TokenSet:
 
 
 def _answers(meta: dict, key: str) -> list[str]:
+    """The non-empty reference answers under ``key`` (a list or one value), stripped."""
     v = meta.get(key)
     if v is None:
         return []
-    return [str(a) for a in v] if isinstance(v, (list, tuple)) else [str(v)]
+    vals = v if isinstance(v, (list, tuple)) else [v]
+    return [str(a).strip() for a in vals if a is not None and str(a).strip()]
 
 
 def pool_grid(tokens: torch.Tensor, factor: int) -> torch.Tensor:
@@ -117,6 +120,10 @@ def compute_tokens(model, spec, fcfg: CrossAttentionConfig, clean_opts, batch_si
             pending.clear()
 
     for s in iter_samples(spec, clean_opts, stats):
+        ans = _answers(s.meta, fcfg.answers_field)
+        if fcfg.task == "vqa" and not ans:  # nothing to train on or score: skipped and counted
+            stats["no_answers"] += 1
+            continue
         iid = str(s.meta.get(fcfg.image_id_field, s.uid)) if fcfg.image_id_field else s.uid
         if iid not in img_index:
             img_index[iid] = len(img_index)
@@ -124,12 +131,13 @@ def compute_tokens(model, spec, fcfg: CrossAttentionConfig, clean_opts, batch_si
             if len(pending) >= batch_size:
                 flush()
         captions.append(s.caption)
-        answers.append(_answers(s.meta, fcfg.answers_field))
+        answers.append(ans)
         qtypes.append(str(s.meta.get(fcfg.qtype_field, "all")))
         ids.append(iid)
     flush()
     if not captions:
-        raise EmptyDatasetError(f"no usable samples in {spec}")
+        raise EmptyDatasetError(f"no usable samples in {spec} (skipped: {dict(stats)}; VQA samples need "
+                                f"`{fcfg.answers_field}` in their json)")
     images = np.stack(image_rows)
     if fcfg.task == "itm":  # the text to match: question + its first answer ("how many circles? 2")
         captions = [f"{c} {a[0]}" if a else c for c, a in zip(captions, answers)]
