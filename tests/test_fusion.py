@@ -281,6 +281,15 @@ def test_vqa_samples_without_answers_are_skipped_and_counted(tiny_model, tmp_pat
     assert ts.stats["no_answers"] == 3 and len(ts.image_tokens.table) == 2  # image "b" never computed
     itm = compute_tokens(tiny_model, str(tmp_path / "s"), CrossAttentionConfig(task="itm", n_heads=2), CleanOptions())
     assert len(itm) == 5 and itm.captions[0] == "question 0? 2" and itm.captions[1] == "question 1?"
+    blue = io.BytesIO()
+    Image.new("RGB", (64, 64), (30, 30, 200)).save(blue, format="PNG")
+    with ShardWriter(tmp_path / "reused", prefix="q") as w:  # image_id "a" reused for another picture
+        w.write("k0", buf.getvalue(), "png", "q0?", {"answers": ["1"], "image_id": "a"})
+        w.write("k1", blue.getvalue(), "png", "q1?", {"answers": ["2"], "image_id": "a"})
+        w.write("k2", buf.getvalue(), "png", "q2?", {"answers": ["3"], "image_id": "a"})
+    ts = compute_tokens(tiny_model, str(tmp_path / "reused"), CrossAttentionConfig(n_heads=2), CleanOptions())
+    assert ts.stats["image_id_conflict"] == 1 and len(ts.image_tokens.table) == 2
+    assert list(ts.image_tokens.rows) == [0, 1, 0] and ts.image_ids[0] == ts.image_ids[2] != ts.image_ids[1]
     with ShardWriter(tmp_path / "none", prefix="q") as w:
         w.write("k0", buf.getvalue(), "png", "question?", {"image_id": "x"})
     with pytest.raises(EmptyDatasetError, match="answers"):

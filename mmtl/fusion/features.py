@@ -4,7 +4,9 @@ A sample is an image, its caption (the question) and its json (``strategy.fusion
 ``qtype_field``, ``image_id_field``). Samples sharing an ``image_id`` share one image-token computation; each
 distinct text runs through the text tower once. For ``task: itm`` the text is the caption followed by the
 first answer ("how many circles are there? 2"), for ``vqa`` the caption alone. VQA samples without a
-non-empty answer are skipped and counted (``no_answers`` in the stats, logged as ``data/<set>_no_answers``).
+non-empty answer are skipped and counted (``no_answers`` in the stats, logged as ``data/<set>_no_answers``);
+a sample whose ``image_id`` was already used for different pixels gets its own image (counted as
+``image_id_conflict``), so a reused id never puts a question on the wrong picture.
 
 Arrays of a :class:`TokenSet` (``N`` samples, ``M`` distinct images, ``T`` image tokens, ``L`` text tokens
 trimmed to the longest question of the set): ``image_tokens`` a :class:`~mmtl.train.arrays.RowIndexed`
@@ -109,6 +111,7 @@ def compute_tokens(model, spec, fcfg: CrossAttentionConfig, clean_opts, batch_si
     tf = model.image_transform(train=False)
     captions, answers, qtypes, ids = [], [], [], []
     img_index: dict[str, int] = {}
+    img_digest: dict[str, str] = {}  # image_id -> sha1 of its pixels (a reused id with other pixels is a conflict)
     pending: list = []
     image_rows: list[np.ndarray] = []
 
@@ -125,8 +128,12 @@ def compute_tokens(model, spec, fcfg: CrossAttentionConfig, clean_opts, batch_si
             stats["no_answers"] += 1
             continue
         iid = str(s.meta.get(fcfg.image_id_field, s.uid)) if fcfg.image_id_field else s.uid
+        digest = hashlib.sha1(s.image.tobytes()).hexdigest()
+        if iid in img_digest and img_digest[iid] != digest:  # one image_id, another picture: keep both apart
+            stats["image_id_conflict"] += 1
+            iid = f"{iid}#{s.uid}"
         if iid not in img_index:
-            img_index[iid] = len(img_index)
+            img_index[iid], img_digest[iid] = len(img_index), digest
             pending.append(tf(s.image))
             if len(pending) >= batch_size:
                 flush()
