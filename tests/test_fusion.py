@@ -160,6 +160,24 @@ def test_hard_negatives_and_itm():
     with pytest.raises(ValueError):
         mine_hard_negatives(torch.zeros(1, 1))
     assert float(itm_loss(torch.tensor([0.0]), torch.tensor([0.0, 0.0]))) == pytest.approx(math.log(2))
+    # samples 0 and 1 show the same image, 1 and 2 share a text: known positives are never drawn
+    from mmtl.fusion.heads import itc_loss, known_positives
+
+    pos = known_positives(torch.tensor([7, 7, 3]), torch.tensor([0, 1, 1]))
+    assert pos.tolist() == [[True, True, False], [True, True, True], [False, True, True]]
+    for _ in range(5):
+        neg_t, neg_i = mine_hard_negatives(sim, positive=pos)
+        assert neg_t.tolist() == [2, -1, 0] and neg_i.tolist() == [2, -1, 0]  # row 1 has no negative left
+    # ITC with positives: targets spread over them (hand computation for row 0: targets 1/2, 1/2, 0)
+    img = torch.nn.functional.normalize(torch.randn(3, 4), dim=-1)
+    txt = torch.nn.functional.normalize(torch.randn(3, 4), dim=-1)
+    logits = img @ txt.t()
+    full = itc_loss(img, txt, torch.tensor(1.0), pos)
+    ref = (-(pos.float() / pos.float().sum(1, keepdim=True) * torch.log_softmax(logits, 1)).sum(1).mean()
+           - (pos.t().float() / pos.t().float().sum(1, keepdim=True) * torch.log_softmax(logits.t(), 1)).sum(1).mean()) / 2
+    assert float(full) == pytest.approx(float(ref), rel=1e-5)
+    assert float(itc_loss(img, txt, torch.tensor(1.0))) == pytest.approx(
+        float(itc_loss(img, txt, torch.tensor(1.0), torch.zeros(3, 3, dtype=torch.bool))), rel=1e-6)
 
 
 def test_itm_module_trains_step(tiny_model):
@@ -170,6 +188,10 @@ def test_itm_module_trains_step(tiny_model):
     loss.backward()
     opt.step()
     assert torch.isfinite(loss) and "itm_acc" in module.metrics()
+    # one image for the whole batch: every pair is a known positive, so only positives are scored
+    same = module(image_tokens=it, text_tokens=tt, text_mask=mask, image_id=torch.zeros(6, dtype=torch.long),
+                  text_id=torch.arange(6))
+    assert torch.isfinite(same) and module._seen == 6
 
 
 def test_strategy_refuses_unsupported_options(tiny_model):

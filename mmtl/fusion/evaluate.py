@@ -4,7 +4,7 @@
   answer, :func:`mmtl.fusion.heads.vqa_accuracy`); questions whose answers are all outside the vocabulary
   score 0 (counted in ``vqa/out_of_vocab``).
 * ``itm``: every sample is scored as a positive pair and against one negative text: the most similar text
-  (ITC similarity) among samples of other images in the same chunk of 256; ``itm/accuracy`` (positives
+  (ITC similarity) among samples of other images with another text in the same chunk of 256; ``itm/accuracy`` (positives
   above 0 and negatives at or below 0, over both), ``itm/<question type>`` likewise.
 
 :func:`load_fusion_export` rebuilds the train module from an export folder (``model.safetensors`` holds the
@@ -93,11 +93,11 @@ def evaluate_vqa(module, ts: TokenSet, answers: list[str], batch_size: int = 256
 def evaluate_itm(module, ts: TokenSet, chunk: int = 256) -> dict:
     """``{"itm/accuracy", "itm/<type>", "itm/num_samples"}`` (see module docstring)."""
     correct: list[float] = []
-    ids = np.array(ts.image_ids)
+    ids, texts = np.array(ts.image_ids), np.array(ts.captions)
     for sl in _chunks(len(ts), chunk):
         it, tt, tm = _t(ts.image_tokens[sl]), _t(ts.text_tokens[sl]), _t(ts.text_mask[sl])
         sim = module.similarity(it, tt, tm)
-        same = torch.from_numpy(ids[sl][:, None] == ids[sl][None, :])
+        same = torch.from_numpy((ids[sl][:, None] == ids[sl][None, :]) | (texts[sl][:, None] == texts[sl][None, :]))
         sim = sim.masked_fill(same, float("-inf"))
         neg = sim.argmax(1)
         ok_neg = ~same.all(1)

@@ -106,16 +106,21 @@ class ITMHead(nn.Module):
         return self.net(x).squeeze(-1)
 
 
-def mine_hard_negatives(sim: Tensor, generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
+def mine_hard_negatives(sim: Tensor, generator: Optional[torch.Generator] = None,
+                        positive: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """ALBEF hard negatives from an image-text similarity ``sim`` (B, B) (row i: image i vs every text; the
     diagonal holds the matching pairs).
 
+    ``positive`` (B, B) bool marks further pairs known to match (another question about the same image,
+    the same text on another image); the diagonal is always positive. Positives are never drawn.
+
     Returns ``(neg_text (B,), neg_image (B,))``: for image i the index of a non-matching text drawn with
-    probability ``softmax(sim[i])`` restricted to j != i, and for text j a non-matching image drawn from
-    ``softmax(sim[:, j])``. No gradient flows through the draw.
+    probability ``softmax(sim[i])`` restricted to non-positive j, and for text j a non-matching image drawn
+    from ``softmax(sim[:, j])``; -1 where a row has no non-positive candidate. No gradient flows through the
+    draw.
 
     Raises:
-        ValueError: ``sim`` is not square or B < 2 (no negative exists).
+        ValueError: ``sim`` is not square, B < 2, or ``positive`` has another shape.
     """
     if sim.dim() != 2 or sim.shape[0] != sim.shape[1]:
         raise ValueError(f"sim must be (B, B), got {tuple(sim.shape)}")
@@ -123,12 +128,32 @@ def mine_hard_negatives(sim: Tensor, generator: Optional[torch.Generator] = None
     if b < 2:
         raise ValueError("ITM hard negatives need a batch of at least 2 pairs")
     s = sim.detach().float()
-    eye = torch.eye(b, dtype=torch.bool, device=s.device)
-    w_i2t = F.softmax(s.masked_fill(eye, float("-inf")), dim=1)
-    w_t2i = F.softmax(s.t().masked_fill(eye, float("-inf")), dim=1)
-    neg_text = torch.multinomial(w_i2t, 1, generator=generator).squeeze(1)
-    neg_image = torch.multinomial(w_t2i, 1, generator=generator).squeeze(1)
-    return neg_text, neg_image
+    pos = torch.eye(b, dtype=torch.bool, device=s.device)
+    if positive is not None:
+        if positive.shape != (b, b):
+            raise ValueError(f"positive must be ({b}, {b}), got {tuple(positive.shape)}")
+        pos = pos | positive.bool().to(s.device)
+
+    def draw(scores: Tensor, mask: Tensor) -> Tensor:
+        ok = ~mask.all(dim=1)
+        out = torch.full((b,), -1, dtype=torch.long, device=s.device)
+        if ok.any():
+            w = F.softmax(scores[ok].masked_fill(mask[ok], float("-inf")), dim=1)
+            out[ok] = torch.multinomial(w, 1, generator=generator).squeeze(1)
+        return out
+
+    return draw(s, pos), draw(s.t(), pos.t())
+
+
+def known_positives(image_id: Optional[Tensor], text_id: Optional[Tensor]) -> Optional[Tensor]:
+    """(B, B) bool: pairs (i, j) with the same image id or the same text id (either may be None); None if both
+    are None. Ids are (B,) integer tensors."""
+    out = None
+    for ids in (image_id, text_id):
+        if ids is not None:
+            same = ids.view(-1, 1) == ids.view(1, -1)
+            out = same if out is None else out | same
+    return out
 
 
 def itm_loss(pos_logits: Tensor, neg_logits: Tensor) -> Tensor:
@@ -138,8 +163,16 @@ def itm_loss(pos_logits: Tensor, neg_logits: Tensor) -> Tensor:
     return F.binary_cross_entropy_with_logits(logits, labels)
 
 
-def itc_loss(image: Tensor, text: Tensor, scale: Tensor) -> Tensor:
-    """Symmetric InfoNCE over the batch (CLIP/ALBEF ITC): ``image``, ``text`` (B, D) L2-normalised."""
+def itc_loss(image: Tensor, text: Tensor, scale: Tensor, positive: Optional[Tensor] = None) -> Tensor:
+    """Symmetric InfoNCE over the batch (CLIP/ALBEF ITC): ``image``, ``text`` (B, D) L2-normalised. With
+    ``positive`` (B, B) bool (diagonal implied), the target of a row is spread evenly over its positives (ALBEF's
+    retrieval fine-tuning treats pairs of the same image id this way)."""
     logits = scale * image @ text.t()
-    labels = torch.arange(image.shape[0], device=image.device)
-    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+    b = image.shape[0]
+    if positive is None:
+        labels = torch.arange(b, device=image.device)
+        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+    pos = positive.bool().to(image.device) | torch.eye(b, dtype=torch.bool, device=image.device)
+    target = pos.float() / pos.float().sum(1, keepdim=True)
+    target_t = pos.t().float() / pos.t().float().sum(1, keepdim=True)
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target_t)) / 2

@@ -57,6 +57,10 @@ def train_arrays(pipe: Pipeline, ts) -> dict[str, np.ndarray]:
     from mmtl.fusion.heads import soft_scores
 
     arrays = {"image_tokens": ts.image_tokens, "text_tokens": ts.text_tokens, "text_mask": ts.text_mask}
+    if pipe.strategy.fusion.task == "itm":  # ids of the image and of the text: known positives are no negatives
+        texts = {c: i for i, c in enumerate(sorted(set(ts.captions)))}
+        arrays["image_id"] = ts.image_tokens.rows.copy()
+        arrays["text_id"] = np.array([texts[c] for c in ts.captions], dtype=np.int64)
     if pipe.strategy.fusion.task == "vqa":
         vocab = {a: i for i, a in enumerate(pipe.strategy.fusion.answers)}
         arrays["answer_target"] = np.stack([soft_scores(a, vocab) for a in ts.answers])

@@ -7,7 +7,9 @@ towers are not run during training: the driver precomputes their tokens once), a
 
 Micro-batch arrays (names = ``forward`` arguments, see :func:`mmtl.train.loop.feature_batches`):
 ``image_tokens`` (B, N, D_v), ``text_tokens`` (B, L, D_t), ``text_mask`` (B, L), and for VQA
-``answer_target`` (B, A) soft scores; ``qtype`` (B,) is accepted and ignored.
+``answer_target`` (B, A) soft scores; for ITM optionally ``image_id`` / ``text_id`` (B,) integer ids, so that
+another question about the same image, or the same text, is never drawn as a negative; ``qtype`` (B,) is
+accepted and ignored.
 """
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ from torch import Tensor, nn
 
 from mmtl.config import CrossAttentionConfig, Pipeline
 from mmtl.fusion.blocks import CrossAttentionFusion, LateFusion, masked_mean
-from mmtl.fusion.heads import ITMHead, VQAHead, itc_loss, itm_loss, mine_hard_negatives, vqa_accuracy, vqa_loss
+from mmtl.fusion.heads import (ITMHead, VQAHead, itc_loss, itm_loss, known_positives, mine_hard_negatives,
+                               vqa_accuracy, vqa_loss)
 
 ITC_DIM = 256
 
@@ -85,7 +88,8 @@ class FusionTaskModule(nn.Module):
         return self.itc_scale.exp().clamp(max=100.0) * img @ txt.t()
 
     def forward(self, image_tokens: Tensor, text_tokens: Tensor, text_mask: Tensor,
-                answer_target: Optional[Tensor] = None, qtype: Optional[Tensor] = None) -> Tensor:
+                answer_target: Optional[Tensor] = None, qtype: Optional[Tensor] = None,
+                image_id: Optional[Tensor] = None, text_id: Optional[Tensor] = None) -> Tensor:
         if self.task == "vqa":
             if answer_target is None:
                 raise ValueError("VQA training batches need `answer_target` (B, A) soft scores")
@@ -94,17 +98,19 @@ class FusionTaskModule(nn.Module):
                 self._score += float(vqa_accuracy(logits, answer_target).sum())
                 self._seen += logits.shape[0]
             return vqa_loss(logits, answer_target)
-        return self._itm_loss(image_tokens, text_tokens, text_mask)
+        return self._itm_loss(image_tokens, text_tokens, text_mask, known_positives(image_id, text_id))
 
-    def _itm_loss(self, image_tokens: Tensor, text_tokens: Tensor, text_mask: Tensor) -> Tensor:
+    def _itm_loss(self, image_tokens: Tensor, text_tokens: Tensor, text_mask: Tensor,
+                  positive: Optional[Tensor] = None) -> Tensor:
         img = F.normalize(self.itc_image(image_tokens.mean(dim=1)), dim=-1)
         txt = F.normalize(self.itc_text(masked_mean(text_tokens, text_mask)), dim=-1)
         scale = self.itc_scale.exp().clamp(max=100.0)
-        loss_itc = itc_loss(img, txt, scale)
-        neg_text, neg_image = mine_hard_negatives(scale * img @ txt.t())
+        loss_itc = itc_loss(img, txt, scale, positive)
+        neg_text, neg_image = mine_hard_negatives(scale * img @ txt.t(), positive=positive)
         pos = self.match_logits(image_tokens, text_tokens, text_mask)
-        neg_a = self.match_logits(image_tokens, text_tokens[neg_text], text_mask[neg_text])
-        neg_b = self.match_logits(image_tokens[neg_image], text_tokens, text_mask)
+        a, b = neg_text >= 0, neg_image >= 0  # rows whose batch holds a non-matching candidate
+        neg_a = self.match_logits(image_tokens[a], text_tokens[neg_text[a]], text_mask[neg_text[a]])
+        neg_b = self.match_logits(image_tokens[neg_image[b]], text_tokens[b], text_mask[b])
         neg = torch.cat([neg_a, neg_b])
         with torch.no_grad():
             self._score += float((pos > 0).sum() + (neg <= 0).sum())
