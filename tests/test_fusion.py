@@ -316,3 +316,22 @@ def test_vqa_samples_without_answers_are_skipped_and_counted(tiny_model, tmp_pat
         w.write("k0", buf.getvalue(), "png", "question?", {"image_id": "x"})
     with pytest.raises(EmptyDatasetError, match="answers"):
         compute_tokens(tiny_model, str(tmp_path / "none"), CrossAttentionConfig(n_heads=2), CleanOptions())
+
+
+def test_answer_normalisation_and_vocab_errors(tmp_path):
+    import collections
+
+    from mmtl.config import build_pipeline
+    from mmtl.fusion.features import _answers, normalize_answer
+    from mmtl.fusion.run import answer_vocab
+
+    assert [normalize_answer(v) for v in ("Red ", "two  words", 2, 2.0, 2.5, True, None, [1], {"a": 1}, " ")] == \
+        ["red", "two words", "2", "2", "2.5", None, None, None, None, None]
+    stats = collections.Counter()
+    assert _answers({"answers": ["Red", 3, [1, 2], {"a": 1}, "", False]}, "answers", stats) == ["red", "3"]
+    assert stats["bad_answer"] == 3
+    raw = {"data": {"train": "x"}, "strategy": {"kind": "cross_attention", "fusion": {"answers": ["Red", "red "]}}}
+    with pytest.raises(ValueError, match="more than once"):
+        answer_vocab(build_pipeline(raw), [])
+    raw["strategy"]["fusion"]["answers"] = ["Yes", "no"]
+    assert answer_vocab(build_pipeline(raw), []) == ["yes", "no"]

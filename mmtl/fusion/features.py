@@ -4,7 +4,10 @@ A sample is an image, its caption (the question) and its json (``strategy.fusion
 ``qtype_field``, ``image_id_field``). Samples sharing an ``image_id`` share one image-token computation; each
 distinct text runs through the text tower once. For ``task: itm`` the text is the caption followed by the
 first answer ("how many circles are there? 2"), for ``vqa`` the caption alone. VQA samples without a
-non-empty answer are skipped and counted (``no_answers`` in the stats, logged as ``data/<set>_no_answers``);
+usable answer are skipped and counted (``no_answers`` in the stats, logged as ``data/<set>_no_answers``);
+answers are normalised by :func:`normalize_answer` (values of other types are dropped and counted as
+``bad_answer``); a ``question_type`` / ``image_id`` that is not a string or integer is counted
+(``bad_question_type`` / ``bad_image_id``) and replaced by "all" / the sample key;
 a sample whose ``image_id`` was already used for different pixels gets its own image (counted as
 ``image_id_conflict``), so a reused id never puts a question on the wrong picture.
 
@@ -54,13 +57,45 @@ class TokenSet:
         return len(self.captions)
 
 
-def _answers(meta: dict, key: str) -> list[str]:
-    """The non-empty reference answers under ``key`` (a list or one value), stripped."""
+def normalize_answer(v) -> Optional[str]:
+    """One reference answer as a class label: strings lower-cased with whitespace collapsed ("Red " -> "red"),
+    integers and integral floats as digits (2.0 -> "2"), other floats as written; None for anything else
+    (None, booleans, lists, dicts), which the caller counts as ``bad_answer``."""
+    if isinstance(v, bool) or v is None:
+        return None
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        return str(int(v)) if v.is_integer() else str(v)
+    if isinstance(v, str):
+        return " ".join(v.lower().split()) or None
+    return None
+
+
+def _answers(meta: dict, key: str, stats) -> list[str]:
+    """The usable reference answers under ``key`` (a list or one value), normalised; bad values counted."""
     v = meta.get(key)
     if v is None:
         return []
-    vals = v if isinstance(v, (list, tuple)) else [v]
-    return [str(a).strip() for a in vals if a is not None and str(a).strip()]
+    out = []
+    for a in (v if isinstance(v, (list, tuple)) else [v]):
+        norm = normalize_answer(a)
+        if norm is None:
+            if not (isinstance(a, str) and not a.strip()):  # blank strings are simply absent
+                stats["bad_answer"] += 1
+            continue
+        out.append(norm)
+    return out
+
+
+def _scalar(meta: dict, key: Optional[str], default: str, stats, reason: str) -> str:
+    """``meta[key]`` as a string when it is a str / int, else ``default`` (counted as ``reason`` unless absent)."""
+    v = meta.get(key) if key else None
+    if isinstance(v, (str, int)) and not isinstance(v, bool) and str(v).strip():
+        return str(v)
+    if v is not None:
+        stats[reason] += 1
+    return default
 
 
 def pool_grid(tokens: torch.Tensor, factor: int) -> torch.Tensor:
@@ -123,11 +158,11 @@ def compute_tokens(model, spec, fcfg: CrossAttentionConfig, clean_opts, batch_si
             pending.clear()
 
     for s in iter_samples(spec, clean_opts, stats):
-        ans = _answers(s.meta, fcfg.answers_field)
+        ans = _answers(s.meta, fcfg.answers_field, stats)
         if fcfg.task == "vqa" and not ans:  # nothing to train on or score: skipped and counted
             stats["no_answers"] += 1
             continue
-        iid = str(s.meta.get(fcfg.image_id_field, s.uid)) if fcfg.image_id_field else s.uid
+        iid = _scalar(s.meta, fcfg.image_id_field, s.uid, stats, "bad_image_id")
         digest = hashlib.sha1(s.image.tobytes()).hexdigest()
         if iid in img_digest and img_digest[iid] != digest:  # one image_id, another picture: keep both apart
             stats["image_id_conflict"] += 1
@@ -139,7 +174,7 @@ def compute_tokens(model, spec, fcfg: CrossAttentionConfig, clean_opts, batch_si
                 flush()
         captions.append(s.caption)
         answers.append(ans)
-        qtypes.append(str(s.meta.get(fcfg.qtype_field, "all")))
+        qtypes.append(_scalar(s.meta, fcfg.qtype_field, "all", stats, "bad_question_type"))
         ids.append(iid)
     flush()
     if not captions:

@@ -30,25 +30,32 @@ from mmtl.tracking import mlflow_utils as mlu
 
 
 def answer_vocab(pipe: Pipeline, train_answers: list[list[str]]) -> list[str]:
-    """The VQA answer vocabulary (see module docstring, step 3).
+    """The VQA answer vocabulary (see module docstring, step 3), normalised like the data's answers
+    (:func:`mmtl.fusion.features.normalize_answer`: "Red" and "red" are one answer).
 
     Raises:
         FileNotFoundError: ``answers_file`` is missing; ValueError: fewer than 2 answers.
     """
+    from mmtl.fusion.features import normalize_answer
     from mmtl.fusion.heads import build_vocab
 
     f = pipe.strategy.fusion
     if f.answers:
-        vocab = list(f.answers)
+        vocab = [normalize_answer(a) or "" for a in f.answers]
     elif f.answers_file:
         p = Path(f.answers_file)
         if not p.is_file():
             raise FileNotFoundError(f"strategy.fusion.answers_file={f.answers_file!r} not found")
-        vocab = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        vocab = [normalize_answer(ln) for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
     else:
         return build_vocab(train_answers, f.max_answers)
-    if len(vocab) < 2 or len(set(vocab)) != len(vocab):
-        raise ValueError(f"the answer vocabulary needs >= 2 distinct answers, got {len(vocab)} ({len(set(vocab))} distinct)")
+    if "" in vocab:
+        raise ValueError("the answer vocabulary has an empty answer")
+    dups = sorted({a for a in vocab if vocab.count(a) > 1})
+    if dups:
+        raise ValueError(f"the answer vocabulary lists {dups} more than once")
+    if len(vocab) < 2:
+        raise ValueError(f"the answer vocabulary needs >= 2 answers, got {vocab}")
     return vocab
 
 
@@ -105,6 +112,10 @@ def run_cross_attention(pipe: Pipeline, run_dir: Path, uri: str, run_id: str, re
     say(f"trains: {f.kind} fusion + {f.task} head")
     summ = report_trainable(pipe, trainable_summary(module), uri, run_id, say)
     mlu.log_metrics(uri, run_id, {f"data/{n}_{k}": v for n, ts in sets.items() for k, v in ts.stats.items()})
+    n_media = sets["train"].image_tokens.shape[1] + int(f.kind == "xattn" and f.global_token)
+    if f.kind == "xattn" and n_media > f.max_image_tokens:  # fail here, not inside the Ray workers
+        raise ValueError(f"{n_media} image tokens per image > strategy.fusion.max_image_tokens={f.max_image_tokens} "
+                         "(the learned position table): raise max_image_tokens or set image_pool")
     arrays = train_arrays(pipe, sets["train"])
     say(f"training arrays: {sum(a.nbytes for a in arrays.values()) / 2**20:.0f} MiB "
         f"({len(sets['train'])} samples, image tokens {arrays['image_tokens'].shape[1:]})")

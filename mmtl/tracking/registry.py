@@ -7,7 +7,6 @@ image bytes) into (N, D) float32 L2-normalised embeddings.
 """
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Optional
 
@@ -26,6 +25,7 @@ def model_from_export(pipeline_yaml: str, state_dict: dict):
 
     Raises:
         RuntimeError: the state dict does not match the architecture (strict load).
+        ValueError: a ``cross_attention`` export (load it with :func:`mmtl.fusion.evaluate.load_fusion_export`).
     """
     import yaml
 
@@ -33,6 +33,9 @@ def model_from_export(pipeline_yaml: str, state_dict: dict):
     from mmtl.models import build_model, fingerprint_loaded_content
 
     pipe = Pipeline.model_validate(yaml.safe_load(pipeline_yaml))
+    if pipe.strategy.kind == "cross_attention":
+        raise ValueError("this export is a cross_attention model (fusion + task head): evaluate it with "
+                         f"`mmtl eval ... --task {pipe.strategy.fusion.task}`")
     cfg = pipe.model.model_copy(deep=True)
     cfg.vision.weights = None
     cfg.init_from = None
@@ -71,7 +74,6 @@ try:
 
         def predict(self, context, model_input, params=None):
             import torch
-            from PIL import Image
 
             from mmtl.data.samples import decode_image, to_rgb
 
