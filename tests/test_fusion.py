@@ -301,6 +301,12 @@ def test_vqa_samples_without_answers_are_skipped_and_counted(tiny_model, tmp_pat
     ts = compute_tokens(tiny_model, str(tmp_path / "s"), CrossAttentionConfig(n_heads=2), CleanOptions())
     assert ts.answers == [["2"], ["red"]] and ts.qtypes == ["all", "colour"] and ts.image_ids == ["a", "c"]
     assert ts.stats["no_answers"] == 3 and len(ts.image_tokens.table) == 2  # image "b" never computed
+    with ShardWriter(tmp_path / "long", prefix="q") as w:  # a question longer than the context is counted
+        w.write("k0", buf.getvalue(), "png", "how many " * 60 + "circles?", {"answers": ["2"]})
+        w.write("k1", buf.getvalue(), "png", "how many circles?", {"answers": ["1"]})
+    counting = CleanOptions(context_length=tiny_model.cfg.context_length, count_tokens=tiny_model.count_tokens)
+    long = compute_tokens(tiny_model, str(tmp_path / "long"), CrossAttentionConfig(n_heads=2), counting)
+    assert long.stats["caption_truncated"] == 1 and len(long) == 2
     itm = compute_tokens(tiny_model, str(tmp_path / "s"), CrossAttentionConfig(task="itm", n_heads=2), CleanOptions())
     assert len(itm) == 5 and itm.captions[0] == "question 0? 2" and itm.captions[1] == "question 1?"
     blue = io.BytesIO()

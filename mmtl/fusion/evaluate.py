@@ -138,7 +138,8 @@ def run_fusion_eval(spec: str, task: str, data: str, batch_size: int = 64, out_d
         module, pipe = load_fusion_export(res.export_dir)
         if pipe.strategy.fusion.task != task:
             raise EvalError(f"the model was trained for --task {pipe.strategy.fusion.task}, not {task}")
-        ts = compute_tokens(module.model, data, pipe.strategy.fusion, clean_options(pipe), batch_size, say)
+        opts = clean_options(pipe, count_tokens=module.model.count_tokens)
+        ts = compute_tokens(module.model, data, pipe.strategy.fusion, opts, batch_size, say)
         metrics = evaluate_tokens(module, pipe, ts)
         result = {"task": task, "model": res.describe(), "data": str(data), "num_samples": len(ts),
                   "metrics": metrics, "data_stats": ts.stats, "files": {}, "out_dir": out_dir,

@@ -98,7 +98,7 @@ def run_cross_attention(pipe: Pipeline, run_dir: Path, uri: str, run_id: str, re
     model = build_model(pipe.model)
     apply_strategy(model, pipe.strategy, zero_stage=pipe.train.zero_stage)
     cache_root = Path(pipe.data.cache_dir or Path(pipe.train.runs_root) / "cache")
-    opts = clean_options(pipe)
+    opts = clean_options(pipe, count_tokens=model.count_tokens)  # caption_truncated is counted
     t_tok = time.time()
     sets = {"train": load_or_compute(model, pipe.data.train, f, opts, cache_root, say)}
     for name, spec in _eval_specs(pipe).items():
