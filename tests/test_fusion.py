@@ -343,3 +343,19 @@ def test_answer_normalisation_and_vocab_errors(tmp_path):
         answer_vocab(build_pipeline(raw), [])
     raw["strategy"]["fusion"]["answers"] = ["Yes", "no"]
     assert answer_vocab(build_pipeline(raw), []) == ["yes", "no"]
+
+
+def test_diagram_vqa_pipeline_is_the_measured_recipe():
+    """pipelines/diagram-vqa.yaml keeps meaning what the README table measured with it."""
+    from pathlib import Path
+
+    from mmtl.config import load_pipeline
+
+    pipe = load_pipeline(Path(__file__).resolve().parents[1] / "pipelines" / "diagram-vqa.yaml")
+    f, t = pipe.strategy.fusion, pipe.train
+    assert pipe.strategy.kind == "cross_attention" and pipe.model.family == "two_tower"
+    assert pipe.model.vision.timm_name == "tf_efficientnet_lite0" and pipe.model.image_size == 192
+    assert (f.task, f.kind, f.n_blocks, f.n_heads, f.ff_mult, f.hidden, f.dropout) == ("vqa", "xattn", 2, 8, 2, 512, 0.1)
+    assert (f.self_attention, f.global_token, f.image_layer, f.image_pool, f.resampler_tokens) == (False, False, -1, 1, 0)
+    assert (t.num_workers * t.micro_batch_size * t.grad_accum_steps, t.max_steps, t.lr, t.warmup_steps) == \
+        (128, 1000, 5e-4, 100)
