@@ -4,8 +4,9 @@
   answer, :func:`mmtl.fusion.heads.vqa_accuracy`); questions whose answers are all outside the vocabulary
   score 0 (counted in ``vqa/out_of_vocab``).
 * ``itm``: every sample is scored as a positive pair and against one negative text: the most similar text
-  (ITC similarity) among samples of other images with another text in the same chunk of 256; ``itm/accuracy`` (positives
-  above 0 and negatives at or below 0, over both), ``itm/<question type>`` likewise.
+  (ITC similarity) among samples of other images with another text in the same chunk of 256;
+  ``itm/accuracy`` (positives above 0 and negatives at or below 0, over both), ``itm/<question type>``
+  likewise.
 
 :func:`load_fusion_export` rebuilds the train module from an export folder (``model.safetensors`` holds the
 towers under their model keys plus ``fusion.*`` / ``head.*`` / ``itc_*``; ``pipeline.yaml`` holds the answer
@@ -97,7 +98,8 @@ def evaluate_itm(module, ts: TokenSet, chunk: int = 256) -> dict:
     for sl in _chunks(len(ts), chunk):
         it, tt, tm = _t(ts.image_tokens[sl]), _t(ts.text_tokens[sl]), _t(ts.text_mask[sl])
         sim = module.similarity(it, tt, tm)
-        same = torch.from_numpy((ids[sl][:, None] == ids[sl][None, :]) | (texts[sl][:, None] == texts[sl][None, :]))
+        same = (ids[sl][:, None] == ids[sl][None, :]) | (texts[sl][:, None] == texts[sl][None, :])
+        same = torch.from_numpy(same)  # known positives: same image or same text
         sim = sim.masked_fill(same, float("-inf"))
         neg = sim.argmax(1)
         ok_neg = ~same.all(1)

@@ -9,7 +9,7 @@ Recipe (called by :func:`mmtl.run.run_pipeline` inside the MLflow run):
      ``pipeline.yaml``); soft-score targets (:func:`mmtl.fusion.heads.soft_scores`);
   4. train :class:`mmtl.fusion.task.FusionTaskModule` with :func:`mmtl.run.fit` (Ray Train + DeepSpeed, the
      common loop: checkpoints, resume, MLflow step metrics) on the in-memory arrays ``image_tokens``,
-     ``text_tokens``, ``text_mask`` (+ ``answer_target`` for VQA);
+     ``text_tokens``, ``text_mask`` (+ ``answer_target`` for VQA, ``image_id`` / ``text_id`` for ITM);
   5. load the export, evaluate (:mod:`mmtl.fusion.evaluate`: accuracy overall and per question type), log
      metrics, ``summary.json`` and the export as the run's MLflow model to MLflow.
 
