@@ -46,19 +46,14 @@ def load_fusion_export(export_dir: str | Path):
     from mmtl.config import Pipeline
     from mmtl.fusion.task import FusionTaskModule
     from mmtl.models import build_model
+    from mmtl.tracking.registry import architecture_config, require_export_files
 
     d = Path(export_dir)
-    for f in ("model.safetensors", "pipeline.yaml"):
-        if not (d / f).exists():
-            raise FileNotFoundError(f"{d / f} not found: not an mmtl export")
+    require_export_files(d)
     pipe = Pipeline.model_validate(yaml.safe_load((d / "pipeline.yaml").read_text()))
     if pipe.strategy.kind != "cross_attention":
         raise ValueError(f"{d} was trained with strategy.kind={pipe.strategy.kind!r}, not cross_attention")
-    cfg = pipe.model.model_copy(deep=True)
-    cfg.vision.weights, cfg.init_from = None, None
-    if cfg.family == "open_clip":
-        cfg.weights = None
-    module = FusionTaskModule.from_pipeline(pipe, build_model(cfg))
+    module = FusionTaskModule.from_pipeline(pipe, build_model(architecture_config(pipe.model)))
     module.load_state_dict(split_state_dict(load_file(str(d / "model.safetensors"))), strict=True)
     return module.eval(), pipe
 

@@ -115,6 +115,12 @@ def pool_grid(tokens: torch.Tensor, factor: int) -> torch.Tensor:
     return grid.flatten(2).transpose(1, 2)
 
 
+def image_token_batch(model, fcfg: CrossAttentionConfig, pixels: torch.Tensor) -> torch.Tensor:
+    """(B, 3, S, S) normalised images -> (B, T, D_v) fusion image tokens: the ``image_layer`` tokens, pooled by
+    ``image_pool`` (what training, eval and the registry model all use)."""
+    return pool_grid(model.image_tokens(pixels, fcfg.image_layer), fcfg.image_pool)
+
+
 def _key(model, spec, fcfg: CrossAttentionConfig) -> str:
     from mmtl.data.shardlist import resolve_shards
 
@@ -153,7 +159,7 @@ def compute_tokens(model, spec, fcfg: CrossAttentionConfig, clean_opts, batch_si
     def flush() -> None:
         if pending:
             with torch.no_grad():
-                toks = pool_grid(model.image_tokens(torch.stack(pending), fcfg.image_layer), fcfg.image_pool)
+                toks = image_token_batch(model, fcfg, torch.stack(pending))
             image_rows.extend(toks.to(torch.float16).numpy())
             pending.clear()
 

@@ -16,8 +16,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from mmtl.tracking.registry import PIP_REQUIREMENTS
-
 
 def predict_rows(module, pipe, images: list, texts: list[str]) -> dict[str, list]:
     """Score (PIL image, text) pairs with a loaded fusion module (:func:`mmtl.fusion.evaluate.load_fusion_export`).
@@ -29,7 +27,7 @@ def predict_rows(module, pipe, images: list, texts: list[str]) -> dict[str, list
     """
     import torch
 
-    from mmtl.fusion.features import pool_grid
+    from mmtl.fusion.features import image_token_batch
 
     if len(images) != len(texts):
         raise ValueError(f"{len(images)} images but {len(texts)} texts")
@@ -40,7 +38,7 @@ def predict_rows(module, pipe, images: list, texts: list[str]) -> dict[str, list
     tf = model.image_transform(train=False)
     with torch.no_grad():
         pixels = torch.stack([tf(im) for im in images])
-        img = pool_grid(model.image_tokens(pixels, f.image_layer), f.image_pool).float()
+        img = image_token_batch(model, f, pixels).float()
         tok = model.tokenize([str(t) for t in texts])
         txt = model.text_tokens(tok["input_ids"], tok["attention_mask"]).float()
         mask = tok["attention_mask"]
@@ -82,22 +80,13 @@ except ImportError:  # pragma: no cover
 def log_fusion_model(uri: str, run_id: str, export_dir: Path, task: str, model_name: Optional[str]) -> dict:
     """Log ``export_dir`` as the run's MLflow model ``model`` (pyfunc above) and register it under ``model_name``
     when given. Returns ``{"uri"}`` plus ``{"name", "version"}`` when registered."""
-    import mlflow
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
 
-    mlflow.set_tracking_uri(uri)
+    from mmtl.tracking.registry import log_pyfunc
+
     outputs = ([ColSpec("string", "answer"), ColSpec("double", "score")] if task == "vqa"
                else [ColSpec("double", "match_prob")])
     sig = ModelSignature(inputs=Schema([ColSpec("binary", "image"), ColSpec("string", "text")]),
                          outputs=Schema(outputs))
-    with mlflow.start_run(run_id=run_id):
-        info = mlflow.pyfunc.log_model(
-            name="model", python_model=MmtlFusionModel(), signature=sig, pip_requirements=PIP_REQUIREMENTS,
-            artifacts={"model": str(export_dir / "model.safetensors"), "pipeline": str(export_dir / "pipeline.yaml")},
-            registered_model_name=model_name,
-        )
-    out = {"uri": info.model_uri}
-    if model_name:
-        out.update(name=model_name, version=str(info.registered_model_version))
-    return out
+    return log_pyfunc(uri, run_id, export_dir, MmtlFusionModel(), sig, model_name)

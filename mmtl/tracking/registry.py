@@ -16,6 +16,23 @@ PIP_REQUIREMENTS = ["torch", "torchvision", "timm", "transformers", "open_clip_t
                     "pydantic", "pillow"]
 
 
+def architecture_config(model_cfg):
+    """A copy of a pipeline's ``model`` section that builds the architecture only: no tower weight files, no
+    ``init_from`` (an export's ``model.safetensors`` holds every weight)."""
+    cfg = model_cfg.model_copy(deep=True)
+    cfg.vision.weights, cfg.init_from = None, None
+    if cfg.family == "open_clip":
+        cfg.weights = None
+    return cfg
+
+
+def require_export_files(export_dir: Path) -> None:
+    """Raise FileNotFoundError unless ``export_dir`` holds ``model.safetensors`` and ``pipeline.yaml``."""
+    for f in ("model.safetensors", "pipeline.yaml"):
+        if not (export_dir / f).exists():
+            raise FileNotFoundError(f"{export_dir / f} not found: not an mmtl export")
+
+
 def model_from_export(pipeline_yaml: str, state_dict: dict):
     """Rebuild an exported model from its resolved pipeline YAML and its consolidated state dict.
 
@@ -36,12 +53,7 @@ def model_from_export(pipeline_yaml: str, state_dict: dict):
     if pipe.strategy.kind == "cross_attention":
         raise ValueError("this export is a cross_attention model (fusion + task head): evaluate it with "
                          f"`mmtl eval ... --task {pipe.strategy.fusion.task}`")
-    cfg = pipe.model.model_copy(deep=True)
-    cfg.vision.weights = None
-    cfg.init_from = None
-    if cfg.family == "open_clip":
-        cfg.weights = None
-    model = build_model(cfg)
+    model = build_model(architecture_config(pipe.model))
     model.load_state_dict({k: v for k, v in state_dict.items() if k != "logit_bias"}, strict=True)
     fingerprint_loaded_content(model)
     return model.eval(), pipe
@@ -55,9 +67,7 @@ def load_exported(export_dir: str | Path):
     from safetensors.torch import load_file
 
     export_dir = Path(export_dir)
-    for f in ("model.safetensors", "pipeline.yaml"):
-        if not (export_dir / f).exists():
-            raise FileNotFoundError(f"{export_dir / f} not found: not an mmtl export")
+    require_export_files(export_dir)
     return model_from_export((export_dir / "pipeline.yaml").read_text(),
                              load_file(str(export_dir / "model.safetensors")))
 
@@ -97,25 +107,32 @@ def log_exported_model(uri: str, run_id: str, export_dir: Path, model_name: Opti
 
     Returns ``{"name", "version", "uri"}`` when registered, else ``{"uri"}``.
     """
-    import mlflow
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema, TensorSpec
 
     from mmtl.models import build_model  # noqa: F401  (fail early if mmtl is broken)
 
-    mlflow.set_tracking_uri(uri)
     dim = _embed_dim(export_dir)
     sig = ModelSignature(
         inputs=Schema([ColSpec("string", "text", required=False), ColSpec("binary", "image", required=False)]),
         outputs=Schema([TensorSpec(np.dtype("float32"), (-1, dim))]),
     )
+    return log_pyfunc(uri, run_id, export_dir, MmtlEmbeddingModel(), sig, model_name)
+
+
+def log_pyfunc(uri: str, run_id: str, export_dir: Path, python_model, signature, model_name: Optional[str]) -> dict:
+    """Log ``python_model`` with the export's ``model.safetensors`` + ``pipeline.yaml`` as artifacts as the run's
+    MLflow model ``model``, registered under ``model_name`` when given.
+
+    Returns ``{"uri"}`` plus ``{"name", "version"}`` when registered.
+    """
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
-            name="model",
-            python_model=MmtlEmbeddingModel(),
+            name="model", python_model=python_model, signature=signature, pip_requirements=PIP_REQUIREMENTS,
             artifacts={"model": str(export_dir / "model.safetensors"), "pipeline": str(export_dir / "pipeline.yaml")},
-            signature=sig,
-            pip_requirements=PIP_REQUIREMENTS,
             registered_model_name=model_name,
         )
     out = {"uri": info.model_uri}
