@@ -60,9 +60,13 @@ def print_summary(summary: dict) -> None:
     for k in sorted(x for x in m if x.startswith("train/")):
         table.add_row(k, "", fmt(m[k]), "")
     Console().print(table)
+    reg = summary.get("registered_model") or {}
+    model_line = (f"registered: {reg['name']} version {reg['version']} (models:/{reg['name']}/{reg['version']})"
+                  if reg.get("name") else f"MLflow model: {reg['uri']} (not registered: tracking.model_name is null)"
+                  if reg.get("uri") else "MLflow model: not logged")
     Console().print(
         f"run dir: {summary['run_dir']}\nMLflow run: {summary['mlflow_run_id']}\nexport: {summary['export_path']}\n"
-        f"registered: {summary.get('registered_model')}\nopen the UI: {summary['mlflow_ui']}",
+        f"{model_line}\nopen the UI: {summary['mlflow_ui']}",
         highlight=False,
     )
 
@@ -191,7 +195,7 @@ def eval_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object"),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="Learned CoOp prompt for zero-shot: a prompt_tuning run dir, its export or prompt.safetensors (default: the model's own, if any)"),
 ) -> None:
-    """Evaluate a model on a shard set: zero-shot classification (template ensemble) or image-text retrieval."""
+    """Evaluate a model on a shard set: zero-shot classification, image-text retrieval, or VQA / ITM accuracy."""
     from mmtl.data.shardlist import ShardError
     from mmtl.eval.cli_eval import EvalError, run_eval
     from mmtl.eval.resolve import ModelSpecError

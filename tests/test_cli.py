@@ -94,3 +94,14 @@ def test_config_errors_name_the_field(tmp_path):
     assert res.exit_code == 2 and "train.zero_stage" in res.output and "7" in res.output
     res = runner.invoke(app, ["config", str(p), "train.lr=0.5"])
     assert res.exit_code == 0 and "lr: 0.5" in res.output
+
+
+def test_run_summary_says_whether_the_model_was_registered(capsys):
+    from mmtl.cli import print_summary
+
+    base = {"metrics": {"test/vqa/overall": 0.5}, "run_name": "r", "steps": 3, "wall_time_s": 1.0,
+            "run_dir": "d", "mlflow_run_id": "id", "export_path": "e", "mlflow_ui": "ui"}
+    print_summary({**base, "registered_model": {"uri": "models:/m-1", "name": "qs", "version": "2"}})
+    assert "registered: qs version 2 (models:/qs/2)" in capsys.readouterr().out
+    print_summary({**base, "registered_model": {"uri": "models:/m-1"}})
+    assert "not registered: tracking.model_name is null" in capsys.readouterr().out
