@@ -34,7 +34,7 @@ def run(
 ) -> None:
     """Train, evaluate and register one pipeline; writes <runs_root>/<name>/summary.json."""
     pipe = _load(pipeline, overrides or [])
-    from mmtl.run import run_pipeline
+    from mmtl.recipes import run_pipeline
 
     if address:
         from mmtl.runtime import init_ray
@@ -161,7 +161,7 @@ def export_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object"),
 ) -> None:
     """Write a standalone model folder (model.safetensors + pipeline.yaml) from a run's checkpoint."""
-    from mmtl.export import ExportError, export_run
+    from mmtl.recipes.export import ExportError, export_run
 
     dest = out or run_dir / ("export-merged" if merge else "export-adapter")
     try:

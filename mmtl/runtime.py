@@ -94,3 +94,15 @@ def latest_checkpoint(run_dir: Path) -> Optional[Path]:
         if step > best_step:
             best, best_step = meta.parent, step
     return best
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global RNGs with ``seed`` (NumPy: ``seed mod 2**32``)."""
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)

@@ -344,7 +344,7 @@ def fake_s3(tmp_path, monkeypatch):
         calls.append(uri)
         assert uri.startswith("s3://")
         return fs, uri[len("s3://"):].split("?")[0]
-    monkeypatch.setattr(shardlist, "_filesystem", from_uri)
+    monkeypatch.setattr(shardlist, "filesystem", from_uri)
     return tmp_path, calls
 
 

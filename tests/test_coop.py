@@ -202,7 +202,7 @@ def test_prompt_tuning_run_end_to_end(tmp_path, tiny_shards, ray_local):
     from mmtl.cli import print_summary
     from mmtl.config import build_pipeline
     from mmtl.eval.cli_eval import run_eval
-    from mmtl.run import run_pipeline
+    from mmtl.recipes import run_pipeline
     from mmtl.tracking.registry import load_exported
 
     raw = tiny_pipeline(tiny_shards, tmp_path / "runs", strategy={"kind": "prompt_tuning", "prompt": {
@@ -264,7 +264,7 @@ def test_prompt_pipelines_validate(name):
 def test_bad_init_fails_before_training(tmp_path, tiny_shards):
     from conftest import tiny_pipeline
     from mmtl.config import build_pipeline
-    from mmtl.run import run_pipeline
+    from mmtl.recipes import run_pipeline
 
     raw = tiny_pipeline(tiny_shards, tmp_path / "runs", strategy={"kind": "prompt_tuning", "prompt": {
         "label_field": "color", "n_ctx": 3, "init": "a photo of a"}})

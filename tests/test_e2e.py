@@ -21,7 +21,7 @@ def _mlflow(summary):
 def test_zero2_feature_cache_kill_resume_and_mlflow(ray_local, tiny_shards, tmp_path, monkeypatch):
     """ZeRO-2, frozen towers (cached features): a worker is SIGKILLed at step 13, Ray restarts the group from
     the step-10 checkpoint, the run finishes 24 steps; steps <= 10 are trained once; MLflow has it all."""
-    from mmtl.run import run_pipeline
+    from mmtl.recipes import run_pipeline
 
     trace = tmp_path / "trace"
     monkeypatch.setenv("MMTL_STEP_TRACE", str(trace))
@@ -58,7 +58,7 @@ def test_zero2_feature_cache_kill_resume_and_mlflow(ray_local, tiny_shards, tmp_
 def test_image_stream_zero_stages(ray_local, tiny_shards, tmp_path, stage, precision, kind):
     """Images streamed through Ray Data (no feature cache): LoRA in both towers on ZeRO-1 fp32 (adapter saved,
     export merged so it loads without PEFT), every parameter trained on ZeRO-3 bf16."""
-    from mmtl.run import run_pipeline
+    from mmtl.recipes import run_pipeline
 
     raw = tiny_pipeline(tiny_shards, tmp_path / "runs", strategy={"kind": kind},
                         train={"zero_stage": stage, "precision": precision, "max_steps": 6, "checkpoint_every": 3},
@@ -116,7 +116,7 @@ def _check_export_merge(run_dir: Path, trained_sd):
 def test_resume_after_failure_continues_at_checkpoint(ray_local, tiny_shards, tmp_path, monkeypatch, mlflow_server):
     """max_failures=0: the killed run fails; `--resume` continues from step 5 to 12 in the same MLflow run,
     tracked on a real `mlflow server` over http."""
-    from mmtl.run import run_pipeline
+    from mmtl.recipes import run_pipeline
 
     trace = tmp_path / "trace"
     monkeypatch.setenv("MMTL_STEP_TRACE", str(trace))

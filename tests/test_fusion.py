@@ -210,7 +210,7 @@ def test_strategy_refuses_unsupported_options(tiny_model):
 def test_itm_and_vqa_evaluation_on_token_sets(tiny_model):
     from mmtl.fusion.evaluate import evaluate_itm, evaluate_vqa
     from mmtl.fusion.features import TokenSet
-    from mmtl.train.arrays import RowIndexed
+    from mmtl.data.arrays import RowIndexed
 
     rng = np.random.default_rng(0)
     image, text = rng.standard_normal((3, 4, 256)), rng.standard_normal((6, 5, 32))
@@ -233,7 +233,7 @@ def test_itm_and_vqa_evaluation_on_token_sets(tiny_model):
 
 
 def test_row_indexed_arrays_share_rows_and_batch_like_the_materialised_array():
-    from mmtl.train.arrays import RowIndexed
+    from mmtl.data.arrays import RowIndexed
     from mmtl.train.loop import feature_batches
 
     table = np.arange(3 * 2 * 4, dtype=np.float32).reshape(3, 2, 4)
@@ -331,7 +331,7 @@ def test_answer_normalisation_and_vocab_errors(tmp_path):
 
     from mmtl.config import build_pipeline
     from mmtl.fusion.features import _answers, normalize_answer
-    from mmtl.fusion.run import answer_vocab
+    from mmtl.recipes.fusion import answer_vocab
 
     assert [normalize_answer(v) for v in ("Red ", "two  words", 2, 2.0, 2.5, True, None, [1], {"a": 1}, " ")] == \
         ["red", "two words", "2", "2", "2.5", None, None, None, None, None]

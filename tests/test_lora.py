@@ -12,8 +12,9 @@ from torch import nn
 from mmtl.config import StrategyConfig, build_pipeline
 from mmtl.models import build_model, tiny_hf_clip_config, tiny_open_clip_config, tiny_two_tower_config
 from mmtl.strategies import apply_strategy
-from mmtl.strategies.lora import (adapter_state_dict, has_lora, load_adapter, merge_lora, merged_state_dict,
-                                  save_adapter)
+from mmtl.strategies.lora import has_lora
+from mmtl.strategies.lora_adapters import (adapter_state_dict, load_adapter, merge_lora, merged_state_dict,
+                                           save_adapter)
 
 FAMILIES = {"two_tower": tiny_two_tower_config, "open_clip": tiny_open_clip_config, "hf": tiny_hf_clip_config}
 LORA = StrategyConfig(kind="lora", lora={"r": 4, "alpha": 8.0})
@@ -169,7 +170,7 @@ def process_group():
 
 
 def test_deepspeed_zero2_step_trains_lora(process_group, tmp_path):
-    from mmtl.train.checkpoint import save_adapters
+    from mmtl.strategies.lora_adapters import save_adapters
     from mmtl.train.loop import build_engine
     from mmtl.train.step import train_step
 

@@ -174,7 +174,7 @@ def test_pipeline_runs_end_to_end_tiny(name, ray_local, tiny_shards, tmp_path):
     from safetensors.torch import load_file
 
     from mmtl.models import build_model
-    from mmtl.run import run_pipeline
+    from mmtl.recipes import run_pipeline
     from mmtl.strategies import apply_strategy
     from mmtl.train.loop import seed_everything
 

@@ -127,7 +127,7 @@ def run_mmtl(pipe: Pipeline, model: torch.nn.Module, batches: list[dict]) -> dic
     """``run_training`` in this process; ``on_step`` timestamps and formats the worker's progress line
     every ``log_every`` steps; ``report`` is a no-op (it is Ray Train's in workers)."""
     from mmtl.train.loop import run_training
-    from mmtl.train.worker import _progress_line
+    from mmtl.train.worker import progress_line
 
     cfg = pipe.train
     marks: list = []
@@ -137,7 +137,7 @@ def run_mmtl(pipe: Pipeline, model: torch.nn.Module, batches: list[dict]) -> dic
     def on_step(n: int, metrics: dict) -> None:
         marks.append(_now())
         if n % cfg.log_every == 0:
-            sink.write(_progress_line(n, cfg.max_steps, metrics, t_start) + "\n")
+            sink.write(progress_line(n, cfg.max_steps, metrics, t_start) + "\n")
 
     run_training(pipe, model, iter(batches), report=lambda metrics, ckpt: None, on_step=on_step)
     t_end = time.perf_counter()

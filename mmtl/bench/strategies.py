@@ -52,9 +52,9 @@ def common_overrides(image_size: int, steps: int, micro_batch: int, runs_root: s
 
 
 def run_row(pipeline: str, name: str, common: list[str], say: Callable[[str], None]) -> dict:
-    """Train and evaluate one row through :func:`mmtl.run.run_pipeline`; returns its measured fields."""
+    """Train and evaluate one row through :func:`mmtl.recipes.run_pipeline`; returns its measured fields."""
     from mmtl.config import load_pipeline
-    from mmtl.run import run_pipeline
+    from mmtl.recipes import run_pipeline
 
     label, extra = ROWS[name]
     pipe = load_pipeline(pipeline, common + extra + [f"train.name=bench-{name}"])

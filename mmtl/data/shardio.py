@@ -31,7 +31,7 @@ from . import shardlist
 from .samples import (CAPTION_EXTS, IMAGE_EXTS, META_EXT, CleanOptions, Reject, Sample,
                       SampleRejected, clean_sample)
 from .shardlist import (EmptyDatasetError, MissingShardsError, ShardError, UnsortedShardError,  # noqa: F401
-                        _local_path, resolve_shards, shard_ids)
+                        local_path, resolve_shards, shard_ids)
 from .tarscan import Member, scan_tar, split_name
 
 log = logging.getLogger("mmtl.data")
@@ -46,11 +46,11 @@ def open_shard(url: str) -> BinaryIO:
 
     Raises MissingShardsError when it does not exist, ShardError for other I/O errors.
     """
-    local = _local_path(url)
+    local = local_path(url)
     try:
         if local is not None:
             return open(local, "rb")
-        fs, path = shardlist._filesystem(url)
+        fs, path = shardlist.filesystem(url)
         return fs.open_input_stream(path)
     except FileNotFoundError:
         raise MissingShardsError([url]) from None
@@ -62,7 +62,7 @@ def open_shard(url: str) -> BinaryIO:
 def _open_seekable(url: str) -> Iterator[BinaryIO]:
     with contextlib.ExitStack() as stack:
         f = stack.enter_context(open_shard(url))
-        if _local_path(url) is None:  # remote: one sequential download, then random access
+        if local_path(url) is None:  # remote: one sequential download, then random access
             spool = stack.enter_context(tempfile.SpooledTemporaryFile(SPOOL_BYTES))
             shutil.copyfileobj(f, spool, 1 << 20)
             f = spool

@@ -39,14 +39,16 @@ class EmptyDatasetError(ShardError):
 
 # ---------------------------------------------------------------- resolving shard lists
 
-def _filesystem(uri: str):
+def filesystem(uri: str):
     """(pyarrow FileSystem, path) for a URI; a module function so tests can replace it."""
     from pyarrow.fs import FileSystem
 
     return FileSystem.from_uri(uri)
 
 
-def _local_path(item: str) -> Optional[str]:
+def local_path(item: str) -> Optional[str]:
+    """The local filesystem path of a shard spec item (plain path or ``file://`` URL), or None for a remote
+    URL (``s3://``, ``gs://`` ...)."""
     if item.startswith("file://"):
         return urllib.parse.unquote(urllib.parse.urlparse(item).path)
     if "://" in item:
@@ -75,7 +77,7 @@ class _Remote:
     def fs_path(self, uri: str):
         u = urllib.parse.urlparse(uri)
         if (u.scheme, u.netloc) not in self.cache:
-            fs, path = _filesystem(uri)
+            fs, path = filesystem(uri)
             with_host = path.lstrip("/") == urllib.parse.unquote(u.netloc + u.path).lstrip("/")
             self.cache[u.scheme, u.netloc] = (fs, with_host)
         fs, with_host = self.cache[u.scheme, u.netloc]
@@ -185,7 +187,7 @@ def resolve_shards(spec: Union[str, os.PathLike, list]) -> list[str]:
         except Exception:  # unbalanced braces: a literal name
             items = [entry]
         for item in items:
-            local = _local_path(item)
+            local = local_path(item)
             if local is None:
                 remote_items.append((idx, item))
             else:

@@ -12,7 +12,7 @@ a sample whose ``image_id`` was already used for different pixels gets its own i
 ``image_id_conflict``), so a reused id never puts a question on the wrong picture.
 
 Arrays of a :class:`TokenSet` (``N`` samples, ``M`` distinct images, ``T`` image tokens, ``L`` text tokens
-trimmed to the longest question of the set): ``image_tokens`` a :class:`~mmtl.train.arrays.RowIndexed`
+trimmed to the longest question of the set): ``image_tokens`` a :class:`~mmtl.data.arrays.RowIndexed`
 view (N, T, D_v) over an (M, T, D_v) float16 table (an image's questions share its row), ``text_tokens``
 (N, L, D_t) float16, ``text_mask`` (N, L) int64. Memory is about ``M * T * D_v * 2 + N * L * D_t * 2`` bytes
 (e.g. 3,000 images x 36 tokens x 1,280 = 276 MB); ``strategy.fusion.image_pool`` average-pools a square
@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from mmtl.config import CrossAttentionConfig
-from mmtl.train.arrays import RowIndexed
+from mmtl.data.arrays import RowIndexed
 
 _VERSION = 3
 

@@ -1,4 +1,4 @@
-"""The train module of ``strategy.kind: cross_attention`` (see :mod:`mmtl.train.tasks`).
+"""The train module of ``strategy.kind: cross_attention`` (see :func:`mmtl.train.loop.make_train_module`).
 
 :class:`FusionTaskModule` holds the frozen :class:`~mmtl.models.base.MultimodalModel` as ``self.model`` (its
 towers are not run during training: the driver precomputes their tokens once), a fusion module

@@ -30,13 +30,13 @@ def _sha256_stream(f) -> str:
 
 def _stat(url: str) -> tuple[int, Optional[int]]:
     """(size, mtime_ns or None) of a shard."""
-    from mmtl.data.shardlist import _filesystem, _local_path
+    from mmtl.data.shardlist import filesystem, local_path
 
-    local = _local_path(url)
+    local = local_path(url)
     if local is not None:
         st = os.stat(local)
         return st.st_size, st.st_mtime_ns
-    fs, path = _filesystem(url)
+    fs, path = filesystem(url)
     info = fs.get_file_info(path)
     mtime = getattr(info, "mtime_ns", None)
     return int(info.size), mtime

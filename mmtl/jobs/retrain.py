@@ -19,7 +19,7 @@ One trigger (:func:`retrain`) does:
    its ``model.safetensors`` is copied to ``<manifest_dir>/warm_start/<name>-v<version>.safetensors`` (kept:
    exports of warm-started runs name it in their ``pipeline.yaml``) and set as ``model.init_from``
    (``retrain.warm_start=false``: train from the pipeline's own initialisation).
-4. **Train** with :func:`mmtl.run.run_pipeline` on the new shards plus a replay share of the known shards
+4. **Train** with :func:`mmtl.recipes.run_pipeline` on the new shards plus a replay share of the known shards
    still present (``ceil(replay_fraction * known)``, at least 1 when any; chosen by a hash of
    ``data.seed``, the new shards' hashes and each shard's hash: deterministic for the same inputs, different
    between retrains), run name ``<train.name>-retrain[-N]``, ``train.resume=never``. The run registers the new
@@ -143,7 +143,7 @@ def retrain(pipe: Pipeline, say: Say = print, address: Optional[str] = None) -> 
     Raises:
         ValueError: no ``tracking.model_name`` / ``log_model`` off, a bad ``retrain.metric``.
         MissingShardsError / EmptyDatasetError: ``data.train`` problems.
-        RuntimeError: training failed (from :func:`mmtl.run.run_pipeline`).
+        RuntimeError: training failed (from :func:`mmtl.recipes.run_pipeline`).
     """
     from mlflow.tracking import MlflowClient
 
@@ -225,7 +225,7 @@ def _retrain_locked(pipe, cfg: RetrainConfig, name: str, manifest_dir: Path, say
     tp.train.resume = "never"
     tp = Pipeline.model_validate(tp.model_dump(mode="json"))  # revalidate the edited copy
 
-    from mmtl.run import run_pipeline
+    from mmtl.recipes import run_pipeline
     from mmtl.runtime import init_ray
 
     if address:

@@ -198,7 +198,7 @@ def coop_logits(image_emb: Tensor, class_emb: Tensor, scale: Tensor) -> Tensor:
 
 
 class CoOpModule(nn.Module):
-    """Train module of ``strategy.kind: prompt_tuning`` (see :mod:`mmtl.train.tasks`): the frozen model as
+    """Train module of ``strategy.kind: prompt_tuning`` (see :func:`mmtl.train.loop.make_train_module`): the frozen model as
     ``self.model`` (kept in eval mode: no head dropout, frozen BatchNorm) and ``self.prompt_learner``.
 
     ``forward(image_feat (B, D_v) cached image-tower features, label (B,) class indices)`` -> scalar

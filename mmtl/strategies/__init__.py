@@ -1,15 +1,44 @@
-"""Transfer strategies: how a pretrained model is adapted. One strategy per file, chosen by
-``strategy.kind``; each exposes ``apply(model, cfg) -> None`` that sets ``requires_grad`` (and inserts
-adapters), after which :func:`trainable_summary` reports what trains."""
+"""Transfer strategies: how a pretrained model is adapted. One strategy per file, each a
+:class:`~mmtl.strategies.base.Strategy` object with hooks, registered in :data:`STRATEGIES` by
+``strategy.kind``.
+
+To add one: write ``mmtl/strategies/<kind>.py`` with a ``Strategy`` subclass (``kind = "<kind>"``) and add it
+to the table below. A strategy that trains something other than the contrastive objective also needs a
+recipe (:mod:`mmtl.recipes`).
+"""
 from __future__ import annotations
 
 from typing import Optional
 
 from mmtl.config import Pipeline, StrategyConfig
+from mmtl.strategies.base import Strategy, trainable_summary
+from mmtl.strategies.cross_attention import CrossAttentionStrategy
+from mmtl.strategies.frozen import FrozenStrategy
+from mmtl.strategies.full import FullStrategy
+from mmtl.strategies.lora import LoraStrategy
+from mmtl.strategies.prompt_tuning import PromptTuningStrategy
+
+__all__ = ["STRATEGIES", "Strategy", "get_strategy", "apply_strategy", "trainable_summary", "uses_feature_cache"]
+
+STRATEGIES: dict[str, Strategy] = {s.kind: s for s in (
+    FrozenStrategy(), FullStrategy(), LoraStrategy(), PromptTuningStrategy(), CrossAttentionStrategy(),
+)}
+
+
+def get_strategy(kind: str) -> Strategy:
+    """The registered strategy of ``strategy.kind``.
+
+    Raises:
+        ValueError: unknown kind (the message lists the known ones).
+    """
+    try:
+        return STRATEGIES[kind]
+    except KeyError:
+        raise ValueError(f"strategy.kind={kind!r} is unknown (known: {', '.join(STRATEGIES)})") from None
 
 
 def apply_strategy(model, cfg: StrategyConfig, zero_stage: Optional[int] = None) -> dict:
-    """Apply ``cfg.kind`` to ``model`` in place and return :func:`trainable_summary`.
+    """Check and apply ``cfg.kind`` to ``model`` in place and return :func:`trainable_summary`.
 
     ``zero_stage`` (``train.zero_stage``, optional) lets a strategy refuse what cannot train under that ZeRO
     stage before anything starts (``lora``: nn.MultiheadAttention targets under ZeRO-3).
@@ -17,39 +46,13 @@ def apply_strategy(model, cfg: StrategyConfig, zero_stage: Optional[int] = None)
     Raises:
         ValueError: unknown kind, or an option the kind does not support.
     """
-    if cfg.kind == "frozen":
-        from mmtl.strategies.frozen import apply
-    elif cfg.kind == "full":
-        from mmtl.strategies.full import apply
-    elif cfg.kind == "lora":
-        from mmtl.strategies.lora import apply as apply_lora
-
-        apply_lora(model, cfg, zero_stage=zero_stage)
-        return trainable_summary(model)
-    elif cfg.kind == "prompt_tuning":
-        from mmtl.strategies.prompt_tuning import apply
-    elif cfg.kind == "cross_attention":
-        from mmtl.strategies.cross_attention import apply
-    else:
-        raise ValueError(f"strategy.kind={cfg.kind!r} is not available in this build")
-    apply(model, cfg)
+    strategy = get_strategy(cfg.kind)
+    strategy.check(cfg, zero_stage)
+    strategy.apply(model, cfg, zero_stage)
     return trainable_summary(model)
 
 
-def trainable_summary(model) -> dict:
-    """Counts of trainable and total parameters (elements) and the trainable share in [0, 1]."""
-    total = sum(p.numel() for p in model.parameters())
-    train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {"params_total": total, "params_trainable": train, "trainable_share": train / max(1, total)}
-
-
 def uses_feature_cache(pipe: Pipeline) -> bool:
-    """True when both towers are fully frozen and not augmented, so their outputs can be cached."""
-    s = pipe.strategy
-    return (
-        pipe.data.cache_frozen_features
-        and s.kind == "frozen"
-        and s.lock == "both"
-        and s.unlock_image_blocks == 0
-        and s.unlock_text_blocks == 0
-    )
+    """True when the pipeline's strategy keeps both towers frozen and unaugmented, so their outputs can be
+    cached (and ``data.cache_frozen_features`` is on)."""
+    return bool(pipe.data.cache_frozen_features) and get_strategy(pipe.strategy.kind).uses_feature_cache(pipe)

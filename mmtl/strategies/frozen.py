@@ -9,9 +9,12 @@ cannot be partially unlocked (ValueError).
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch.nn as nn
 
-from mmtl.config import StrategyConfig
+from mmtl.config import Pipeline, StrategyConfig
+from mmtl.strategies.base import Strategy, freeze
 
 
 def tower_blocks(tower: nn.Module) -> list[nn.Module]:
@@ -32,20 +35,25 @@ def tower_blocks(tower: nn.Module) -> list[nn.Module]:
     raise ValueError(f"cannot find blocks to unlock in {type(tower).__name__}")
 
 
-def _freeze(module: nn.Module, frozen: bool) -> None:
-    for p in module.parameters():
-        p.requires_grad_(not frozen)
+class FrozenStrategy(Strategy):
+    """Frozen towers (per ``strategy.lock``, optionally with the last blocks unlocked), trainable heads."""
 
+    kind = "frozen"
 
-def apply(model, cfg: StrategyConfig) -> None:
-    """Set ``requires_grad`` per ``cfg`` (see module docstring)."""
-    _freeze(model, False)
-    lock_image = cfg.lock in ("both", "image")
-    lock_text = cfg.lock in ("both", "text")
-    _freeze(model.image_tower, lock_image)
-    _freeze(model.text_tower, lock_text)
-    for tower, n, locked in ((model.image_tower, cfg.unlock_image_blocks, lock_image),
-                             (model.text_tower, cfg.unlock_text_blocks, lock_text)):
-        if n and locked:
-            for block in tower_blocks(tower)[-n:]:
-                _freeze(block, False)
+    def apply(self, model, cfg: StrategyConfig, zero_stage: Optional[int] = None) -> None:
+        """Set ``requires_grad`` per ``cfg`` (see module docstring)."""
+        freeze(model, False)
+        lock_image = cfg.lock in ("both", "image")
+        lock_text = cfg.lock in ("both", "text")
+        freeze(model.image_tower, lock_image)
+        freeze(model.text_tower, lock_text)
+        for tower, n, locked in ((model.image_tower, cfg.unlock_image_blocks, lock_image),
+                                 (model.text_tower, cfg.unlock_text_blocks, lock_text)):
+            if n and locked:
+                for block in tower_blocks(tower)[-n:]:
+                    freeze(block, False)
+
+    def uses_feature_cache(self, pipe: Pipeline) -> bool:
+        """Both towers locked with no unlocked blocks: their outputs do not change during training."""
+        s = pipe.strategy
+        return s.lock == "both" and s.unlock_image_blocks == 0 and s.unlock_text_blocks == 0

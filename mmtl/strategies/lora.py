@@ -24,11 +24,13 @@ Supports:
     ``nn.MultiheadAttention`` (same q/k/v width; its ``out_proj`` is adapted with it), transformers ``Conv1D``.
   * Trainable: exactly the ``lora_*`` parameters, ``image_head``, ``text_head`` and ``logit_scale``; every
     tower weight (tower-internal projections of open_clip / hf included) stays frozen.
-  * :func:`merge_lora` folds the adapters into the base weights and removes the PEFT layers (the state dict
-    then has the base model's key names: it loads into ``build_model(cfg)`` without PEFT);
-    :func:`merged_state_dict` does the same for a state dict (e.g. the consolidated DeepSpeed export);
-    :func:`adapter_state_dict` / :func:`save_adapter` / :func:`load_adapter` handle the adapters alone
-    (``adapter_model.safetensors`` + ``adapter_config.json``).
+  * :mod:`mmtl.strategies.lora_adapters`: ``merge_lora`` folds the adapters into the base weights and removes
+    the PEFT layers (the state dict then has the base model's key names: it loads into ``build_model(cfg)``
+    without PEFT); ``merged_state_dict`` does the same for a state dict (e.g. the consolidated DeepSpeed
+    export); ``save_adapter`` / ``load_adapter`` / ``save_adapters`` handle the adapters alone
+    (``adapter_model.safetensors`` + ``adapter_config.json``); ``export_from_adapter`` is ``mmtl export``.
+  * :class:`LoraStrategy` hooks: every checkpoint holds ``adapter/`` (adapters + the other trainable weights);
+    the final ``export/`` is merged; the driver merges its copy before loading the export.
 
 Limits:
   * LoRA on ``nn.MultiheadAttention`` (open_clip ``attn``) re-creates the base parameters on every forward:
@@ -43,7 +45,6 @@ Limits:
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any, Iterable, Optional
@@ -52,7 +53,8 @@ import torch
 from torch import nn
 
 from mmtl.config import LoraConfig as MmtlLoraConfig
-from mmtl.config import StrategyConfig
+from mmtl.config import Pipeline, StrategyConfig
+from mmtl.strategies.base import Strategy
 
 ADAPTER_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
@@ -233,7 +235,13 @@ def _set_trainable(model: nn.Module) -> None:
     model.logit_scale.requires_grad_(True)
 
 
-def _inject(model: nn.Module, meta: dict[str, Any]) -> None:
+def inject_lora(model: nn.Module, meta: dict[str, Any]) -> None:
+    """Inject the adapters described by ``meta`` (as recorded by :func:`apply`) into ``model`` in place and set
+    the trainable set (``lora_*``, heads, logit scale).
+
+    Raises:
+        ValueError: the model already has LoRA layers.
+    """
     from peft import inject_adapter_in_model
 
     if has_lora(model):
@@ -262,123 +270,51 @@ def apply(model, cfg: StrategyConfig, zero_stage: Optional[int] = None) -> None:
     towers = resolve_targets(model, lc, zero_stage)
     meta = {"format": FORMAT, "version": 1, "r": int(lc.r), "alpha": float(lc.alpha), "dropout": float(lc.dropout),
             "family": _family(model), "zero_stage": zero_stage, "towers": towers}
-    _inject(model, meta)
+    inject_lora(model, meta)
 
 
-# ---- merge / export ----------------------------------------------------------------------------------------
-def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold every LoRA adapter of ``model`` into its base weights and put the base layers back (in place).
+class LoraStrategy(Strategy):
+    """``strategy.kind: lora`` (module docstring): adapters in the towers, heads and logit scale trainable."""
 
-    Afterwards ``model`` has no PEFT layers, its outputs equal the adapted model's (up to float rounding) and its
-    ``state_dict()`` keys are the base model's (loads strictly into ``build_model(cfg)``). Requires unpartitioned
-    parameters (not a ZeRO-3-wrapped module). Returns ``model``.
+    kind = "lora"
 
-    Raises:
-        ValueError: a merge produced non-finite weights (broken adapter).
-    """
-    from peft.tuners.tuners_utils import BaseTunerLayer
+    def check(self, cfg: StrategyConfig, zero_stage: Optional[int] = None) -> None:
+        """Raise ValueError for an empty ``strategy.lora.towers`` (targets are checked against the model by
+        :meth:`apply`)."""
+        if not cfg.lora.towers:
+            raise ValueError("strategy.lora.towers is empty: list 'image' and/or 'text'")
 
-    tuner_names = [n for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
-    outer = [n for n in tuner_names if not any(n.startswith(o + ".") for o in tuner_names if o != n)]
-    for name in outer:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        layer = getattr(parent, child)
-        if hasattr(layer, "unload_and_optionally_merge_module"):  # nn.MultiheadAttention
-            base = layer.unload_and_optionally_merge_module(merge=True, safe_merge=True, adapter_names=None)
-        else:
-            layer.merge(safe_merge=True)
-            base = layer.get_base_layer()
-        setattr(parent, child, base)
-    for m in model.modules():
-        if "peft_config" in vars(m):
-            del m.peft_config
-    if META_ATTR in vars(model):
-        delattr(model, META_ATTR)
-    return model
+    def apply(self, model, cfg: StrategyConfig, zero_stage: Optional[int] = None) -> None:
+        """See :func:`apply`."""
+        apply(model, cfg, zero_stage)
 
+    def save_extras(self, engine_module: nn.Module, ckpt_dir: Path, pipe: Pipeline) -> None:
+        """The PEFT adapter alone (+ the other trainable weights), every checkpoint, as ``adapter/``."""
+        from mmtl.strategies.lora_adapters import save_adapters
 
-def merged_state_dict(model_cfg, strategy: StrategyConfig, state_dict: dict[str, torch.Tensor],
-                      zero_stage: Optional[int] = None) -> dict[str, torch.Tensor]:
-    """Map a LoRA model's state dict (PEFT key names, e.g. DeepSpeed's consolidated export) to the merged base
-    model's: rebuilds ``build_model(model_cfg)``, applies ``strategy`` with ``zero_stage`` (same targets as in
-    training), loads ``state_dict`` strictly, merges and returns the merged fp32 state dict. Keys outside the
-    model (``logit_bias`` of the SigLIP loss) are passed through unchanged."""
-    from mmtl.models import build_model
+        save_adapters(engine_module, ckpt_dir / "adapter", pipe.train.zero_stage)
 
-    model = build_model(model_cfg)
-    apply(model, strategy, zero_stage)
-    own = set(model.state_dict())
-    extra = {k: v for k, v in state_dict.items() if k not in own}
-    if set(extra) - {"logit_bias"}:
-        raise ValueError(f"merged_state_dict: keys not in the LoRA model: {sorted(extra)[:8]}")
-    model.load_state_dict({k: v for k, v in state_dict.items() if k in own}, strict=True)
-    merge_lora(model)
-    out = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
-    out.update(extra)
-    return out
+    def export_state_dict(self, pipe: Pipeline, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Merged into the base weights: the export loads without PEFT."""
+        from mmtl.strategies.lora_adapters import merged_state_dict
 
+        return merged_state_dict(pipe.model, pipe.strategy, state_dict, zero_stage=pipe.train.zero_stage)
 
-# ---- adapters alone ------------------------------------------------------------------------------------------
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Only the LoRA weights (``*lora_*`` keys, model-level names), detached CPU copies."""
-    return {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items() if "lora_" in k}
+    def trained_model(self, model: nn.Module) -> nn.Module:
+        """Drop the (untrained) adapters of the driver's copy by merging them: the export is merged."""
+        from mmtl.strategies.lora_adapters import merge_lora
 
+        return merge_lora(model)
 
-def adapter_meta(model: nn.Module) -> dict[str, Any]:
-    """The adapter config recorded by :func:`apply` (r, alpha, dropout, per tower targets + modules)."""
-    meta = getattr(model, META_ATTR, None)
-    if not meta:
-        raise ValueError("model has no mmtl LoRA adapters (apply strategy.kind=lora first)")
-    return meta
+    def export_checkpoint(self, pipe: Pipeline, ckpt: Path, out: Path, merge: bool) -> Optional[dict[str, Any]]:
+        """From the checkpoint's ``adapter/`` (any step): merged weights, or the adapter folder with
+        ``merge=False``; ``None`` when the checkpoint has no adapter (copy its ``export/``)."""
+        if not (ckpt / "adapter").is_dir():
+            return None
+        from mmtl.strategies.lora_adapters import export_from_adapter
 
+        return export_from_adapter(pipe, ckpt / "adapter", out, merge)
 
-def write_adapter(out_dir: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
-    """Write ``adapter_model.safetensors`` (``tensors``) + ``adapter_config.json`` (``meta``) into ``out_dir``."""
-    from safetensors.torch import save_file
-
-    if not tensors:
-        raise ValueError("no LoRA weights to save")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(out / ADAPTER_FILE),
-              metadata={"format": FORMAT})
-    (out / CONFIG_FILE).write_text(json.dumps(meta, indent=1))
-    return out
-
-
-def save_adapter(model: nn.Module, out_dir: str | Path) -> Path:
-    """Save the adapters of ``model`` (after :func:`apply`): ``adapter_model.safetensors`` with the
-    ``lora_*`` weights and ``adapter_config.json`` with r, alpha, dropout, family and per tower the
-    requested targets and the adapted module names. Returns the folder.
-
-    Raises:
-        ValueError: ``model`` has no LoRA adapters.
-    """
-    return write_adapter(out_dir, adapter_state_dict(model), adapter_meta(model))
-
-
-def load_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
-    """Inject the adapters saved by :func:`save_adapter` into a fresh base ``model`` (same architecture and
-    base weights) and load their weights; trainable set as after :func:`apply`. Returns ``model``.
-
-    Raises:
-        FileNotFoundError: missing files; ValueError: not an mmtl adapter, or weights not matching the model.
-    """
-    from safetensors.torch import load_file
-
-    d = Path(adapter_dir)
-    for f in (ADAPTER_FILE, CONFIG_FILE):
-        if not (d / f).exists():
-            raise FileNotFoundError(f"{d / f} not found: not an mmtl LoRA adapter folder")
-    meta = json.loads((d / CONFIG_FILE).read_text())
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{d / CONFIG_FILE}: format {meta.get('format')!r} is not {FORMAT!r}")
-    _inject(model, meta)
-    tensors = load_file(str(d / ADAPTER_FILE))
-    expected = {k for k in model.state_dict() if "lora_" in k}
-    if set(tensors) != expected:
-        raise ValueError(f"{d / ADAPTER_FILE} does not fit the model: missing {sorted(expected - set(tensors))[:6]}, "
-                         f"unexpected {sorted(set(tensors) - expected)[:6]}")
-    model.load_state_dict(tensors, strict=False)
-    return model
+    def exported_is_merged(self) -> bool:
+        """The final ``export/`` of a LoRA run is merged at training time."""
+        return True

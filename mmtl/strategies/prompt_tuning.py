@@ -5,22 +5,29 @@ live in the train module :class:`mmtl.prompting.coop.CoOpModule`, not in the mod
 
 Supports: families ``two_tower`` (BERT-like text encoders) and ``hf`` (transformers CLIP); class-shared
 (M, D) or class-specific (C, M, D) context; any ZeRO stage (the frozen model holds no optimizer state).
-Limits: ``open_clip`` and ``hf`` SigLIP text towers raise NotImplementedError when the train module is built
+Limits: ``open_clip`` and ``hf`` SigLIP text towers raise NotImplementedError when the strategy is applied
 (:func:`mmtl.prompting.coop.check_family`); the feature cache is always used for the image side.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 from mmtl.config import StrategyConfig
+from mmtl.strategies.base import Strategy, freeze
 
 
-def apply(model, cfg: StrategyConfig) -> None:
-    """Freeze every parameter of ``model`` (the context vectors are added by the train module).
+class PromptTuningStrategy(Strategy):
+    """Everything in the model frozen; the train module adds the learned context."""
 
-    Raises:
-        NotImplementedError: the model family has no text-with-context encoder (see module docstring).
-    """
-    from mmtl.prompting.coop import check_family
+    kind = "prompt_tuning"
 
-    check_family(model)
-    for p in model.parameters():
-        p.requires_grad_(False)
+    def apply(self, model, cfg: StrategyConfig, zero_stage: Optional[int] = None) -> None:
+        """Freeze every parameter of ``model`` (the context vectors are added by the train module).
+
+        Raises:
+            NotImplementedError: the model family has no text-with-context encoder (see module docstring).
+        """
+        from mmtl.prompting.coop import check_family
+
+        check_family(model)
+        freeze(model)

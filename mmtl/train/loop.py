@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
 import shutil
 import tempfile
 import time
@@ -25,32 +24,41 @@ import numpy as np
 import torch
 
 from mmtl.config import Pipeline
-from mmtl.train.checkpoint import (consolidated_state_dict, restore_checkpoint, save_adapters, save_checkpoint,
-                                   write_export)
+from mmtl.runtime import seed_everything
+from mmtl.strategies import get_strategy
+from mmtl.train.checkpoint import consolidated_state_dict, restore_checkpoint, save_checkpoint, write_export
 from mmtl.train.ds_config import WarmupCosine, build_optimizer, deepspeed_config
-from mmtl.train.step import train_step
-from mmtl.train.tasks import make_train_module
+from mmtl.train.step import ContrastiveModule, train_step
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+__all__ = ["seed_everything", "build_engine", "make_train_module", "set_train_modes", "feature_batches",
+           "run_training", "single_process_group"]
+
+TrainModuleFactory = Optional[type]
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+def make_train_module(pipe: Pipeline, model: torch.nn.Module, train_module: TrainModuleFactory = None):
+    """The ``nn.Module`` the DeepSpeed engine wraps: :class:`~mmtl.train.step.ContrastiveModule` (global-batch
+    InfoNCE / SigLIP) when ``train_module`` is None, else ``train_module.from_pipeline(pipe, model)``: a *task
+    module* (chosen by the recipe, e.g. CoOp's or the fusion module) holding the model as ``self.model`` plus
+    its own trainable parts, whose ``forward(**micro_batch)`` returns the micro-batch's scalar loss and which
+    may define ``metrics() -> dict[str, float]`` (logged with each progress report)."""
+    if train_module is None:
+        return ContrastiveModule(model, pipe.train.loss)
+    return train_module.from_pipeline(pipe, model)
 
 
-def build_engine(pipe: Pipeline, model: torch.nn.Module):
-    """Wrap ``model`` in its train module (:func:`mmtl.train.tasks.make_train_module`) and
-    ``deepspeed.initialize`` it with the pipeline's ZeRO / precision / batch config, a client AdamW (own LR for
-    tower weights with ``train.tower_lr``) and the warmup-cosine schedule."""
+def build_engine(pipe: Pipeline, model: torch.nn.Module, train_module: TrainModuleFactory = None):
+    """Wrap ``model`` in its train module (:func:`make_train_module`) and ``deepspeed.initialize`` it with the
+    pipeline's ZeRO / precision / batch config, a client AdamW (own LR for tower weights with
+    ``train.tower_lr``) and the warmup-cosine schedule."""
     import deepspeed
     import deepspeed.ops
 
     # DeepSpeed JIT-compiles a shared-memory all-reduce for CPU inference (~1 min of g++); training over
     # gloo/NCCL never uses it, so skip the build.
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    module = make_train_module(pipe, model)
+    module = make_train_module(pipe, model, train_module)
     if pipe.train.precision != "fp32":  # params and buffers (e.g. BatchNorm stats) in the compute dtype
         module.to(_DTYPES[pipe.train.precision])
     optimizer = build_optimizer(pipe.train, module.named_parameters())
@@ -92,7 +100,7 @@ def feature_batches(it: Iterator[dict], arrays: dict) -> Iterator[dict]:
     """Map index batches ``{"idx": (B,)}`` to rows of in-memory arrays: ``{name: arrays[name][idx]}`` as
     tensors, for every name (contrastive: ``image_feat`` (B,D_v) and ``text_feat`` (B,D_t) cached tower
     outputs; task modules choose their own names, which must match their ``forward`` arguments). An array may
-    be a :class:`mmtl.train.arrays.RowIndexed` view (rows shared between samples)."""
+    be a :class:`mmtl.data.arrays.RowIndexed` view (rows shared between samples)."""
     for b in it:
         idx = b["idx"].numpy() if isinstance(b["idx"], torch.Tensor) else np.asarray(b["idx"])
         yield {name: torch.from_numpy(np.ascontiguousarray(a[idx])) for name, a in arrays.items()}
@@ -108,11 +116,12 @@ def run_training(
     resume_dir: Optional[Path] = None,
     report: Optional[Callable[[dict, Optional[Path]], None]] = None,
     on_step: Optional[Callable[[int, dict], None]] = None,
+    train_module: TrainModuleFactory = None,
 ) -> dict:
     """Train ``model`` on ``batches`` (an iterator of micro-batches) for ``train.max_steps`` optimizer steps.
 
     ``report(metrics, ckpt_dir_or_None)`` is called by every rank at each log and checkpoint step (Ray Train's
-    ``report`` in workers). Returns the final metrics dict (``steps``, ``loss``, ``samples_per_s`` ...).
+    ``report`` in workers). ``train_module``: see :func:`make_train_module` (None: contrastive). Returns the final metrics dict (``steps``, ``loss``, ``samples_per_s`` ...).
 
     Raises:
         FloatingPointError: non-finite loss with ``train.nonfinite=error``.
@@ -120,7 +129,7 @@ def run_training(
     """
     cfg = pipe.train
     set_train_modes(model)
-    engine = build_engine(pipe, model)
+    engine = build_engine(pipe, model, train_module)
     device, dtype = engine.device, _DTYPES[cfg.precision]
     start = 0
     if resume_dir is not None:
@@ -183,19 +192,15 @@ def _checkpoint(engine, pipe, step, rank, world_size, metrics, report, export: b
     d = Path(tempfile.mkdtemp(prefix=f"mmtl-ckpt-{step}-r{rank}-"))
     try:
         meta = {"step": step, "world_size": world_size, "zero_stage": pipe.train.zero_stage,
-                "samples_seen": step * pipe.train.effective_global_batch}
+                "samples_seen": step * pipe.train.effective_global_batch,
+                "train_metrics": {k: v for k, v in metrics.items() if k.startswith("train/")}}
         save_checkpoint(engine, d, meta, rank)
-        lora = pipe.strategy.kind == "lora"
-        if lora:  # the PEFT adapter alone, every checkpoint (gathered under ZeRO-3)
-            save_adapters(engine.module, d / "adapter", pipe.train.zero_stage)
+        strategy = get_strategy(pipe.strategy.kind)
+        strategy.save_extras(engine.module, d, pipe)  # e.g. LoRA's adapter/, every checkpoint, every rank
         if export:
             sd = consolidated_state_dict(engine, pipe.train.zero_stage)
             if rank == 0:
-                if lora:  # merged into the base weights: the export loads without PEFT
-                    from mmtl.strategies.lora import merged_state_dict
-
-                    sd = merged_state_dict(pipe.model, pipe.strategy, sd, zero_stage=pipe.train.zero_stage)
-                write_export(d, sd, pipe.to_yaml())
+                write_export(d, strategy.export_state_dict(pipe, sd), pipe.to_yaml())
         if report:
             report(metrics, d)
     finally:

@@ -96,7 +96,7 @@ def train_step(engine, micro_batches: list[dict], nonfinite: str = "error") -> O
 
 
 def _task_step(engine, micro_batches: list[dict], nonfinite: str) -> Optional[float]:
-    """A task module's step (:mod:`mmtl.train.tasks`): ``engine(**mb)`` is the micro-batch loss; DeepSpeed
+    """A task module's step (:func:`mmtl.train.loop.make_train_module`): ``engine(**mb)`` is the micro-batch loss; DeepSpeed
     averages gradients over ranks and accumulates the micro-batches. Returns the mean micro-batch loss."""
     first = engine(**micro_batches[0])
     ok = torch.isfinite(first.detach()).all().float().reshape(1)

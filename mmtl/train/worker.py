@@ -3,7 +3,8 @@ calls :func:`mmtl.train.loop.run_training` with Ray's checkpoint and report hook
 
 ``config`` keys: ``pipeline`` (dict), ``tracking_uri``, ``run_id`` (MLflow, rank 0 logs), ``features_ref``
 (ObjectRef of cached frozen-tower outputs, or None to train on images), ``stats_actor`` (name of the
-reject-count actor, or None).
+reject-count actor, or None), ``train_module`` (the recipe's task-module class, or None for contrastive;
+see :func:`mmtl.train.loop.make_train_module`).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import torch
 from mmtl.config import Pipeline
 
 
-def _progress_line(n: int, total: int, m: dict, t_start: float) -> str:
+def progress_line(n: int, total: int, m: dict, t_start: float) -> str:
     elapsed = time.perf_counter() - t_start
     eta = elapsed / max(1, n) * (total - n)
     return (
@@ -34,8 +35,9 @@ def train_loop_per_worker(config: dict) -> None:
     from ray.train import Checkpoint
 
     from mmtl.models import build_model
+    from mmtl.runtime import seed_everything
     from mmtl.strategies import apply_strategy
-    from mmtl.train.loop import feature_batches, run_training, seed_everything
+    from mmtl.train.loop import feature_batches, run_training
 
     os.environ.update(config.get("env") or {})  # e.g. test hooks set in the driver after Ray started
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # one INFO line per report otherwise
@@ -73,7 +75,7 @@ def train_loop_per_worker(config: dict) -> None:
                 pass
         if logger:
             logger.log({k: v for k, v in {**metrics, **extra}.items() if k != "steps"}, step=n)
-        sys.stderr.write(_progress_line(n, pipe.train.max_steps, metrics, t_start) + "\n")
+        sys.stderr.write(progress_line(n, pipe.train.max_steps, metrics, t_start) + "\n")
         sys.stderr.flush()
 
     def report(metrics: dict, ckpt_dir) -> None:
@@ -91,9 +93,10 @@ def train_loop_per_worker(config: dict) -> None:
             if rank == 0:
                 sys.stderr.write(f"[mmtl] resuming from {d}\n")
             run_training(pipe, model, batches, rank=rank, world_size=world, resume_dir=Path(d),
-                         report=report, on_step=on_step)
+                         report=report, on_step=on_step, train_module=config.get("train_module"))
     else:
-        run_training(pipe, model, batches, rank=rank, world_size=world, report=report, on_step=on_step)
+        run_training(pipe, model, batches, rank=rank, world_size=world, report=report, on_step=on_step,
+                     train_module=config.get("train_module"))
     if logger:
         logger.close()
     torch.distributed.barrier() if torch.distributed.is_initialized() else None

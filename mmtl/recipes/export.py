@@ -1,0 +1,105 @@
+"""``mmtl export RUN``: write a standalone model folder from a run's checkpoint.
+
+* The run's strategy decides first (:meth:`mmtl.strategies.base.Strategy.export_checkpoint`). LoRA runs:
+  every checkpoint holds ``adapter/`` (the PEFT adapter weights + ``trainable.safetensors`` with the heads
+  and logit scale). ``merge=True`` rebuilds the base model from the run's ``pipeline.yaml`` (base tower
+  weights from their local paths, ``model.init_from`` applied), injects and loads the adapter, folds it into
+  the base weights (:mod:`mmtl.strategies.lora_adapters`) and writes ``model.safetensors`` +
+  ``pipeline.yaml``: a plain export that loads without PEFT (:func:`mmtl.tracking.registry.load_exported`).
+  Before writing it checks, on a fixed probe batch, that the merged model's image and text embeddings equal
+  the adapted model's (``allclose``, atol 1e-4); here, that the written folder reloads to the same outputs.
+  ``merge=False`` writes the adapter folder + ``pipeline.yaml``.
+* Otherwise the final checkpoint's consolidated ``export/`` is copied (nothing to merge).
+
+Works on any checkpoint of a LoRA run (not only the last), so an interrupted run can be exported.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from mmtl.strategies import get_strategy
+from mmtl.strategies.base import ExportError
+
+__all__ = ["ExportError", "export_run", "find_checkpoint"]
+
+
+def find_checkpoint(run_dir: Path, checkpoint: Optional[str]) -> Path:
+    """The checkpoint folder: ``checkpoint`` as a path, as a step number (``"200"``), or the latest.
+
+    Raises:
+        ExportError: no such run / checkpoint.
+    """
+    from mmtl.runtime import latest_checkpoint
+    from mmtl.train.checkpoint import read_meta
+
+    if not (run_dir / "pipeline.yaml").exists():
+        raise ExportError(f"{run_dir} is not an mmtl run directory (no pipeline.yaml)")
+    if checkpoint is None:
+        ckpt = latest_checkpoint(run_dir)
+        if ckpt is None:
+            raise ExportError(f"{run_dir} has no checkpoint yet (train/checkpoint_*)")
+        return ckpt
+    if Path(checkpoint).is_dir():
+        return Path(checkpoint)
+    if checkpoint.isdigit():
+        for d in sorted(run_dir.glob("train/checkpoint_*")):
+            meta = read_meta(d)
+            if meta and int(meta["step"]) == int(checkpoint):
+                return d
+        raise ExportError(f"no checkpoint at step {checkpoint} under {run_dir}/train (kept: train.keep_checkpoints)")
+    raise ExportError(f"--checkpoint must be a folder or a step number, got {checkpoint!r}")
+
+
+def export_run(run_dir: Path, out: Path, merge: bool = True, checkpoint: Optional[str] = None) -> dict:
+    """Write an export of ``run_dir`` into ``out`` (see module docstring) and return what was written:
+    ``{"out", "checkpoint", "step", "kind", "merged", "max_abs_diff"?}``.
+
+    Raises:
+        ExportError: not a run, no such checkpoint, nothing exportable, or a failed merge check.
+    """
+    import yaml
+
+    from mmtl.config import Pipeline
+    from mmtl.train.checkpoint import read_meta
+
+    run_dir, out = Path(run_dir), Path(out)
+    ckpt = find_checkpoint(run_dir, checkpoint)
+    pipe = Pipeline.model_validate(yaml.safe_load((run_dir / "pipeline.yaml").read_text()))
+    step = int((read_meta(ckpt) or {}).get("step", -1))
+    info: dict = {"out": str(out), "checkpoint": str(ckpt), "step": step, "kind": pipe.strategy.kind, "merged": False}
+    tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=out.parent if out.parent.exists() else None))
+    try:
+        strategy = get_strategy(pipe.strategy.kind)
+        written = strategy.export_checkpoint(pipe, ckpt, tmp, merge)
+        if written is not None:
+            model = written.pop("model", None)
+            if model is not None:
+                _check_reload(tmp, model)
+            info.update(written)
+        elif (ckpt / "export").is_dir():
+            shutil.copytree(ckpt / "export", tmp, dirs_exist_ok=True)
+            info["merged"] = strategy.exported_is_merged()  # e.g. the final LoRA export is merged at training time
+        else:
+            raise ExportError(f"{ckpt} has no export/ (only the final checkpoint of a {pipe.strategy.kind!r} run "
+                              "carries one): finish the run with `mmtl run --resume`, or pick its last checkpoint")
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)  # atomic on one filesystem: a crash never leaves a half-written export
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return info
+
+
+def _check_reload(export_dir: Path, model) -> None:
+    from mmtl.strategies.lora_adapters import probe_embeddings
+    from mmtl.tracking.registry import load_exported
+
+    reloaded, _ = load_exported(export_dir)
+    for a, b in zip(probe_embeddings(model), probe_embeddings(reloaded)):
+        if not torch.allclose(a, b, atol=1e-5):
+            raise ExportError("the written export does not reload to the merged model's outputs")

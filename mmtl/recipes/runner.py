@@ -1,0 +1,195 @@
+"""``mmtl run``: the run sequence, written once for every recipe.
+
+Order: recipe and strategy of ``strategy.kind`` -> run directory (new, or resume the newest unfinished one:
+the checkpoint must fit this pipeline) -> MLflow run -> seed -> ``build_model`` -> strategy ``apply`` ->
+recipe ``prepare`` (feature / token caches, baselines; before Ray starts) -> report of what trains ->
+Ray Train (``TorchTrainer`` + DeepSpeed, :func:`mmtl.train.fit.fit`) -> consolidated export copied into
+``<run_dir>/export`` -> recipe ``evaluate`` on the exported weights -> MLflow metrics -> recipe ``register``
+(MLflow model / registry) -> ``summary.json`` (also logged to MLflow). The MLflow run ends FINISHED, or
+FAILED on any error. A step that fails after training keeps the checkpoint, the export and a
+``summary.json`` with ``status: failed`` and the failed step; ``mmtl run ... --resume`` then redoes only the
+steps after training.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+from mmtl.config import Pipeline
+from mmtl.recipes import recipe_for
+from mmtl.recipes.base import Recipe, RunContext, Say
+from mmtl.runtime import init_ray, latest_checkpoint, seed_everything, select_run_dir
+from mmtl.strategies import apply_strategy, get_strategy, trainable_summary
+from mmtl.tracking import mlflow_utils as mlu
+from mmtl.train.checkpoint import check_compatible, read_meta
+
+
+def eval_specs(pipe: Pipeline) -> dict:
+    """``{name: shard spec}`` of the sets named in ``eval.sets`` (``test``, ``val`` or a ``data.extra_eval`` key).
+
+    Raises:
+        ValueError: a named set is not configured in ``data``.
+    """
+    avail = {"test": pipe.data.test, "val": pipe.data.val, **pipe.data.extra_eval}
+    missing = [s for s in pipe.eval.sets if avail.get(s) is None]
+    if missing:
+        raise ValueError(f"eval.sets names {missing} but data has no such set (have: {[k for k, v in avail.items() if v]})")
+    return {s: avail[s] for s in pipe.eval.sets}
+
+
+def run_pipeline(pipe: Pipeline, *, address: Optional[str] = None, must_resume: bool = False,
+                 say: Say = print) -> dict:
+    """Run ``pipe`` end to end and return the summary (also written to ``<run_dir>/summary.json``).
+
+    ``address`` is accepted for the CLI's sake (the caller joins that cluster before calling); Ray is
+    started (or joined) here only when training starts.
+
+    Raises:
+        PipelineError / ValueError: bad configuration, unknown strategy kind (before anything starts).
+        MissingShardsError / EmptyDatasetError: data problems, before training.
+        CheckpointMismatchError: resuming a checkpoint written at another world size, before training.
+        RuntimeError: training failed (the run is left resumable).
+    """
+    t_start = time.time()
+    recipe_cls = recipe_for(pipe.strategy.kind)
+    get_strategy(pipe.strategy.kind).check(pipe.strategy, pipe.train.zero_stage)
+    specs = eval_specs(pipe)
+    run_dir, resuming = select_run_dir(pipe.train.runs_root, pipe.train.name, pipe.train.resume, must_resume)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if resuming:
+        meta = read_meta(latest_checkpoint(run_dir))
+        check_compatible(meta, pipe.train.num_workers, pipe.train.zero_stage)
+        say(f"resuming {run_dir} from step {meta['step']}")
+    (run_dir / "pipeline.yaml").write_text(pipe.to_yaml())
+    uri = mlu.tracking_uri(pipe.tracking.uri, pipe.train.runs_root)
+    state_file = run_dir / "run.json"
+    if resuming and state_file.exists():
+        run_id = json.loads(state_file.read_text())["mlflow_run_id"]
+    else:
+        run_id = mlu.start_run(uri, pipe.tracking.experiment, pipe.train.runs_root, run_dir.name,
+                               pipe.model_dump(mode="json"), pipe.to_yaml())
+        state_file.write_text(json.dumps({"mlflow_run_id": run_id, "tracking_uri": uri}))
+    say(f"run dir {run_dir}  mlflow run {run_id}")
+    ctx = RunContext(pipe=pipe, run_dir=run_dir, uri=uri, run_id=run_id, resuming=resuming, say=say,
+                     specs=specs, t_start=t_start)
+    try:
+        summary = run_recipe(recipe_cls(ctx))
+    except BaseException:
+        mlu.end_run(uri, run_id, "FAILED")
+        raise
+    mlu.end_run(uri, run_id, "FINISHED")
+    return summary
+
+
+class RunStepError(RuntimeError):
+    """A step after training failed; the checkpoint, export and a ``summary.json`` with ``status: failed`` are
+    kept. Attributes: ``step`` (``export``, ``evaluate``, ``log_metrics``, ``register`` or ``summary``)."""
+
+    def __init__(self, message: str, step: str) -> None:
+        super().__init__(message)
+        self.step = step
+
+
+def run_recipe(recipe: Recipe) -> dict:
+    """The sequence after the MLflow run exists (module docstring); returns the summary.
+
+    A resumed run whose training already finished (its last checkpoint is at ``train.max_steps`` and holds the
+    export) does not train again: it redoes only export, evaluation and registration.
+
+    Raises:
+        ValueError / FileNotFoundError: from the recipe's preparation (before Ray starts).
+        RuntimeError: training failed (the run is left resumable).
+        RunStepError: a step after training failed (what exists is kept; the message says how to redo it).
+    """
+    from mmtl.train.fit import fit, finished_checkpoint, report_trainable
+
+    ctx, pipe = recipe.ctx, recipe.ctx.pipe
+    seed_everything(pipe.train.seed)
+    ctx.model = build_model_for(pipe)
+    ctx.trainable = apply_strategy(ctx.model, pipe.strategy, zero_stage=pipe.train.zero_stage)
+    arrays = recipe.prepare()
+    base: dict = {"steps": 0, "export_path": None, "registered_model": None}
+    ckpt = None
+    if recipe.trains():
+        (ctx.run_dir / "pipeline.yaml").write_text(pipe.to_yaml())  # with what prepare() resolved
+        ctx.trainable = report_trainable(pipe, trainable_summary(recipe.module_to_report()), ctx.uri, ctx.run_id,
+                                         ctx.say)
+        ckpt = finished_checkpoint(ctx.run_dir, pipe.train.max_steps) if ctx.resuming else None
+        if ckpt is not None:
+            ctx.say(f"training already finished ({ckpt.name}): redoing only export, evaluation and registration")
+            ctx.final_train = dict(read_meta(ckpt).get("train_metrics") or {})
+            ctx.steps = base["steps"] = pipe.train.max_steps
+        else:
+            init_ray()
+            t_train = time.time()
+            result = fit(pipe, ctx.run_dir, arrays, ctx.uri, ctx.run_id, ctx.say, train_module=recipe.train_module)
+            base["train_time_s"] = round(time.time() - t_train, 2)
+            final = result.metrics or {}
+            ctx.final_train = {k: v for k, v in final.items() if k.startswith("train/")}
+            ctx.steps = base["steps"] = int(final.get("steps", 0))
+            ckpt = Path(result.checkpoint.path)
+    return _after_training(recipe, ckpt, base)
+
+
+def _after_training(recipe: Recipe, ckpt: Optional[Path], base: dict) -> dict:
+    """Export, evaluate, log, register, write the summary; on failure keep what exists (:class:`RunStepError`)."""
+    from mmtl.train.fit import copy_export
+
+    ctx, pipe = recipe.ctx, recipe.ctx.pipe
+    step, export_dir = "export", None
+    try:
+        if ckpt is not None:
+            export_dir = copy_export(ckpt, ctx.run_dir, ctx.uri, ctx.run_id)
+            base["export_path"] = str(export_dir / "model.safetensors")
+        step = "evaluate"
+        metrics = recipe.evaluate(export_dir)
+        step = "log_metrics"
+        mlu.log_metrics(ctx.uri, ctx.run_id, {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+                        step=ctx.steps)
+        step = "register"
+        if export_dir is not None and pipe.tracking.log_model:
+            base["registered_model"] = recipe.register(export_dir)
+        step = "summary"
+        base["wall_time_s"] = round(time.time() - ctx.t_start, 2)
+        summary = recipe.summary({**ctx.common_summary(), **base}, metrics)
+        write_json_atomic(ctx.run_dir / "summary.json", summary)
+        mlu.log_artifacts(ctx.uri, ctx.run_id, [ctx.run_dir / "summary.json"])
+        return summary
+    except Exception as exc:
+        if ckpt is None:  # nothing trained: nothing to keep
+            raise
+        raise _step_failed(ctx, step, exc, ckpt, base) from exc
+
+
+def _step_failed(ctx: RunContext, step: str, exc: Exception, ckpt: Path, base: dict) -> RunStepError:
+    summary = {**ctx.common_summary(), **base, "status": "failed", "failed_step": step,
+               "error": f"{type(exc).__name__}: {exc}", "checkpoint": str(ckpt),
+               "wall_time_s": round(time.time() - ctx.t_start, 2)}
+    path = ctx.run_dir / "summary.json"
+    write_json_atomic(path, summary)
+    try:
+        mlu.log_artifacts(ctx.uri, ctx.run_id, [path])
+    except Exception:  # noqa: BLE001 - the tracking store may be what failed; the file is kept locally
+        pass
+    kept = f"checkpoint {ckpt}" + (f", export {base['export_path']}" if base.get("export_path") else "")
+    return RunStepError(
+        f"step {step!r} failed after training finished: {type(exc).__name__}: {exc}\n"
+        f"kept: {kept}, {path} (status: failed); the MLflow run {ctx.run_id} is marked FAILED.\n"
+        f"redo only the steps after training (no retraining): mmtl run <the same pipeline and overrides> "
+        f"--resume", step)
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """Write ``obj`` as indented JSON to ``path`` through a temporary file and a rename (never half-written)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    tmp.replace(path)
+
+
+def build_model_for(pipe: Pipeline):
+    """``build_model(pipe.model)`` (the family registry builds it)."""
+    from mmtl.models import build_model
+
+    return build_model(pipe.model)
