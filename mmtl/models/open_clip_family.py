@@ -39,12 +39,16 @@ from torch import Tensor, nn
 
 from mmtl.config import ModelConfig
 from mmtl.models.base import MultimodalModel, Which, fingerprint_of
+from mmtl.models.family import POINTWISE_AND_LINEAR
 from mmtl.models.offline import open_clip_offline
 from mmtl.models.open_clip_text import OpenClipTokenize  # noqa: F401  (re-exported)
 from mmtl.models.open_clip_text import OpenClipCustomTextTower, OpenClipTextTower, load_open_clip_tokenizer
+from mmtl.models.tokens import open_clip_image_tokens, open_clip_text_tokens, open_clip_token_dims
 from mmtl.models.weights import WeightsError, file_digest, load_state_dict_file, params_digest, resolve_weights
 
 _FP_VERSION = 1  # bump when feature semantics change (invalidates frozen-feature caches)
+LORA_MLP_TARGETS = ("c_fc", "c_proj")  # default LoRA targets: resblock MLPs ...
+LORA_ATTN_TARGETS = ("attn",)  # ... and attention (nn.MultiheadAttention: not under ZeRO-3)
 
 
 # ---- config -------------------------------------------------------------------------------------------
@@ -310,6 +314,54 @@ class OpenClipModel(MultimodalModel):
         if all(hasattr(tower, f"layer{i}") for i in range(1, 5)):
             return [getattr(tower, f"layer{i}") for i in range(1, 5)]
         raise ValueError(f"{which} tower {type(tower).__name__} has no recognised block list")
+
+
+class OpenClipFamily:
+    """``open_clip`` (:class:`OpenClipModel`). Capabilities: token features (ViT patch tokens, text states after
+    ``ln_final``; padding not trimmable), LoRA defaults, export format. No CoOp context encoding."""
+
+    name = "open_clip"
+
+    def build(self, cfg: ModelConfig) -> OpenClipModel:
+        """:class:`OpenClipModel` of ``cfg`` (ValueError / WeightsError as its constructor)."""
+        return OpenClipModel(cfg)
+
+    def tokenizer(self, cfg: ModelConfig):
+        """:func:`load_open_clip_tokenizer` after :func:`check_consistency` (ValueError on a mismatch)."""
+        mc = resolve_open_clip_config(cfg)
+        check_consistency(cfg, mc)
+        return load_open_clip_tokenizer(cfg, mc)[0]
+
+    def image_transform(self, cfg: ModelConfig, train: bool):
+        """:func:`make_open_clip_transform`."""
+        return make_open_clip_transform(cfg, train)
+
+    def image_tokens(self, model: OpenClipModel, images: Tensor, layer: int = -1) -> Tensor:
+        """(B, 3, S, S) -> (B, N, width) (:func:`~mmtl.models.tokens.open_clip_image_tokens`; ViT towers only)."""
+        return open_clip_image_tokens(model.image_tower, images, layer)
+
+    def text_tokens(self, model: OpenClipModel, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """(B, L) -> (B, L, width) (:func:`~mmtl.models.tokens.open_clip_text_tokens`; the mask is not used)."""
+        return open_clip_text_tokens(model.text_tower, input_ids)
+
+    def token_dims(self, model: OpenClipModel, layer: int = -1) -> tuple[int, int]:
+        """Transformer widths of both towers (:func:`~mmtl.models.tokens.open_clip_token_dims`)."""
+        return open_clip_token_dims(model.image_tower, model.text_tower, layer)
+
+    def text_tokens_trimmable(self, model: OpenClipModel) -> bool:
+        """False: text towers are fed at their trained length."""
+        return False
+
+    def lora_default_targets(self, model: OpenClipModel, which: str,
+                             zero_stage: Optional[int] = None) -> tuple[tuple[str, ...], ...]:
+        """MLP ``c_fc``, ``c_proj`` and the ``attn`` ``nn.MultiheadAttention`` (left out when ``zero_stage == 3``);
+        towers without them (timm trunk) fall back to the pointwise-conv + ``nn.Linear`` rule."""
+        return (LORA_MLP_TARGETS + (LORA_ATTN_TARGETS if zero_stage != 3 else ()), (POINTWISE_AND_LINEAR,))
+
+    def architecture_config(self, cfg: ModelConfig) -> ModelConfig:
+        """Drops ``weights`` (a state-dict file the export replaces); ``arch`` / ``config`` stay."""
+        cfg.weights = None
+        return cfg
 
 
 def tiny_open_clip_config(**overrides: Any) -> ModelConfig:
