@@ -339,9 +339,8 @@ class HFClipModel(MultimodalModel):
 
 
 class HFClipFamily:
-    """``hf`` (:class:`HFClipModel`, CLIP or SigLIP). Capabilities: token features (``last_hidden_state`` of
-    both towers; padding trimmable for CLIP only), LoRA defaults, CoOp context encoding (CLIP only), export
-    format."""
+    """``hf`` (:class:`HFClipModel`, CLIP / SigLIP). Capabilities: token features (``last_hidden_state``; padding
+    trimmable for CLIP only), LoRA defaults, CoOp context encoding (CLIP only), export format."""
 
     name = "hf"
 
@@ -363,9 +362,8 @@ class HFClipFamily:
 
     def text_tokens(self, model: HFClipModel, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """(B, L) -> (B, L, hidden) ``text_model`` states (the mask is ignored for SigLIP, as trained)."""
-        tower = model.text_tower
-        mask = attention_mask if tower.use_mask else None
-        return tower.text_model(input_ids=input_ids, attention_mask=mask).last_hidden_state
+        mask = attention_mask if model.text_tower.use_mask else None
+        return model.text_tower.text_model(input_ids=input_ids, attention_mask=mask).last_hidden_state
 
     def token_dims(self, model: HFClipModel, layer: int = -1) -> tuple[int, int]:
         """Hidden sizes of both towers (:func:`~mmtl.models.tokens.hf_token_dims`)."""
@@ -380,12 +378,10 @@ class HFClipFamily:
         """``q_proj``, ``k_proj``, ``v_proj``, ``out_proj`` (CLIP / SigLIP attention) in both towers."""
         return (LORA_TARGETS,)
 
-    def context_text_encoder(self, model: HFClipModel):
+    def context_text_encoder(self, model: HFClipModel) -> Optional[ContextTextEncoder]:
         """CLIP: its token embedding + :meth:`HFClipModel.text_features_from_embeddings`; SigLIP: None."""
-        if model.model_type != "clip":
-            return None
-        return ContextTextEncoder(model.text_tower.text_model.embeddings.token_embedding,
-                                  model.text_features_from_embeddings)
+        emb = model.text_tower.text_model.embeddings.token_embedding
+        return ContextTextEncoder(emb, model.text_features_from_embeddings) if model.model_type == "clip" else None
 
     def architecture_config(self, cfg: ModelConfig) -> ModelConfig:
         """Unchanged: ``weights`` is a model dir that also holds the config and the tokenizer."""
