@@ -285,9 +285,10 @@ def test_hf_clip_export_round_trip_and_local_dir(hf_model, tmp_path):
 
 def _hf_conf_dict(m) -> dict:
     """The CLIPConfig kwargs the tiny model was built from (with the tokenizer-filled text ids)."""
-    from mmtl.models.hf_clip import _config_from_dict, _tf
+    from mmtl.models.hf_clip import hf_config_from_dict
+    from mmtl.models.offline import transformers_offline
 
-    return _config_from_dict(_tf(), m.cfg, m.tokenizer).to_dict()
+    return hf_config_from_dict(transformers_offline(), m.cfg, m.tokenizer).to_dict()
 
 
 def test_hf_siglip_config_and_export():
@@ -305,9 +306,10 @@ def test_hf_siglip_config_and_export():
     sd = dict(m.state_dict(), logit_bias=torch.full((1,), -10.0))  # the SigLIP loss's bias, as the step saves it
     mapped = to_hf_state_dict(sd)
     assert mapped["logit_scale"].shape == (1,) and mapped["logit_bias"].shape == (1,)
-    from mmtl.models.hf_clip import _config_from_dict, _tf
+    from mmtl.models.hf_clip import hf_config_from_dict
+    from mmtl.models.offline import transformers_offline
 
-    ref = transformers.SiglipModel(_config_from_dict(_tf(), cfg, m.tokenizer)).eval()
+    ref = transformers.SiglipModel(hf_config_from_dict(transformers_offline(), cfg, m.tokenizer)).eval()
     ref.load_state_dict(mapped, strict=True)
     with torch.no_grad():
         out = ref.get_text_features(input_ids=tok["input_ids"])

@@ -36,6 +36,7 @@ import torch
 
 from mmtl.config import CrossAttentionConfig
 from mmtl.data.arrays import RowIndexed
+from mmtl.models.tokens import text_tokens_trimmable
 
 _VERSION = 3
 
@@ -192,7 +193,7 @@ def compute_tokens(model, spec, fcfg: CrossAttentionConfig, clean_opts, batch_si
     uniq = sorted(set(captions))  # questions repeat: each distinct text runs once
     tok = model.tokenize(uniq)
     n = max(int(tok["attention_mask"].sum(1).max()), 1)  # right padding: later positions are padding only
-    trim = model.cfg.family == "two_tower" or (model.cfg.family == "hf" and model.text_tower.use_mask)
+    trim = text_tokens_trimmable(model)  # the family's rule (masked encoders: two_tower, hf CLIP)
     parts = []
     for i in range(0, len(uniq), batch_size):
         b_ids, b_mask = tok["input_ids"][i:i + batch_size], tok["attention_mask"][i:i + batch_size]

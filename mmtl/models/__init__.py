@@ -1,9 +1,10 @@
 """Model families behind one interface (:class:`MultimodalModel`).
 
-``build_model(cfg.model)`` dispatches on ``model.family``: ``two_tower`` (timm + transformers encoders from
-local weights or weight packages), ``open_clip`` (an open_clip CLIP from ``arch`` or ``config``, optional local
-weights file; :mod:`mmtl.models.open_clip_family`) and ``hf`` (transformers CLIP / SigLIP from a local dir or a
-config; :mod:`mmtl.models.hf_clip`).
+``build_model(cfg.model)`` asks the family registered as ``model.family`` (:mod:`mmtl.models.registry`,
+protocol in :mod:`mmtl.models.family`): ``two_tower`` (timm + transformers encoders from local weights or
+weight packages; :mod:`mmtl.models.two_tower`), ``open_clip`` (an open_clip CLIP from ``arch`` or ``config``,
+optional local weights file; :mod:`mmtl.models.open_clip_family`) and ``hf`` (transformers CLIP / SigLIP from a
+local dir or a config; :mod:`mmtl.models.hf_clip`).
 ``build_tokenizer`` / ``build_image_transform`` give the same preprocessing without building the towers
 (for Ray Data workers).
 """
@@ -28,33 +29,20 @@ __all__ = [
 ]
 
 
-def _unknown(cfg: ModelConfig) -> ValueError:
-    return ValueError(f"model.family={cfg.family!r} is unknown (two_tower, open_clip, hf)")
-
-
 def build_model(cfg: ModelConfig) -> MultimodalModel:
-    """Build the model described by ``cfg`` (``pipeline.model``); towers come back in eval mode.
+    """Build the model described by ``cfg`` (``pipeline.model``) with its family's ``build`` (see
+    :mod:`mmtl.models.registry`); towers come back in eval mode.
 
     With ``model.init_from`` the state dict in that safetensors file is loaded on top (warm start, see
     :func:`warm_start`).
 
     Raises:
-        ValueError / WeightsError: bad fields or weights (messages name the ``model.*`` field).
+        ValueError / WeightsError: unknown ``model.family``, bad fields or weights (messages name the
+            ``model.*`` field).
     """
-    if cfg.family == "two_tower":
-        from mmtl.models.two_tower import TwoTowerModel
+    from mmtl.models.registry import get_family
 
-        model = TwoTowerModel(cfg)
-    elif cfg.family == "open_clip":
-        from mmtl.models.open_clip_family import OpenClipModel
-
-        model = OpenClipModel(cfg)
-    elif cfg.family == "hf":
-        from mmtl.models.hf_clip import HFClipModel
-
-        model = HFClipModel(cfg)
-    else:
-        raise _unknown(cfg)
+    model = get_family(cfg.family).build(cfg)
     if cfg.init_from:
         warm_start(model, cfg.init_from)
     return model
@@ -136,42 +124,26 @@ def fingerprint_loaded_content(model: MultimodalModel) -> None:
 
 def build_tokenizer(cfg: ModelConfig):
     """A picklable ``texts -> dict(input_ids, attention_mask)`` callable (``.count(text)`` counts tokens),
-    identical to ``build_model(cfg).tokenize``."""
-    if cfg.family == "two_tower":
-        from mmtl.models.two_tower import load_tokenizer
+    identical to ``build_model(cfg).tokenize`` (the family's ``tokenizer``; no model is built).
 
-        return load_tokenizer(cfg.text, cfg.context_length)[0]
-    if cfg.family == "open_clip":
-        from mmtl.models.open_clip_family import check_consistency, load_open_clip_tokenizer, \
-            resolve_open_clip_config
+    Raises:
+        ValueError: unknown ``model.family`` or bad tokenizer fields.
+    """
+    from mmtl.models.registry import get_family
 
-        mc = resolve_open_clip_config(cfg)
-        check_consistency(cfg, mc)
-        return load_open_clip_tokenizer(cfg, mc)[0]
-    if cfg.family == "hf":
-        from mmtl.models.hf_clip import load_hf_tokenizer
-
-        return load_hf_tokenizer(cfg)[0]
-    raise _unknown(cfg)
+    return get_family(cfg.family).tokenizer(cfg)
 
 
 def build_image_transform(cfg: ModelConfig, train: bool) -> Callable:
     """A picklable PIL RGB -> (3, image_size, image_size) transform, identical to
-    ``build_model(cfg).image_transform(train)``."""
-    if cfg.family == "two_tower":
-        from mmtl.models.two_tower import make_image_transform, vision_mean_std
+    ``build_model(cfg).image_transform(train)`` (the family's ``image_transform``; no model is built).
 
-        mean, std = vision_mean_std(cfg.vision)
-        return make_image_transform(cfg.image_size, mean, std, train)
-    if cfg.family == "open_clip":
-        from mmtl.models.open_clip_family import make_open_clip_transform
+    Raises:
+        ValueError: unknown ``model.family`` or bad preprocessing fields.
+    """
+    from mmtl.models.registry import get_family
 
-        return make_open_clip_transform(cfg, train)
-    if cfg.family == "hf":
-        from mmtl.models.hf_clip import make_hf_transform
-
-        return make_hf_transform(cfg, train)
-    raise _unknown(cfg)
+    return get_family(cfg.family).image_transform(cfg, train)
 
 
 def tiny_two_tower_config(**overrides) -> ModelConfig:

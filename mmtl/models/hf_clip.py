@@ -30,23 +30,22 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
 from torch import Tensor, nn
 
 from mmtl.config import ModelConfig
 from mmtl.models.base import MultimodalModel, Which, fingerprint_of
+from mmtl.models.family import ContextTextEncoder
+from mmtl.models.offline import transformers_offline
+from mmtl.models.tokens import hf_image_tokens, hf_token_dims
 from mmtl.models.weights import dir_digest, params_digest, resolve_weights
 
 _FP_VERSION = 1
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")  # default LoRA targets (CLIP / SigLIP attention)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "spiece.model")
-
-
-def _tf():
-    from mmtl.models.two_tower import _transformers
-
-    return _transformers()
 
 
 # ---- config -------------------------------------------------------------------------------------------
@@ -116,8 +115,10 @@ def make_hf_transform(cfg: ModelConfig, train: bool):
     return make_image_transform(cfg.image_size, mean, std, train)
 
 
-def _config_from_dict(tf, cfg: ModelConfig, tok) -> Any:
-    """CLIPConfig / SiglipConfig from ``model.config``; text ids default to the tokenizer's."""
+def hf_config_from_dict(tf, cfg: ModelConfig, tok) -> Any:
+    """CLIPConfig / SiglipConfig from ``model.config`` (``tf``: the transformers module, ``tok``: the
+    :class:`~mmtl.models.two_tower.HFTokenize` of the model); text vocab size and eos/pad/bos ids default to the
+    tokenizer's."""
     kw = dict(cfg.config)
     mt = kw.pop("model_type", "clip")
     text = dict(kw.pop("text_config", None) or {})
@@ -215,7 +216,7 @@ class HFClipModel(MultimodalModel):
         if cfg.family != "hf":
             raise ValueError(f"HFClipModel needs model.family='hf', got {cfg.family!r}")
         _check_source(cfg)
-        tf = _tf()
+        tf = transformers_offline()
         mdir = _model_dir(cfg)
         mt = _model_type(cfg, mdir)
         tok, tok_id = load_hf_tokenizer(cfg, mdir)
@@ -231,7 +232,7 @@ class HFClipModel(MultimodalModel):
                 log.set_verbosity(verbosity)
             identity["weights_digest"] = dir_digest(mdir)
         else:
-            hf = cls(_config_from_dict(tf, cfg, tok))
+            hf = cls(hf_config_from_dict(tf, cfg, tok))
             identity["config"] = cfg.config
         hf = hf.float().eval()
         conf = hf.config
@@ -295,6 +296,20 @@ class HFClipModel(MultimodalModel):
             input_ids, attention_mask = input_ids[:, :n], attention_mask[:, :n]
         return self.text_tower(input_ids, attention_mask)
 
+    def text_features_from_embeddings(self, inputs_embeds: Tensor, attention_mask: Tensor) -> Tensor:
+        """CLIP only: (B, L, D_w) token embeddings + (B, L) right-padded mask -> (B, D) projected features, as
+        :meth:`text_features` for ids with those embeddings (causal mask, final layer norm, pooled at the last
+        attended token = EOS, ``text_projection``). Used by CoOp (:class:`HFClipFamily`)."""
+        from transformers.masking_utils import create_causal_mask
+
+        tm = self.text_tower.text_model
+        h = tm.embeddings(inputs_embeds=inputs_embeds)
+        am = create_causal_mask(config=tm.config, inputs_embeds=h, attention_mask=attention_mask, cache=None)
+        h = tm.final_layer_norm(tm.encoder(inputs_embeds=h, attention_mask=am, is_causal=True).last_hidden_state)
+        pooled = h[torch.arange(h.shape[0], device=h.device), attention_mask.sum(dim=1) - 1]
+        proj = self.text_tower.text_projection
+        return proj(pooled) if proj is not None else pooled
+
     def tokenize(self, texts: list[str]) -> dict[str, Tensor]:
         """B strings -> ``dict(input_ids=(B,L) long, attention_mask=(B,L) long)``, L = context_length."""
         return self.tokenizer(texts)
@@ -321,6 +336,56 @@ class HFClipModel(MultimodalModel):
         """``vision_model.encoder.layers`` / ``text_model.encoder.layers``, input to output."""
         tower = self.image_tower if which == "image" else self.text_tower
         return list(tower.layers)
+
+
+class HFClipFamily:
+    """``hf`` (:class:`HFClipModel`, CLIP / SigLIP). Capabilities: token features (``last_hidden_state``; padding
+    trimmable for CLIP only), LoRA defaults, CoOp context encoding (CLIP only), export format."""
+
+    name = "hf"
+
+    def build(self, cfg: ModelConfig) -> HFClipModel:
+        """:class:`HFClipModel` of ``cfg`` (ValueError / WeightsError as its constructor)."""
+        return HFClipModel(cfg)
+
+    def tokenizer(self, cfg: ModelConfig):
+        """:func:`load_hf_tokenizer`'s :class:`~mmtl.models.two_tower.HFTokenize`."""
+        return load_hf_tokenizer(cfg)[0]
+
+    def image_transform(self, cfg: ModelConfig, train: bool):
+        """:func:`make_hf_transform`."""
+        return make_hf_transform(cfg, train)
+
+    def image_tokens(self, model: HFClipModel, images: Tensor, layer: int = -1) -> Tensor:
+        """(B, 3, S, S) -> (B, N, hidden) (:func:`~mmtl.models.tokens.hf_image_tokens`)."""
+        return hf_image_tokens(model.image_tower.vision_model, images, layer)
+
+    def text_tokens(self, model: HFClipModel, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """(B, L) -> (B, L, hidden) ``text_model`` states (the mask is ignored for SigLIP, as trained)."""
+        mask = attention_mask if model.text_tower.use_mask else None
+        return model.text_tower.text_model(input_ids=input_ids, attention_mask=mask).last_hidden_state
+
+    def token_dims(self, model: HFClipModel, layer: int = -1) -> tuple[int, int]:
+        """Hidden sizes of both towers (:func:`~mmtl.models.tokens.hf_token_dims`)."""
+        return hf_token_dims(model.image_tower.vision_model, model.text_tower.text_model, layer)
+
+    def text_tokens_trimmable(self, model: HFClipModel) -> bool:
+        """True for CLIP (masked), False for SigLIP (fed without mask at full length)."""
+        return bool(model.text_tower.use_mask)
+
+    def lora_default_targets(self, model: HFClipModel, which: str,
+                             zero_stage: Optional[int] = None) -> tuple[tuple[str, ...], ...]:
+        """``q_proj``, ``k_proj``, ``v_proj``, ``out_proj`` (CLIP / SigLIP attention) in both towers."""
+        return (LORA_TARGETS,)
+
+    def context_text_encoder(self, model: HFClipModel) -> Optional[ContextTextEncoder]:
+        """CLIP: its token embedding + :meth:`HFClipModel.text_features_from_embeddings`; SigLIP: None."""
+        emb = model.text_tower.text_model.embeddings.token_embedding
+        return ContextTextEncoder(emb, model.text_features_from_embeddings) if model.model_type == "clip" else None
+
+    def architecture_config(self, cfg: ModelConfig) -> ModelConfig:
+        """Unchanged: ``weights`` is a model dir that also holds the config and the tokenizer."""
+        return cfg
 
 
 def tiny_hf_clip_config(**overrides: Any) -> ModelConfig:

@@ -32,7 +32,6 @@ SigLIP-style checkpoints is not kept (the SigLIP loss has its own bias).
 from __future__ import annotations
 
 import copy
-import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -40,20 +39,16 @@ from torch import Tensor, nn
 
 from mmtl.config import ModelConfig
 from mmtl.models.base import MultimodalModel, Which, fingerprint_of
+from mmtl.models.family import POINTWISE_AND_LINEAR
+from mmtl.models.offline import open_clip_offline
 from mmtl.models.open_clip_text import OpenClipTokenize  # noqa: F401  (re-exported)
 from mmtl.models.open_clip_text import OpenClipCustomTextTower, OpenClipTextTower, load_open_clip_tokenizer
+from mmtl.models.tokens import open_clip_image_tokens, open_clip_text_tokens, open_clip_token_dims
 from mmtl.models.weights import WeightsError, file_digest, load_state_dict_file, params_digest, resolve_weights
 
 _FP_VERSION = 1  # bump when feature semantics change (invalidates frozen-feature caches)
-
-
-def _open_clip():
-    """Import open_clip with the HuggingFace hub forced offline."""
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ["TRANSFORMERS_OFFLINE"] = "1"
-    import open_clip
-
-    return open_clip
+LORA_MLP_TARGETS = ("c_fc", "c_proj")  # default LoRA targets: resblock MLPs ...
+LORA_ATTN_TARGETS = ("attn",)  # ... and attention (nn.MultiheadAttention: not under ZeRO-3)
 
 
 # ---- config -------------------------------------------------------------------------------------------
@@ -69,7 +64,7 @@ def resolve_open_clip_config(cfg: ModelConfig) -> dict[str, Any]:
     if bool(cfg.arch) == bool(cfg.config):
         raise ValueError("model (family open_clip): set exactly one of `arch` (an open_clip model name) and "
                          f"`config` (an open_clip model config dict) (got arch={cfg.arch!r}, config={cfg.config!r})")
-    oc = _open_clip()
+    oc = open_clip_offline()
     if cfg.arch:
         if ":" in cfg.arch:
             raise ValueError(f"model.arch={cfg.arch!r}: hub/local-dir schemas are not supported; use a built-in "
@@ -142,7 +137,7 @@ def make_open_clip_transform(cfg: ModelConfig, train: bool):
 
     eval: resize (shortest side, bicubic) + center crop; train: ``RandomResizedCrop(scale=(0.9, 1))``.
     """
-    oc = _open_clip()
+    oc = open_clip_offline()
     pp = preprocess_of(cfg, resolve_open_clip_config(cfg))
     return oc.image_transform(pp["size"], is_train=train, mean=pp["mean"], std=pp["std"],
                               resize_mode=pp["resize_mode"], interpolation=pp["interpolation"],
@@ -213,7 +208,7 @@ def _load_weights(model: nn.Module, spec: str) -> Path:
 def create_open_clip_model(cfg: ModelConfig, mc: Optional[dict] = None) -> tuple[nn.Module, dict, Optional[Path]]:
     """Instantiate the open_clip ``CLIP`` / ``CustomTextCLIP`` (fp32, CPU, ``nonscalar_logit_scale=True``) and
     load ``model.weights``. Returns (model, model config used, weights path or None)."""
-    oc = _open_clip()
+    oc = open_clip_offline()
     mc = copy.deepcopy(mc if mc is not None else resolve_open_clip_config(cfg))
     mc.pop("preprocess_cfg", None)
     mc.pop("init_logit_bias", None)  # the SigLIP loss has its own bias
@@ -319,6 +314,54 @@ class OpenClipModel(MultimodalModel):
         if all(hasattr(tower, f"layer{i}") for i in range(1, 5)):
             return [getattr(tower, f"layer{i}") for i in range(1, 5)]
         raise ValueError(f"{which} tower {type(tower).__name__} has no recognised block list")
+
+
+class OpenClipFamily:
+    """``open_clip`` (:class:`OpenClipModel`). Capabilities: token features (ViT patch tokens, text states after
+    ``ln_final``; padding not trimmable), LoRA defaults, export format. No CoOp context encoding."""
+
+    name = "open_clip"
+
+    def build(self, cfg: ModelConfig) -> OpenClipModel:
+        """:class:`OpenClipModel` of ``cfg`` (ValueError / WeightsError as its constructor)."""
+        return OpenClipModel(cfg)
+
+    def tokenizer(self, cfg: ModelConfig):
+        """:func:`load_open_clip_tokenizer` after :func:`check_consistency` (ValueError on a mismatch)."""
+        mc = resolve_open_clip_config(cfg)
+        check_consistency(cfg, mc)
+        return load_open_clip_tokenizer(cfg, mc)[0]
+
+    def image_transform(self, cfg: ModelConfig, train: bool):
+        """:func:`make_open_clip_transform`."""
+        return make_open_clip_transform(cfg, train)
+
+    def image_tokens(self, model: OpenClipModel, images: Tensor, layer: int = -1) -> Tensor:
+        """(B, 3, S, S) -> (B, N, width) (:func:`~mmtl.models.tokens.open_clip_image_tokens`; ViT towers only)."""
+        return open_clip_image_tokens(model.image_tower, images, layer)
+
+    def text_tokens(self, model: OpenClipModel, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """(B, L) -> (B, L, width) (:func:`~mmtl.models.tokens.open_clip_text_tokens`; the mask is not used)."""
+        return open_clip_text_tokens(model.text_tower, input_ids)
+
+    def token_dims(self, model: OpenClipModel, layer: int = -1) -> tuple[int, int]:
+        """Transformer widths of both towers (:func:`~mmtl.models.tokens.open_clip_token_dims`)."""
+        return open_clip_token_dims(model.image_tower, model.text_tower, layer)
+
+    def text_tokens_trimmable(self, model: OpenClipModel) -> bool:
+        """False: text towers are fed at their trained length."""
+        return False
+
+    def lora_default_targets(self, model: OpenClipModel, which: str,
+                             zero_stage: Optional[int] = None) -> tuple[tuple[str, ...], ...]:
+        """MLP ``c_fc``, ``c_proj`` and the ``attn`` ``nn.MultiheadAttention`` (left out when ``zero_stage == 3``);
+        towers without them (timm trunk) fall back to the pointwise-conv + ``nn.Linear`` rule."""
+        return (LORA_MLP_TARGETS + (LORA_ATTN_TARGETS if zero_stage != 3 else ()), (POINTWISE_AND_LINEAR,))
+
+    def architecture_config(self, cfg: ModelConfig) -> ModelConfig:
+        """Drops ``weights`` (a state-dict file the export replaces); ``arch`` / ``config`` stay."""
+        cfg.weights = None
+        return cfg
 
 
 def tiny_open_clip_config(**overrides: Any) -> ModelConfig:

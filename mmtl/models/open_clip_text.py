@@ -5,18 +5,10 @@ Shapes: ``B`` batch, ``L`` context length, ``D`` the model's ``embed_dim``.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor, nn
 
 from mmtl.config import ModelConfig
-
-
-def _open_clip():
-    from mmtl.models.open_clip_family import _open_clip as imp
-
-    return imp()
 
 
 # ---- tokenizer ----------------------------------------------------------------------------------------
@@ -73,16 +65,16 @@ def _needs_hf_tokenizer(cfg: ModelConfig, mc: dict) -> bool:
     return bool(mc["text_cfg"].get("hf_tokenizer_name")) or "siglip" in (cfg.arch or "").lower()
 
 
-def load_open_clip_tokenizer(cfg: ModelConfig, mc: Optional[dict] = None):
-    """(tokenizer callable with ``.count``, identity dict) for an open_clip model config.
+def load_open_clip_tokenizer(cfg: ModelConfig, mc: dict):
+    """(tokenizer callable with ``.count``, identity dict) for an open_clip model config ``mc`` (from
+    :func:`mmtl.models.open_clip_family.resolve_open_clip_config`).
 
     ``SimpleTokenizer`` unless the architecture needs a HuggingFace tokenizer: then ``model.text.tokenizer_path``
     (a local dir) is required. ``model.text.tokenizer_path`` always wins when set.
-    """
-    if mc is None:
-        from mmtl.models.open_clip_family import resolve_open_clip_config
 
-        mc = resolve_open_clip_config(cfg)
+    Raises:
+        ValueError: the architecture needs a HuggingFace tokenizer and ``model.text.tokenizer_path`` is unset.
+    """
     if cfg.text.tokenizer_path:
         from mmtl.models.two_tower import load_tokenizer
 

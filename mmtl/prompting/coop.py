@@ -8,9 +8,11 @@ stays frozen; only the context is trained, with cross-entropy over ``scale * cos
 Shapes: ``B`` batch, ``C`` classes, ``M`` context vectors, ``D`` token-embedding width (``D_w``), ``L`` tokens.
 Context: class-shared ``(M, D)`` or class-specific ``(C, M, D)``. Class embeddings: ``(C, embed_dim)``.
 
-Families: ``two_tower`` (BERT-like encoders fed ``inputs_embeds``; mean or CLS pooling as the model) and
-``hf`` CLIP (its text transformer re-run on embeddings: causal mask, final layer norm, pooled at the EOS
-position = last attended token, ``text_projection``). ``open_clip`` and SigLIP raise NotImplementedError.
+Families: those whose family object has the ``context_text_encoder`` capability
+(:class:`mmtl.models.family.ContextTextEncoding`): ``two_tower`` (BERT-like encoders fed ``inputs_embeds``; mean
+or CLS pooling as the model) and ``hf`` CLIP (its text transformer re-run on embeddings: causal mask, final layer
+norm, pooled at the EOS position = last attended token, ``text_projection``). ``open_clip`` and SigLIP raise
+NotImplementedError.
 With ``init`` set and untrained, the prompt gives exactly the embedding of the text ``"<init> <c><suffix>"``.
 """
 from __future__ import annotations
@@ -22,31 +24,47 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mmtl.models.family import ContextTextEncoder, ContextTextEncoding, capability
+from mmtl.models.registry import find_family
+
+
+def _encoder(model) -> tuple[str, ContextTextEncoder]:
+    """(family name, :class:`~mmtl.models.family.ContextTextEncoder`) of ``model``, from its family's
+    ``context_text_encoder`` capability.
+
+    Raises:
+        NotImplementedError: the model has no registered family, its family has no such capability
+            (open_clip), or this model variant has none (hf SigLIP: the family returns None).
+    """
+    fam = find_family(model)
+    cap = capability(fam, ContextTextEncoding)
+    enc = cap.context_text_encoder(model) if cap is not None else None
+    if enc is not None:
+        return fam.name, enc
+    if cap is not None and getattr(model, "model_type", None):
+        what = f"{fam.name} {model.model_type}"  # a family with the capability, but not for this variant
+    else:
+        what = repr(getattr(getattr(model, "cfg", None), "family", None))
+    raise NotImplementedError(f"prompt_tuning (CoOp) has no text-with-context encoder for model family {what}: "
+                              "supported are two_tower and hf CLIP (open_clip and SigLIP are not implemented)")
+
 
 def family_of(model) -> str:
-    """``"two_tower"`` or ``"hf"`` (CLIP).
+    """The name of ``model``'s family when it can encode text with a learned context (``"two_tower"``, or
+    ``"hf"`` for CLIP).
 
     Raises:
         NotImplementedError: any other family (open_clip) or an hf SigLIP model.
     """
-    fam = getattr(getattr(model, "cfg", None), "family", None)
-    if fam == "two_tower":
-        return fam
-    if fam == "hf" and getattr(model, "model_type", "clip") == "clip":
-        return fam
-    what = f"hf {model.model_type}" if fam == "hf" else repr(fam)
-    raise NotImplementedError(f"prompt_tuning (CoOp) has no text-with-context encoder for model family {what}: "
-                              "supported are two_tower and hf CLIP (open_clip and SigLIP are not implemented)")
+    return _encoder(model)[0]
 
 
 check_family = family_of
 
 
 def token_embedding(model) -> nn.Embedding:
-    """The text tower's token-embedding table (vocab, D)."""
-    if family_of(model) == "two_tower":
-        return model.text_tower.get_input_embeddings()
-    return model.text_tower.text_model.embeddings.token_embedding
+    """The text tower's token-embedding table (vocab, D). NotImplementedError like :func:`family_of`."""
+    return _encoder(model)[1].token_embedding
 
 
 def _hf_tok(model):
@@ -83,26 +101,6 @@ def class_token_ids(model, classnames: Sequence[str], n_ctx: int, suffix: str = 
     return ids, mask
 
 
-def _two_tower_features(model, x: Tensor, mask: Tensor) -> Tensor:
-    hidden = model.text_tower(inputs_embeds=x, attention_mask=mask).last_hidden_state  # (C, L, D_t)
-    if model.pooling == "cls":
-        return hidden[:, 0]
-    m = mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
-
-
-def _hf_clip_features(model, x: Tensor, mask: Tensor) -> Tensor:
-    from transformers.masking_utils import create_causal_mask
-
-    tm = model.text_tower.text_model
-    h = tm.embeddings(inputs_embeds=x)
-    am = create_causal_mask(config=tm.config, inputs_embeds=h, attention_mask=mask, cache=None)
-    h = tm.final_layer_norm(tm.encoder(inputs_embeds=h, attention_mask=am, is_causal=True).last_hidden_state)
-    pooled = h[torch.arange(h.shape[0], device=h.device), mask.sum(dim=1) - 1]  # EOS: last attended token
-    proj = model.text_tower.text_projection
-    return proj(pooled) if proj is not None else pooled
-
-
 def encode_with_context(model, ids: Tensor, mask: Tensor, ctx: Tensor) -> Tensor:
     """Class text embeddings with the context inserted.
 
@@ -116,8 +114,7 @@ def encode_with_context(model, ids: Tensor, mask: Tensor, ctx: Tensor) -> Tensor
     c, m = ids.shape[0], ctx.shape[-2]
     ctx = ctx.unsqueeze(0).expand(c, -1, -1) if ctx.dim() == 2 else ctx
     x = torch.cat([emb[:, :1], ctx.to(emb.dtype), emb[:, 1 + m:]], dim=1)
-    encode = _two_tower_features if family_of(model) == "two_tower" else _hf_clip_features
-    feats = encode(model, x, mask)
+    feats = _encoder(model)[1].features(x, mask)  # (C, D_t)
     return model.project_text(feats)
 
 

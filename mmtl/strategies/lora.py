@@ -5,20 +5,14 @@ Supports:
   * ``r``, ``alpha`` (scaling ``alpha / r``), ``dropout`` (on the LoRA input, training mode only).
   * ``image_targets`` / ``text_targets``: module names in the tower, matched as PEFT does (the full dotted name,
     or its ending after a ``.``: ``c_fc`` matches ``transformer.resblocks.0.mlp.c_fc``), or ``re:<regex>``
-    (full match on the dotted name). ``null`` takes the family default:
-
-    =============  =====================================================================================
-    family         default targets
-    =============  =====================================================================================
-    two_tower      image (timm): 1x1 pointwise convs ``conv_pw`` / ``conv_pwl`` (EfficientNet, MobileNet)
-                   and every ``nn.Linear`` (ViT/ConvNeXt-style timm models); text (transformers): BERT-like
-                   ``query``, ``key``, ``value``, ``attention.output.dense`` (else ``q_proj/k_proj/v_proj/
-                   out_proj``, else DistilBERT ``q_lin/k_lin/v_lin/out_lin``)
-    open_clip      MLP ``c_fc``, ``c_proj`` and the attention ``attn`` (``nn.MultiheadAttention``: in_proj +
-                   out_proj) -- ``attn`` only when ``train.zero_stage < 3``; towers without them (timm trunk)
-                   fall back to the timm rule above
-    hf             ``q_proj``, ``k_proj``, ``v_proj``, ``out_proj`` (CLIP / SigLIP attention)
-    =============  =====================================================================================
+    (full match on the dotted name). ``null`` takes the family default, asked from the model's family
+    (``lora_default_targets``, :class:`mmtl.models.family.LoraDefaults`): candidate groups, first match wins.
+    two_tower: image (timm) 1x1 pointwise convs ``conv_pw`` / ``conv_pwl`` and every ``nn.Linear``; text BERT-like
+    ``query``, ``key``, ``value``, ``attention.output.dense`` (else ``q_proj/k_proj/v_proj/out_proj``, else
+    DistilBERT ``q_lin/k_lin/v_lin/out_lin``). open_clip: MLP ``c_fc``, ``c_proj`` and the attention ``attn``
+    (``nn.MultiheadAttention``, only when ``train.zero_stage < 3``), else the timm rule. hf: ``q_proj``,
+    ``k_proj``, ``v_proj``, ``out_proj``. A model without a family or a family without defaults needs explicit
+    targets.
 
   * Adapted layer types: ``nn.Linear``, ``nn.Conv1d/2d/3d`` (``groups == 1``), ``nn.Embedding``,
     ``nn.MultiheadAttention`` (same q/k/v width; its ``out_proj`` is adapted with it), transformers ``Conv1D``.
@@ -62,14 +56,6 @@ FORMAT = "mmtl-lora"
 META_ATTR = "mmtl_lora"  # plain dict attribute set on the model by apply(): r, alpha, dropout, modules per tower
 _TOWERS = {"image": "image_tower", "text": "text_tower"}
 
-_TEXT_DEFAULTS: tuple[tuple[str, ...], ...] = (
-    ("query", "key", "value", "attention.output.dense"),  # BERT / MiniLM / RoBERTa / XLM-R / ELECTRA
-    ("q_proj", "k_proj", "v_proj", "out_proj"),  # CLIP / SigLIP / BART-style
-    ("q_lin", "k_lin", "v_lin", "out_lin"),  # DistilBERT
-)
-_HF_DEFAULT = ("q_proj", "k_proj", "v_proj", "out_proj")
-_OPEN_CLIP_MLP = ("c_fc", "c_proj")
-_OPEN_CLIP_ATTN = ("attn",)
 _POINTWISE = ("conv_pw", "conv_pwl")
 
 
@@ -130,12 +116,11 @@ def _resolve(tower: nn.Module, targets: Iterable[str], field: str, strict: bool)
 
 
 def _family(model) -> str:
-    cfg = getattr(model, "cfg", None)
-    fam = getattr(cfg, "family", None)
-    if fam:
-        return fam
-    name = type(model).__name__
-    return {"TwoTowerModel": "two_tower", "OpenClipModel": "open_clip", "HFClipModel": "hf"}.get(name, "unknown")
+    """The registered family name of ``model`` (:func:`mmtl.models.registry.find_family`), else ``"unknown"``."""
+    from mmtl.models.registry import find_family
+
+    fam = find_family(model)
+    return fam.name if fam is not None else "unknown"
 
 
 def _timm_default(tower: nn.Module) -> list[str]:
@@ -150,35 +135,37 @@ def _timm_default(tower: nn.Module) -> list[str]:
 
 
 def default_targets(model, which: str, zero_stage: Optional[int] = None) -> tuple[list[str], str]:
-    """(resolved module names, description) of the default LoRA targets of ``which`` tower (module docstring).
+    """(resolved module names, description) of the default LoRA targets of ``which`` tower: the first of the
+    family's candidate groups (``lora_default_targets``) that matches adaptable modules; the group
+    ``POINTWISE_AND_LINEAR`` is the timm rule (module docstring).
 
     Raises:
-        ValueError: nothing adaptable found (set ``strategy.lora.<which>_targets``).
+        ValueError: nothing adaptable found, or the model has no family with default targets (set
+            ``strategy.lora.<which>_targets``).
     """
+    from mmtl.models.family import POINTWISE_AND_LINEAR, LoraDefaults, capability
+    from mmtl.models.registry import find_family
+
     tower = getattr(model, _TOWERS[which])
-    fam = _family(model)
+    fam = find_family(model)
+    name = fam.name if fam is not None else "unknown"
+    lora = capability(fam, LoraDefaults)
+    groups = lora.lora_default_targets(model, which, zero_stage) if lora is not None else ()
     field = f"strategy.lora.{which}_targets"
     names: list[str] = []
     desc = ""
-    if fam == "hf":
-        names, desc = _resolve(tower, _HF_DEFAULT, field, strict=False), ",".join(_HF_DEFAULT)
-    elif fam == "open_clip":
-        wanted = _OPEN_CLIP_MLP + (_OPEN_CLIP_ATTN if zero_stage != 3 else ())
-        names, desc = _resolve(tower, wanted, field, strict=False), ",".join(wanted)
-        if not names:
-            names, desc = _timm_default(tower), "conv_pw,conv_pwl,<nn.Linear>"
-    elif which == "text":
-        for group in _TEXT_DEFAULTS:
+    for group in groups:
+        if tuple(group) == (POINTWISE_AND_LINEAR,):
+            names = _timm_default(tower)
+        else:
             names = _resolve(tower, group, field, strict=False)
-            if names:
-                desc = ",".join(group)
-                break
-    else:
-        names, desc = _timm_default(tower), "conv_pw,conv_pwl,<nn.Linear>"
+        if names:
+            desc = ",".join(group)
+            break
     if not names:
         raise ValueError(f"{field}: no default LoRA targets found in the {which} tower "
-                         f"({type(tower).__name__}, family {fam}); set {field} to module names")
-    return names, f"default({fam}): {desc}"
+                         f"({type(tower).__name__}, family {name}); set {field} to module names")
+    return names, f"default({name}): {desc}"
 
 
 def resolve_targets(model, cfg: MmtlLoraConfig, zero_stage: Optional[int] = None) -> dict[str, dict[str, Any]]:

@@ -17,13 +17,20 @@ PIP_REQUIREMENTS = ["torch", "torchvision", "timm", "transformers", "open_clip_t
 
 
 def architecture_config(model_cfg):
-    """A copy of a pipeline's ``model`` section that builds the architecture only: no tower weight files, no
-    ``init_from`` (an export's ``model.safetensors`` holds every weight)."""
+    """A copy of a pipeline's ``model`` section that builds the architecture only: no ``init_from``, and no tower
+    weight files per the family's export format (``architecture_config`` of
+    :class:`mmtl.models.family.ExportFormat`; an export's ``model.safetensors`` holds every weight).
+
+    Raises:
+        ValueError: unknown ``model.family``.
+    """
+    from mmtl.models.family import ExportFormat, capability
+    from mmtl.models.registry import get_family
+
     cfg = model_cfg.model_copy(deep=True)
-    cfg.vision.weights, cfg.init_from = None, None
-    if cfg.family == "open_clip":
-        cfg.weights = None
-    return cfg
+    cfg.init_from = None
+    fmt = capability(get_family(cfg.family), ExportFormat)
+    return fmt.architecture_config(cfg) if fmt is not None else cfg
 
 
 def require_export_files(export_dir: Path) -> None:
