@@ -154,7 +154,9 @@ class PromptTuningConfig(_Section):
 
 
 class StrategyConfig(_Section):
-    kind: Literal["frozen", "full", "lora", "prompt_tuning", "cross_attention"] = "frozen"
+    kind: str = Field("frozen", description="Transfer strategy, a key of mmtl.strategies.STRATEGIES (frozen, full, "
+                      "lora, prompt_tuning, cross_attention); checked against the registries when the pipeline "
+                      "is run or shown (mmtl.recipes.check_pipeline).")
     lock: Literal["both", "image", "text", "none"] = Field(
         "both", description="frozen: which towers stay frozen ('image' is LiT)."
     )

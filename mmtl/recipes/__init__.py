@@ -12,7 +12,7 @@ from mmtl.recipes.contrastive import ContrastiveRecipe
 from mmtl.recipes.fusion import FusionRecipe
 from mmtl.recipes.prompt_learning import PromptLearningRecipe
 
-__all__ = ["RECIPES", "Recipe", "RunContext", "recipe_for", "run_pipeline"]
+__all__ = ["RECIPES", "Recipe", "RunContext", "check_pipeline", "recipe_for", "run_pipeline"]
 
 RECIPES: dict[str, type[Recipe]] = {kind: r for r in (ContrastiveRecipe, PromptLearningRecipe, FusionRecipe)
                                     for kind in r.kinds}
@@ -28,6 +28,19 @@ def recipe_for(kind: str) -> type[Recipe]:
         return RECIPES[kind]
     except KeyError:
         raise ValueError(f"strategy.kind={kind!r} has no recipe (known: {', '.join(RECIPES)})") from None
+
+
+def check_pipeline(pipe) -> None:
+    """Check a loaded pipeline against the registries, before anything starts: ``strategy.kind`` has a recipe
+    and a strategy, and the strategy accepts its options (:meth:`~mmtl.strategies.base.Strategy.check`).
+
+    Raises:
+        ValueError: the message names the field and the known values.
+    """
+    from mmtl.strategies import get_strategy
+
+    recipe_for(pipe.strategy.kind)
+    get_strategy(pipe.strategy.kind).check(pipe.strategy, pipe.train.zero_stage)
 
 
 def run_pipeline(pipe, **kwargs) -> dict:

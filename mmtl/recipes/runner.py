@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Optional
 
 from mmtl.config import Pipeline
-from mmtl.recipes import recipe_for
+from mmtl.recipes import check_pipeline, recipe_for
 from mmtl.recipes.base import Recipe, RunContext, Say
 from mmtl.runtime import init_ray, latest_checkpoint, seed_everything, select_run_dir
-from mmtl.strategies import apply_strategy, get_strategy, trainable_summary
+from mmtl.strategies import apply_strategy, trainable_summary
 from mmtl.tracking import mlflow_utils as mlu
 from mmtl.train.checkpoint import check_compatible, read_meta
 
@@ -53,8 +53,8 @@ def run_pipeline(pipe: Pipeline, *, address: Optional[str] = None, must_resume: 
         RuntimeError: training failed (the run is left resumable).
     """
     t_start = time.time()
+    check_pipeline(pipe)
     recipe_cls = recipe_for(pipe.strategy.kind)
-    get_strategy(pipe.strategy.kind).check(pipe.strategy, pipe.train.zero_stage)
     specs = eval_specs(pipe)
     run_dir, resuming = select_run_dir(pipe.train.runs_root, pipe.train.name, pipe.train.resume, must_resume)
     run_dir.mkdir(parents=True, exist_ok=True)
