@@ -35,26 +35,29 @@ def embed_features(model, image_feats, text_feats, batch_size: int = 1024) -> tu
 
 @torch.no_grad()
 def embed_shards(model, spec, opts, batch_size: int = 64) -> EmbeddedSet:
-    """Embed every clean sample of ``spec`` with the full towers (one process; for eval-sized sets)."""
+    """Embed every clean sample of ``spec`` with the full towers (one process; for eval-sized sets).
+
+    Returns ``image`` (N, D) and ``text`` (N, D) float32 embeddings (the model's projections, L2-normalised).
+
+    Raises:
+        MissingShardsError / EmptyDatasetError: from shard resolution; RuntimeError: no clean sample at all.
+    """
+    from mmtl.data.batches import encode_batches
     from mmtl.data.shardio import iter_samples
 
     model.eval()
     tf = model.image_transform(train=False)
-    imgs, txts, meta, batch = [], [], [], []
+    imgs, txts, meta = [], [], []
 
-    def flush():
-        if batch:
-            imgs.append(model.encode_image(torch.stack([tf(s.image) for s in batch])).float())
-            tok = model.tokenize([s.caption for s in batch])
-            txts.append(model.encode_text(tok["input_ids"], tok["attention_mask"]).float())
-            meta.extend(s.meta for s in batch)
-            batch.clear()
+    def encode(batch: list) -> tuple[torch.Tensor, torch.Tensor]:
+        img = model.encode_image(torch.stack([tf(s.image) for s in batch])).float()
+        tok = model.tokenize([s.caption for s in batch])
+        return img, model.encode_text(tok["input_ids"], tok["attention_mask"]).float()
 
-    for s in iter_samples(spec, opts):
-        batch.append(s)
-        if len(batch) >= batch_size:
-            flush()
-    flush()
+    for batch, (img, txt) in encode_batches(iter_samples(spec, opts), encode, batch_size):
+        imgs.append(img)
+        txts.append(txt)
+        meta.extend(s.meta for s in batch)
     return EmbeddedSet(torch.cat(imgs), torch.cat(txts), meta)
 
 

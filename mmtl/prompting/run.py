@@ -45,7 +45,7 @@ def resolve_classes(pipe, train_meta: list[dict]) -> list[str]:
 
 def labels_of(meta: list[dict], field: str, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """(kept row positions, class indices into ``classes``) of the samples labelled with a known class."""
-    from mmtl.eval.tasks import _label_index
+    from mmtl.data.labels import label_index as _label_index
 
     keep, labels, _ = _label_index(meta, field, classes)
     return np.asarray(keep, dtype=np.int64), np.asarray(labels, dtype=np.int64)
