@@ -197,7 +197,7 @@ def eval_cmd(
 ) -> None:
     """Evaluate a model on a shard set: zero-shot classification, image-text retrieval, or VQA / ITM accuracy."""
     from mmtl.data.shardlist import ShardError
-    from mmtl.eval.cli_eval import EvalError, run_eval
+    from mmtl.eval.runner import EvalError, run_eval
     from mmtl.eval.resolve import ModelSpecError
 
     try:

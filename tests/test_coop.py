@@ -155,7 +155,7 @@ def _export_with_prompt(tmp_path, shards, class_specific: bool):
 
 def test_mmtl_eval_uses_the_learned_prompt(tmp_path, tiny_shards):
     from mmtl.data.samples import CleanOptions
-    from mmtl.eval.cli_eval import EvalError, run_eval
+    from mmtl.eval.runner import EvalError, run_eval
     from mmtl.eval.evaluate import embed_shards
     from mmtl.eval.metrics import zero_shot_metrics
     from mmtl.prompting.artifact import subset_metrics
@@ -185,7 +185,7 @@ def test_mmtl_eval_uses_the_learned_prompt(tmp_path, tiny_shards):
 
 
 def test_class_specific_prompt_refuses_new_classes(tmp_path, tiny_shards):
-    from mmtl.eval.cli_eval import EvalError, run_eval
+    from mmtl.eval.runner import EvalError, run_eval
 
     exp, *_ = _export_with_prompt(tmp_path, tiny_shards, class_specific=True)
     rep = run_eval(str(exp), "zero-shot", tiny_shards["test"], label_field="color", log_to_mlflow=False,
@@ -201,7 +201,7 @@ def test_prompt_tuning_run_end_to_end(tmp_path, tiny_shards, ray_local):
     from conftest import tiny_pipeline
     from mmtl.cli import print_summary
     from mmtl.config import build_pipeline
-    from mmtl.eval.cli_eval import run_eval
+    from mmtl.eval.runner import run_eval
     from mmtl.run import run_pipeline
     from mmtl.tracking.registry import load_exported
 

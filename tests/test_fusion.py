@@ -208,7 +208,7 @@ def test_strategy_refuses_unsupported_options(tiny_model):
 
 
 def test_itm_and_vqa_evaluation_on_token_sets(tiny_model):
-    from mmtl.fusion.evaluate import evaluate_itm, evaluate_vqa
+    from mmtl.eval.fusion_eval import evaluate_itm, evaluate_vqa
     from mmtl.fusion.features import TokenSet
     from mmtl.train.arrays import RowIndexed
 

@@ -10,7 +10,7 @@ Recipe (called by :func:`mmtl.run.run_pipeline` inside the MLflow run):
   4. train :class:`mmtl.fusion.task.FusionTaskModule` with :func:`mmtl.run.fit` (Ray Train + DeepSpeed, the
      common loop: checkpoints, resume, MLflow step metrics) on the in-memory arrays ``image_tokens``,
      ``text_tokens``, ``text_mask`` (+ ``answer_target`` for VQA, ``image_id`` / ``text_id`` for ITM);
-  5. load the export, evaluate (:mod:`mmtl.fusion.evaluate`: accuracy overall and per question type), log
+  5. load the export, evaluate (:mod:`mmtl.eval.fusion_eval`: accuracy overall and per question type), log
      metrics, ``summary.json`` and the export as the run's MLflow model to MLflow.
 
 With ``tracking.log_model`` the export is logged as the run's MLflow model (a pyfunc answering questions or
@@ -84,7 +84,8 @@ def run_cross_attention(pipe: Pipeline, run_dir: Path, uri: str, run_id: str, re
     from safetensors.torch import load_file
 
     from mmtl.data.stream import clean_options
-    from mmtl.fusion.evaluate import evaluate_tokens, split_state_dict
+    from mmtl.eval.fusion_eval import evaluate_tokens
+    from mmtl.fusion.export import split_state_dict
     from mmtl.fusion.features import load_or_compute
     from mmtl.fusion.task import FusionTaskModule
     from mmtl.models import build_model

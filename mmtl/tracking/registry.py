@@ -42,7 +42,7 @@ def model_from_export(pipeline_yaml: str, state_dict: dict):
 
     Raises:
         RuntimeError: the state dict does not match the architecture (strict load).
-        ValueError: a ``cross_attention`` export (load it with :func:`mmtl.fusion.evaluate.load_fusion_export`).
+        ValueError: a ``cross_attention`` export (load it with :func:`mmtl.fusion.export.load_fusion_export`).
     """
     import yaml
 
