@@ -14,7 +14,8 @@ from mmtl.config import StrategyConfig
 from mmtl.models import build_model
 from mmtl.models.hf_clip import tiny_hf_clip_config
 from mmtl.models.two_tower import tiny_two_tower_config
-from mmtl.prompting.artifact import LoadedPrompt, save_prompt, split_metrics
+from mmtl.eval.prompt_eval import split_metrics
+from mmtl.prompting.artifact import LoadedPrompt, save_prompt
 from mmtl.prompting.coop import CoOpModule, PromptLearner, coop_logits
 from mmtl.strategies import apply_strategy
 
@@ -155,10 +156,10 @@ def _export_with_prompt(tmp_path, shards, class_specific: bool):
 
 def test_mmtl_eval_uses_the_learned_prompt(tmp_path, tiny_shards):
     from mmtl.data.samples import CleanOptions
-    from mmtl.eval.cli_eval import EvalError, run_eval
+    from mmtl.eval.runner import EvalError, run_eval
     from mmtl.eval.evaluate import embed_shards
     from mmtl.eval.metrics import zero_shot_metrics
-    from mmtl.prompting.artifact import subset_metrics
+    from mmtl.eval.prompt_eval import subset_metrics
 
     exp, model, learner, classes = _export_with_prompt(tmp_path, tiny_shards, class_specific=False)
     rep = run_eval(str(exp), "zero-shot", tiny_shards["test"], label_field="color", log_to_mlflow=False,
@@ -185,7 +186,7 @@ def test_mmtl_eval_uses_the_learned_prompt(tmp_path, tiny_shards):
 
 
 def test_class_specific_prompt_refuses_new_classes(tmp_path, tiny_shards):
-    from mmtl.eval.cli_eval import EvalError, run_eval
+    from mmtl.eval.runner import EvalError, run_eval
 
     exp, *_ = _export_with_prompt(tmp_path, tiny_shards, class_specific=True)
     rep = run_eval(str(exp), "zero-shot", tiny_shards["test"], label_field="color", log_to_mlflow=False,
@@ -201,7 +202,7 @@ def test_prompt_tuning_run_end_to_end(tmp_path, tiny_shards, ray_local):
     from conftest import tiny_pipeline
     from mmtl.cli import print_summary
     from mmtl.config import build_pipeline
-    from mmtl.eval.cli_eval import run_eval
+    from mmtl.eval.runner import run_eval
     from mmtl.recipes import run_pipeline
     from mmtl.tracking.registry import load_exported
 

@@ -1,4 +1,4 @@
-"""`mmtl eval` (mmtl.eval.cli_eval.run_eval) and MODEL resolution (mmtl.eval.resolve).
+"""`mmtl eval` (mmtl.eval.runner.run_eval) and MODEL resolution (mmtl.eval.resolve).
 
 Fast tests: hand-made solid-colour sets through run_eval with a stub colour model (exact expected metrics),
 the tiny random two-tower export (metrics equal to the training-time evaluator's), resolve_model on a run
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from mmtl.eval import cli_eval
+from mmtl.eval import runner
 from mmtl.eval.resolve import ModelSpecError, ResolvedModel, resolve_export, resolve_model
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -83,8 +83,8 @@ def stub(monkeypatch, tmp_path):
     pipe = build_pipeline(tiny_pipeline({"train": "x", "val": None, "test": "x"}, tmp_path / "runs",
                                         eval={"zero_shot": None}))
     res = ResolvedModel("stub", "export", tmp_path)
-    monkeypatch.setattr(cli_eval, "_resolve", lambda spec, uri: res)
-    monkeypatch.setattr(cli_eval, "_load_model", lambda r: (ColorStub(), pipe))
+    monkeypatch.setattr(runner, "_resolve", lambda spec, uri: res)
+    monkeypatch.setattr(runner, "_load_model", lambda r: (ColorStub(), pipe))
     return pipe
 
 
@@ -115,7 +115,7 @@ def test_zero_shot_hand_made_example(stub, tmp_path):
                                    ("red", "x", None), ("red", "x", "purple")])
     classes = tmp_path / "classes.txt"
     classes.write_text("# colours\nred\ngreen\n\nblue\n")
-    r = cli_eval.run_eval("stub", "zero-shot", data, classes=str(classes), templates="a {} thing",
+    r = runner.run_eval("stub", "zero-shot", data, classes=str(classes), templates="a {} thing",
                           out_dir=str(tmp_path / "out"), log_to_mlflow=True)
     m = r["metrics"]
     assert m["zero_shot/acc1"] == pytest.approx(4 / 6)
@@ -139,10 +139,10 @@ def test_zero_shot_hand_made_example(stub, tmp_path):
     assert Image.open(out / "zero_shot_confusion.png").size[0] > 100
     assert json.loads((out / "eval.json").read_text())["metrics"] == m
     # comma list and class order from the data; int labels as class indices
-    r2 = cli_eval.run_eval("stub", "zero-shot", data, classes="blue, green ,red", templates="{}",
+    r2 = runner.run_eval("stub", "zero-shot", data, classes="blue, green ,red", templates="{}",
                            log_to_mlflow=False)
     assert r2["metrics"]["zero_shot/acc1"] == pytest.approx(4 / 6) and r2["files"] == {} and r2["out_dir"] is None
-    r3 = cli_eval.run_eval("stub", "zero-shot", data, templates="{}", log_to_mlflow=False)
+    r3 = runner.run_eval("stub", "zero-shot", data, templates="{}", log_to_mlflow=False)
     assert r3["classes"] == ["blue", "green", "purple", "red"] and r3["classes_from"] == "data"
 
 
@@ -158,7 +158,7 @@ def test_zero_shot_pil_fallback(stub, tmp_path, monkeypatch):
 
     monkeypatch.setattr(builtins, "__import__", no_mpl)
     data = _write(tmp_path / "zs", [("red", "x", "red"), ("green", "x", "green"), ("blue", "x", "red")])
-    r = cli_eval.run_eval("stub", "zero-shot", data, classes="red,green,blue", templates="{}",
+    r = runner.run_eval("stub", "zero-shot", data, classes="red,green,blue", templates="{}",
                           out_dir=str(tmp_path / "o"), log_to_mlflow=False)
     from PIL import Image
 
@@ -169,7 +169,7 @@ def test_zero_shot_pil_fallback(stub, tmp_path, monkeypatch):
 def test_retrieval_hand_made_example(stub, tmp_path):
     data = _write(tmp_path / "rt", [("red", "a red thing", "red"), ("green", "a green thing", "green"),
                                    ("blue", "a blue thing", "blue"), ("blue", "a red thing", "blue")])
-    r = cli_eval.run_eval("stub", "retrieval", data, ks=(1, 2, 10), out_dir=str(tmp_path / "out"),
+    r = runner.run_eval("stub", "retrieval", data, ks=(1, 2, 10), out_dir=str(tmp_path / "out"),
                           log_to_mlflow=False)
     assert r["metrics"] == {
         "retrieval/image_to_text_recall_at_1": 0.75, "retrieval/image_to_text_recall_at_2": 1.0,
@@ -187,42 +187,42 @@ def test_retrieval_hand_made_example(stub, tmp_path):
 
 
 def test_chunked_ranks_match_recall_at_k():
-    from mmtl.eval.metrics import recall_at_k
+    from mmtl.eval.metrics import ranks, recall_at_k
 
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(300, 8, generator=g), torch.randn(300, 8, generator=g)
     b[:150] = a[:150] + 0.5 * b[:150]
-    assert cli_eval.retrieval_metrics(a, b, (1, 5, 10)) == recall_at_k(a, b, (1, 5, 10))
-    r = cli_eval.ranks(a, b, chunk=7)
-    assert torch.equal(r, cli_eval.ranks(a, b, chunk=1000))
+    assert recall_at_k(a, b, (1, 5, 10), chunk=7) == recall_at_k(a, b, (1, 5, 10))
+    r = ranks(a, b, chunk=7)
+    assert torch.equal(r, ranks(a, b, chunk=1000))
 
 
 def test_bad_arguments(stub, tmp_path):
     data = _write(tmp_path / "d", [("red", "a red thing", "red"), ("blue", "a blue thing", "blue")])
-    with pytest.raises(cli_eval.EvalError, match="task must be one of"):
-        cli_eval.run_eval("stub", "zeroshot", data)
-    with pytest.raises(cli_eval.EvalError, match="at least 2"):
-        cli_eval.run_eval("stub", "zero-shot", data, classes="red")
-    with pytest.raises(cli_eval.EvalError, match="duplicate"):
-        cli_eval.run_eval("stub", "zero-shot", data, classes="red,red,blue")
-    with pytest.raises(cli_eval.EvalError, match="classes file"):
-        cli_eval.run_eval("stub", "zero-shot", data, classes=str(tmp_path / "nope.txt"))
-    with pytest.raises(cli_eval.EvalError, match="neither a file nor a template"):
-        cli_eval.run_eval("stub", "zero-shot", data, classes="red,blue", templates="a photo")
-    with pytest.raises(cli_eval.EvalError, match="not a valid format string"):
-        cli_eval.run_eval("stub", "zero-shot", data, classes="red,blue", templates="a {} {x}")
+    with pytest.raises(runner.EvalError, match="task must be one of"):
+        runner.run_eval("stub", "zeroshot", data)
+    with pytest.raises(runner.EvalError, match="at least 2"):
+        runner.run_eval("stub", "zero-shot", data, classes="red")
+    with pytest.raises(runner.EvalError, match="duplicate"):
+        runner.run_eval("stub", "zero-shot", data, classes="red,red,blue")
+    with pytest.raises(runner.EvalError, match="classes file"):
+        runner.run_eval("stub", "zero-shot", data, classes=str(tmp_path / "nope.txt"))
+    with pytest.raises(runner.EvalError, match="neither a file nor a template"):
+        runner.run_eval("stub", "zero-shot", data, classes="red,blue", templates="a photo")
+    with pytest.raises(runner.EvalError, match="not a valid format string"):
+        runner.run_eval("stub", "zero-shot", data, classes="red,blue", templates="a {} {x}")
     bad = tmp_path / "t.txt"
     bad.write_text("a {} photo\nno placeholder\n")
-    with pytest.raises(cli_eval.EvalError, match="no placeholder"):
-        cli_eval.run_eval("stub", "zero-shot", data, classes="red,blue", templates=str(bad))
-    with pytest.raises(cli_eval.EvalError, match="names one of"):
-        cli_eval.run_eval("stub", "zero-shot", data, classes="cat,dog", templates="{}", log_to_mlflow=False)
-    with pytest.raises(cli_eval.EvalError, match="positive"):
-        cli_eval.run_eval("stub", "retrieval", data, ks=(0,))
+    with pytest.raises(runner.EvalError, match="no placeholder"):
+        runner.run_eval("stub", "zero-shot", data, classes="red,blue", templates=str(bad))
+    with pytest.raises(runner.EvalError, match="names one of"):
+        runner.run_eval("stub", "zero-shot", data, classes="cat,dog", templates="{}", log_to_mlflow=False)
+    with pytest.raises(runner.EvalError, match="positive"):
+        runner.run_eval("stub", "retrieval", data, ks=(0,))
     from mmtl.data.shardlist import ShardError
 
     with pytest.raises(ShardError):
-        cli_eval.run_eval("stub", "retrieval", str(tmp_path / "missing"))
+        runner.run_eval("stub", "retrieval", str(tmp_path / "missing"))
 
 
 # ----------------------------------------------------------------------------------------- tiny real model
@@ -235,12 +235,12 @@ def test_tiny_model_matches_training_evaluator(tiny_export, tiny_shards, tmp_pat
 
     model, pipe = load_exported(tiny_export)
     expected = evaluate_sets(model, pipe, {"test": embed_shards(model, tiny_shards["test"], clean_options(pipe))})
-    z = cli_eval.run_eval(str(tiny_export), "zero-shot", tiny_shards["test"], label_field="color",
+    z = runner.run_eval(str(tiny_export), "zero-shot", tiny_shards["test"], label_field="color",
                           out_dir=str(tmp_path / "z"), log_to_mlflow=False, use_ray=False)
     for k in ("acc1", "acc5", "mean_per_class_recall"):
         assert z["metrics"][f"zero_shot/{k}"] == pytest.approx(expected[f"test/zero_shot_{k}"], abs=1e-6)
     assert z["templates"] == ["a {} shape", "{}"] and len(z["classes"]) == 8
-    r = cli_eval.run_eval(str(tiny_export), "retrieval", tiny_shards["test"], ks=(1, 5), batch_size=7,
+    r = runner.run_eval(str(tiny_export), "retrieval", tiny_shards["test"], ks=(1, 5), batch_size=7,
                           out_dir=str(tmp_path / "r"), log_to_mlflow=False, use_ray=False)
     for k in ("image_to_text_recall_at_1", "text_to_image_recall_at_5"):
         assert r["metrics"][f"retrieval/{k}"] == pytest.approx(expected[f"test/{k}"], abs=1e-6)
@@ -331,7 +331,7 @@ def test_resolve_bad_folders(tiny_export, tmp_path, monkeypatch):
     with pytest.raises(ModelSpecError, match="--tracking-uri"):
         resolve_export("models:/tiny@champion")
     with pytest.raises(ModelSpecError) as e:
-        cli_eval.run_eval(str(tmp_path / "empty"), "retrieval", str(tmp_path))
+        runner.run_eval(str(tmp_path / "empty"), "retrieval", str(tmp_path))
     assert "expected" in str(e.value)
 
 
@@ -352,7 +352,7 @@ def test_run_dir_eval_logs_a_nested_mlflow_run(tiny_export, tiny_shards, tmp_pat
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     parent = _mlflow_run(uri, tmp_path / "art")
     rd = _run_dir(tmp_path, tiny_export, run_id=parent, uri=uri)
-    r = cli_eval.run_eval(str(rd), "zero-shot", tiny_shards["val"], label_field="color", use_ray=False)
+    r = runner.run_eval(str(rd), "zero-shot", tiny_shards["val"], label_field="color", use_ray=False)
     assert r["mlflow"]["logged"] is True and r["mlflow"]["parent_run_id"] == parent
     assert r["out_dir"] is None and r["files"] == {}
     c = MlflowClient(uri)
@@ -366,7 +366,7 @@ def test_run_dir_eval_logs_a_nested_mlflow_run(tiny_export, tiny_shards, tmp_pat
     assert c.get_run(parent).data.metrics == {}  # the training run is untouched
     # a broken store does not lose the computed metrics
     (rd / "run.json").write_text(json.dumps({"mlflow_run_id": "0" * 32, "tracking_uri": uri}))
-    r2 = cli_eval.run_eval(str(rd), "retrieval", tiny_shards["val"], ks=(1,), use_ray=False)
+    r2 = runner.run_eval(str(rd), "retrieval", tiny_shards["val"], ks=(1,), use_ray=False)
     assert r2["mlflow"]["logged"] is False and "logging failed" in r2["mlflow"]["reason"]
     assert "retrieval/image_to_text_recall_at_1" in r2["metrics"]
 
@@ -378,8 +378,8 @@ def test_run_dir_eval_logs_a_nested_mlflow_run(tiny_export, tiny_shards, tmp_pat
 @pytest.mark.timeout(300)
 def test_ray_path_matches_local(ray_local, tiny_export, tiny_shards, tmp_path):
     kw = dict(ks=(1, 5, 10), log_to_mlflow=False, batch_size=16)
-    local = cli_eval.run_eval(str(tiny_export), "retrieval", tiny_shards["test"], use_ray=False, **kw)
-    viaray = cli_eval.run_eval(str(tiny_export), "retrieval", tiny_shards["test"], use_ray=True,
+    local = runner.run_eval(str(tiny_export), "retrieval", tiny_shards["test"], use_ray=False, **kw)
+    viaray = runner.run_eval(str(tiny_export), "retrieval", tiny_shards["test"], use_ray=True,
                                out_dir=str(tmp_path / "r"), **kw)
     assert viaray["embedding"] == "ray" and viaray["num_samples"] == local["num_samples"] == 48
     for k, v in local["metrics"].items():
@@ -387,9 +387,9 @@ def test_ray_path_matches_local(ray_local, tiny_export, tiny_shards, tmp_path):
     assert [e["key"] for e in viaray["examples"]] == [e["key"] for e in local["examples"]]
     assert viaray["data_stats"] == local["data_stats"]
     # zero-shot, Ray chosen automatically above the (lowered) threshold
-    z = cli_eval.run_eval(str(tiny_export), "zero-shot", tiny_shards["test"], label_field="color",
+    z = runner.run_eval(str(tiny_export), "zero-shot", tiny_shards["test"], label_field="color",
                           ray_threshold=10, log_to_mlflow=False)
-    zl = cli_eval.run_eval(str(tiny_export), "zero-shot", tiny_shards["test"], label_field="color", use_ray=False,
+    zl = runner.run_eval(str(tiny_export), "zero-shot", tiny_shards["test"], label_field="color", use_ray=False,
                            log_to_mlflow=False)
     assert z["embedding"] == "ray" and zl["embedding"] == "local"
     assert z["confusion_matrix"] == zl["confusion_matrix"] and z["metrics"] == pytest.approx(zl["metrics"])
@@ -411,10 +411,10 @@ def test_registered_model_alias_through_mlflow_server(mlflow_server, tiny_export
     c.set_terminated(parent)
     c.set_registered_model_alias("tiny", "champion", reg["version"])
 
-    r = cli_eval.run_eval("models:/tiny@champion", "retrieval", tiny_shards["test"], ks=(1, 5),
+    r = runner.run_eval("models:/tiny@champion", "retrieval", tiny_shards["test"], ks=(1, 5),
                           out_dir=str(tmp_path / "out"), tracking_uri=mlflow_server, use_ray=False)
     json.dumps(r)  # the --json output
-    local = cli_eval.run_eval(str(tiny_export), "retrieval", tiny_shards["test"], ks=(1, 5), log_to_mlflow=False,
+    local = runner.run_eval(str(tiny_export), "retrieval", tiny_shards["test"], ks=(1, 5), log_to_mlflow=False,
                               use_ray=False)
     assert r["metrics"] == pytest.approx(local["metrics"])
     assert r["model"]["registered"] == {"name": "tiny", "version": reg["version"], "alias": "champion"}

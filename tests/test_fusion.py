@@ -208,7 +208,7 @@ def test_strategy_refuses_unsupported_options(tiny_model):
 
 
 def test_itm_and_vqa_evaluation_on_token_sets(tiny_model):
-    from mmtl.fusion.evaluate import evaluate_itm, evaluate_vqa
+    from mmtl.eval.fusion_eval import evaluate_itm, evaluate_vqa
     from mmtl.fusion.features import TokenSet
     from mmtl.data.arrays import RowIndexed
 
@@ -230,6 +230,16 @@ def test_itm_and_vqa_evaluation_on_token_sets(tiny_model):
     # scores of "2": 1, 0, 0.5, 0, 0, 0 -> count (1 + 0.5 + 0 + 0) / 4, colour 0
     assert metrics["vqa/count"] == pytest.approx(0.375) and metrics["vqa/colour"] == 0
     assert metrics["vqa/overall"] == pytest.approx(1.5 / 6) and metrics["vqa/out_of_vocab"] == 1
+    # the training-time entry point goes through the eval-task registry: same numbers
+    from types import SimpleNamespace
+
+    from mmtl.eval.fusion_eval import evaluate_tokens
+
+    def pipe(task):
+        return SimpleNamespace(strategy=SimpleNamespace(fusion=SimpleNamespace(task=task, answers=["2", "3", "red"])))
+
+    assert evaluate_tokens(vqa, pipe("vqa"), ts) == metrics
+    assert evaluate_tokens(itm, pipe("itm"), ts) == out
 
 
 def test_row_indexed_arrays_share_rows_and_batch_like_the_materialised_array():

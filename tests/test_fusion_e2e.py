@@ -33,7 +33,7 @@ def _tiny_pipeline(tmp_path: Path, name: str, model_name=None, **fusion):
 def test_diagram_vqa_pipeline_tiny(ray_local, tmp_path):
     from safetensors.torch import load_file
 
-    from mmtl.eval.cli_eval import run_eval
+    from mmtl.eval.runner import run_eval
     from mmtl.recipes import run_pipeline
 
     summary = run_pipeline(_tiny_pipeline(tmp_path, "vqa", model_name="vqa-tiny", resampler_tokens=2,
@@ -65,7 +65,7 @@ def test_diagram_itm_pipeline_tiny(ray_local, tmp_path):
     """Image-text matching (hard negatives + ITC) through the same Ray Train loop, then `mmtl eval --task itm`."""
     from safetensors.torch import load_file
 
-    from mmtl.eval.cli_eval import run_eval
+    from mmtl.eval.runner import run_eval
     from mmtl.recipes import run_pipeline
 
     summary = run_pipeline(_tiny_pipeline(tmp_path, "itm", task="itm"), say=lambda m: None)
@@ -92,7 +92,7 @@ def _check_pyfunc(uri: str, model_uri: str, summary: dict, shards: Path, columns
 
     from mmtl.data.samples import CleanOptions
     from mmtl.data.shardio import iter_samples
-    from mmtl.fusion.evaluate import load_fusion_export
+    from mmtl.fusion.export import load_fusion_export
     from mmtl.tracking.fusion_model import predict_rows
 
     samples = [s for _, s in zip(range(5), iter_samples(str(shards), CleanOptions(), collections.Counter()))]

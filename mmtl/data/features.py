@@ -67,35 +67,30 @@ def compute_shard_features(model, url: str, opts: CleanOptions, batch_size: int 
     Returns a dict of numpy arrays: ``uids`` (N,), ``captions`` (N,), ``meta`` (N,) JSON strings,
     ``image`` (N, D_v) float32, ``text`` (N, D_t) float32 and ``stats`` (JSON of reject counts).
     """
+    from tqdm.auto import tqdm
+
+    from mmtl.data.batches import encode_batches
+
     model.eval()
     tf = model.image_transform(train=False)
     stats: collections.Counter = collections.Counter()
     uids, caps, metas, img_out, txt_out = [], [], [], [], []
-    batch: list = []
 
-    def flush():
-        if not batch:
-            return
+    def encode(batch: list) -> tuple[np.ndarray, np.ndarray]:
         images = torch.stack([tf(s.image) for s in batch])
         tok = model.tokenize([s.caption for s in batch])
-        img_out.append(model.image_features(images).float().numpy())
-        txt_out.append(model.text_features(tok["input_ids"], tok["attention_mask"]).float().numpy())
+        return (model.image_features(images).float().numpy(),
+                model.text_features(tok["input_ids"], tok["attention_mask"]).float().numpy())
+
+    bar = tqdm(desc=f"frozen features {Path(url).name}", unit="sample", leave=False, disable=not progress)
+    for batch, (img, txt) in encode_batches(iter_shard(url, opts, stats, shard_id=shard_id), encode, batch_size,
+                                            progress=bar.update):
+        img_out.append(img)
+        txt_out.append(txt)
         for s in batch:
             uids.append(s.uid)
             caps.append(s.caption)
             metas.append(json.dumps(s.meta))
-        batch.clear()
-
-    from tqdm.auto import tqdm
-
-    bar = tqdm(desc=f"frozen features {Path(url).name}", unit="sample", leave=False, disable=not progress)
-    for sample in iter_shard(url, opts, stats, shard_id=shard_id):
-        batch.append(sample)
-        if len(batch) >= batch_size:
-            bar.update(len(batch))
-            flush()
-    bar.update(len(batch))
-    flush()
     bar.close()
     dv = img_out[0].shape[1] if img_out else 0
     dt = txt_out[0].shape[1] if txt_out else 0

@@ -35,7 +35,9 @@ def parse_classes(classes: Optional[str]) -> Optional[list[str]]:
     return names
 
 
-def _check_template(t: str, where: str) -> str:
+def check_template(t: str, where: str) -> str:
+    """``t`` when it is a usable prompt template (one ``{}`` or ``{c}`` placeholder for the class name);
+    raises EvalError naming ``where`` (e.g. "--templates") otherwise."""
     if "{}" not in t and "{c}" not in t:
         raise EvalError(f"{where}: template {t!r} has no {{}} placeholder for the class name")
     try:
@@ -53,17 +55,19 @@ def parse_templates(templates: Optional[str]) -> Optional[list[str]]:
     p = Path(str(templates)).expanduser()
     if p.is_file():
         lines = [ln.strip() for ln in p.read_text(encoding="utf-8-sig").splitlines()]
-        out = [_check_template(ln, f"templates file {p}") for ln in lines if ln]
+        out = [check_template(ln, f"templates file {p}") for ln in lines if ln]
         if not out:
             raise EvalError(f"templates file {p} is empty")
         return out
     if "{}" in str(templates) or "{c}" in str(templates):
-        return [_check_template(str(templates), "--templates")]
+        return [check_template(str(templates), "--templates")]
     raise EvalError(f"templates {templates!r} is neither a file nor a template with {{}} (give a file with one "
                     "template per line, each with {}, or one such template)")
 
 
-def _data_name(data: str) -> str:
+def data_name(data: str) -> str:
+    """A short, MLflow-safe name (at most 60 characters of ``[A-Za-z0-9._-]``) of a shard spec: its folder or
+    file name (a tar's parent folder), e.g. ``/data/coco/val/`` -> ``val``; "data" when nothing is left."""
     p = Path(str(data).rstrip("/"))
     name = p.name if p.suffix not in (".tar", ".gz", ".tgz") else p.parent.name
     name = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:60]

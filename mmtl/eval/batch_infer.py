@@ -58,24 +58,14 @@ class _Encoder:
 
 
 def _embed_shards(enc: _Encoder, shards: list[tuple[str, str]], opts, batch_size: int, stats: Counter):
-    """Yield (img, txt, metas, refs, captions) per batch over ``shards`` [(url, shard_id)], in order."""
+    """Yield (img, txt, metas, refs, captions) per batch over ``shards`` [(url, shard_id)], in order (a batch
+    may span shards)."""
+    from mmtl.data.batches import encode_batches
     from mmtl.data.shardio import iter_shard
 
-    batch = []
-
-    def flush():
-        img, txt = enc(batch)
-        out = (img, txt, [s.meta for s in batch], [(s.shard, s.key) for s in batch], [s.caption for s in batch])
-        batch.clear()
-        return out
-
-    for url, sid in shards:
-        for s in iter_shard(url, opts, stats, shard_id=sid):
-            batch.append(s)
-            if len(batch) >= batch_size:
-                yield flush()
-    if batch:
-        yield flush()
+    stream = (s for url, sid in shards for s in iter_shard(url, opts, stats, shard_id=sid))
+    for batch, (img, txt) in encode_batches(stream, enc, batch_size):
+        yield img, txt, [s.meta for s in batch], [(s.shard, s.key) for s in batch], [s.caption for s in batch]
 
 
 def embed_local(model, pipe, spec, *, batch_size: int = 64, with_text: bool = True, device: str = "auto") -> Embedded:

@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 
 from mmtl.config import Pipeline
-from mmtl.eval.metrics import class_embeddings, recall_at_k, zero_shot_metrics
+from mmtl.eval.metrics import class_embeddings
 
 
 @dataclass
@@ -35,48 +35,67 @@ def embed_features(model, image_feats, text_feats, batch_size: int = 1024) -> tu
 
 @torch.no_grad()
 def embed_shards(model, spec, opts, batch_size: int = 64) -> EmbeddedSet:
-    """Embed every clean sample of ``spec`` with the full towers (one process; for eval-sized sets)."""
+    """Embed every clean sample of ``spec`` with the full towers (one process; for eval-sized sets).
+
+    Returns ``image`` (N, D) and ``text`` (N, D) float32 embeddings (the model's projections, L2-normalised).
+
+    Raises:
+        MissingShardsError / EmptyDatasetError: from shard resolution; RuntimeError: no clean sample at all.
+    """
+    from mmtl.data.batches import encode_batches
     from mmtl.data.shardio import iter_samples
 
     model.eval()
     tf = model.image_transform(train=False)
-    imgs, txts, meta, batch = [], [], [], []
+    imgs, txts, meta = [], [], []
 
-    def flush():
-        if batch:
-            imgs.append(model.encode_image(torch.stack([tf(s.image) for s in batch])).float())
-            tok = model.tokenize([s.caption for s in batch])
-            txts.append(model.encode_text(tok["input_ids"], tok["attention_mask"]).float())
-            meta.extend(s.meta for s in batch)
-            batch.clear()
+    def encode(batch: list) -> tuple[torch.Tensor, torch.Tensor]:
+        img = model.encode_image(torch.stack([tf(s.image) for s in batch])).float()
+        tok = model.tokenize([s.caption for s in batch])
+        return img, model.encode_text(tok["input_ids"], tok["attention_mask"]).float()
 
-    for s in iter_samples(spec, opts):
-        batch.append(s)
-        if len(batch) >= batch_size:
-            flush()
-    flush()
+    for batch, (img, txt) in encode_batches(iter_samples(spec, opts), encode, batch_size):
+        imgs.append(img)
+        txts.append(txt)
+        meta.extend(s.meta for s in batch)
     return EmbeddedSet(torch.cat(imgs), torch.cat(txts), meta)
 
 
 @torch.no_grad()
 def encode_prompts(model, prompts: list[str]) -> torch.Tensor:
+    """Text embeddings (P, D) of the P ``prompts`` (no grad)."""
     tok = model.tokenize(prompts)
     return model.encode_text(tok["input_ids"], tok["attention_mask"])
 
 
 def zero_shot_classes(pipe: Pipeline, sets: dict[str, EmbeddedSet]) -> Optional[list[str]]:
-    """Class names from ``eval.zero_shot.classes`` or the sorted labels found in the eval sets' meta."""
+    """Class names from ``eval.zero_shot.classes`` or the sorted labels found in the eval sets' meta
+    (:func:`mmtl.data.labels.resolve_classes`); None without ``eval.zero_shot`` or without any label."""
+    from mmtl.data.labels import resolve_classes
+
     zs = pipe.eval.zero_shot
     if zs is None:
         return None
-    if zs.classes:
-        return list(zs.classes)
-    labels = {m.get(zs.label_field) for s in sets.values() for m in s.meta}
-    return sorted(str(x) for x in labels if x is not None) or None
+    classes, _ = resolve_classes([("pipeline", zs.classes)], (m for s in sets.values() for m in s.meta),
+                                 zs.label_field)
+    return classes or None
 
 
 def evaluate_sets(model, pipe: Pipeline, sets: dict[str, EmbeddedSet]) -> dict[str, float]:
-    """Recall@K on every set, and zero-shot accuracy where samples carry ``eval.zero_shot.label_field``."""
+    """Training-time entry point for contrastive models: the ``retrieval`` task on every set, and the
+    ``zero-shot`` task where samples carry ``eval.zero_shot.label_field`` (:mod:`mmtl.eval.registry`).
+
+    Args:
+        model: the embedding model (its text tower encodes the class prompts).
+        sets: ``{set name: EmbeddedSet}`` with image (N, D) and text (N, D) embeddings.
+
+    Returns:
+        ``{"<set>/image_to_text_recall_at_K", "<set>/text_to_image_recall_at_K", "<set>/num_samples",
+        "<set>/zero_shot_acc1", ...}`` (:func:`~mmtl.eval.registry.set_metric_name`); recall@K for the
+        ``eval.recall_ks`` <= N of each set (else K=1).
+    """
+    from mmtl.eval.registry import evaluate_task, set_metric_name
+
     out: dict[str, float] = {}
     ks = [k for k in pipe.eval.recall_ks]
     classes = zero_shot_classes(pipe, sets)
@@ -85,15 +104,14 @@ def evaluate_sets(model, pipe: Pipeline, sets: dict[str, EmbeddedSet]) -> dict[s
         cls_emb = class_embeddings(classes, pipe.eval.zero_shot.templates, lambda p: encode_prompts(model, p))
     for name, s in sets.items():
         ks_n = [k for k in ks if k <= len(s.image)] or [1]
-        for k, v in recall_at_k(s.image, s.text, ks_n).items():
-            out[f"{name}/{k}"] = v
-        out[f"{name}/num_samples"] = float(len(s.image))
+        for k, v in evaluate_task("retrieval", image=s.image, text=s.text, ks=ks_n).items():
+            out[set_metric_name(name, k)] = v
         if cls_emb is not None:
             field_ = pipe.eval.zero_shot.label_field
             idx = {c: i for i, c in enumerate(classes)}
-            keep = [i for i, m in enumerate(s.meta) if str(m.get(field_)) in idx]
+            keep = [i for i, m in enumerate(s.meta) if str(m.get(field_)) in idx]  # class names only (no indices)
             if keep:
                 labels = [idx[str(s.meta[i].get(field_))] for i in keep]
-                for k, v in zero_shot_metrics(s.image[keep], cls_emb, labels).items():
-                    out[f"{name}/zero_shot_{k}"] = v
+                for k, v in evaluate_task("zero-shot", image=s.image[keep], class_emb=cls_emb, labels=labels).items():
+                    out[set_metric_name(name, k)] = v
     return out

@@ -16,28 +16,51 @@ import torch
 import torch.nn.functional as F
 
 
-def recall_at_k(image_emb: torch.Tensor, text_emb: torch.Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
-    """Recall@K both ways for paired embeddings (row i of each is a positive pair).
+def ranks(queries: torch.Tensor, gallery: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+    """Rank of each query's true match: the number of gallery items scoring strictly higher by cosine
+    similarity than the truth (row i of ``gallery`` for query i; ties favour the truth, so rank 0 = top 1).
+
+    Args:
+        queries: (N, D); gallery: (N, D); normalised inside.
+        chunk: queries scored at once (memory O(chunk * N)); the result does not depend on it.
+
+    Returns:
+        (N,) int64 ranks in [0, N).
+    """
+    q, g = F.normalize(queries.float(), dim=-1), F.normalize(gallery.float(), dim=-1)
+    out = []
+    for i in range(0, len(q), chunk):
+        s = q[i : i + chunk] @ g.t()
+        rows = torch.arange(s.shape[0])
+        truth = s[rows, rows + i].unsqueeze(1)
+        out.append((s > truth).sum(dim=1))
+    return torch.cat(out)
+
+
+def recall_at_k(image_emb: torch.Tensor, text_emb: torch.Tensor, ks: Sequence[int] = (1, 5, 10),
+                chunk: int = 2048) -> dict[str, float]:
+    """Recall@K both ways for paired embeddings (row i of each is a positive pair): the share of queries
+    whose true match has :func:`ranks` < K. The one recall@K of mmtl (training eval, ``mmtl eval``, ridge).
 
     Args:
         image_emb: (N, D), text_emb: (N, D); normalised inside.
+        ks: cut-offs, used as given (K > N gives 1.0; callers drop those they do not want reported).
+        chunk: queries scored at once (memory O(chunk * N)); the result does not depend on it.
 
     Returns:
-        ``{"image_to_text_recall_at_K": r, "text_to_image_recall_at_K": r}`` with r in [0, 1].
+        ``{"image_to_text_recall_at_K": r, ...}`` for each K, then ``{"text_to_image_recall_at_K": r, ...}``,
+        with r in [0, 1].
 
     Raises:
         ValueError: shapes differ or N == 0.
     """
     if image_emb.shape != text_emb.shape or image_emb.shape[0] == 0:
         raise ValueError(f"need equal non-empty (N, D) embeddings, got {tuple(image_emb.shape)} and {tuple(text_emb.shape)}")
-    sim = F.normalize(image_emb.float(), dim=-1) @ F.normalize(text_emb.float(), dim=-1).t()
     out = {}
-    for name, s in (("image_to_text", sim), ("text_to_image", sim.t())):
-        # rank of the true match = number of candidates scoring strictly higher (ties favour the truth)
-        truth = s.diag().unsqueeze(1)
-        rank = (s > truth).sum(dim=1)
+    for name, r in (("image_to_text", ranks(image_emb, text_emb, chunk)),
+                    ("text_to_image", ranks(text_emb, image_emb, chunk))):
         for k in ks:
-            out[f"{name}_recall_at_{k}"] = float((rank < k).float().mean())
+            out[f"{name}_recall_at_{k}"] = float((r < k).float().mean())
     return out
 
 

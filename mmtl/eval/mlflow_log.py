@@ -5,12 +5,19 @@ import json
 from pathlib import Path
 from typing import Callable
 
-from mmtl.eval.args import _data_name
+from mmtl.eval.args import data_name
 
 Say = Callable[[str], None]
 
 
-def _log_mlflow(res, task: str, data: str, result: dict, files: list[Path], say: Say) -> dict:
+def log_eval_run(res, task: str, data: str, result: dict, files: list[Path], say: Say) -> dict:
+    """Log an ``mmtl eval`` result to a new MLflow run ``eval-<task>-<data name>`` nested under the model's run
+    (``res``: a :class:`~mmtl.eval.resolve.ResolvedModel` with ``mlflow_run_id``): params, ``result["metrics"]``,
+    ``data/<reader count>`` metrics and ``files`` under the artifact folder ``eval/``.
+
+    Returns ``{"logged": True, "eval_run_id", "parent_run_id", "experiment_id", "tracking_uri", "run_name",
+    "artifact_path"}``. Raises whatever MLflow raises (the new run is then marked FAILED).
+    """
     from mlflow.entities import Param
     from mlflow.tracking import MlflowClient
 
@@ -19,7 +26,7 @@ def _log_mlflow(res, task: str, data: str, result: dict, files: list[Path], say:
     uri, parent = res.tracking_uri, res.mlflow_run_id
     client = MlflowClient(tracking_uri=uri)
     src = client.get_run(parent)
-    name = f"eval-{task}-{_data_name(data)}"
+    name = f"eval-{task}-{data_name(data)}"
     tags = {"mlflow.parentRunId": parent, "mmtl.eval.source_run_id": parent, "mmtl.eval.task": task,
             "mmtl.eval.model": res.spec}
     if res.registered:

@@ -1,10 +1,10 @@
-"""The two ``mmtl eval`` tasks on embedded samples: zero-shot classification and image-text retrieval
-(chunked recall@K), each computing its metrics and writing its report files."""
+"""``mmtl eval`` reports of the embedding tasks (rows of :mod:`mmtl.eval.registry`): zero-shot classification
+and image-text retrieval on an :class:`~mmtl.eval.batch_infer.Embedded` set, each computing its metrics through
+the registry and writing its report files."""
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -20,72 +20,34 @@ EXAMPLE_TOP = 5
 Say = Callable[[str], None]
 
 
-def ranks(queries: torch.Tensor, gallery: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
-    """Rank of each query's true match (row i of ``gallery``): gallery items scoring strictly higher (ties
-    favour the truth, as :func:`~mmtl.eval.metrics.recall_at_k`). Chunked: memory O(chunk * N)."""
-    q, g = F.normalize(queries.float(), dim=-1), F.normalize(gallery.float(), dim=-1)
-    out = []
-    for i in range(0, len(q), chunk):
-        s = q[i : i + chunk] @ g.t()
-        rows = torch.arange(s.shape[0])
-        truth = s[rows, rows + i].unsqueeze(1)
-        out.append((s > truth).sum(dim=1))
-    return torch.cat(out)
+def zero_shot_report(task, *, emb: Embedded, model, pipe, classes: Optional[list[str]],
+                     templates: Optional[list[str]], label_field: str, out: Path, say: Say, prompt=None, **_) -> dict:
+    """``mmtl eval --task zero-shot`` on ``emb`` (image (N, D)): classes (:func:`mmtl.data.labels.resolve_classes`:
+    ``classes``, else the learned ``prompt``'s, else ``eval.zero_shot.classes``, else the data's labels), class
+    embeddings from ``templates`` (else the pipeline's, else :data:`DEFAULT_TEMPLATES`) or the learned prompt,
+    ``task.metrics`` (plus base/new metrics of a prompt with a split), ``zero_shot_per_class.csv`` and
+    ``zero_shot_confusion.png`` in ``out``.
 
+    Returns ``{"metrics", "classes", "classes_from", "templates", "label_field", "skipped", "per_class",
+    "confusion_matrix", ["prompt"], "files"}``.
 
-def retrieval_metrics(image: torch.Tensor, text: torch.Tensor, ks: Sequence[int]) -> dict[str, float]:
-    """``image_to_text_recall_at_K`` / ``text_to_image_recall_at_K`` (same definitions as
-    :func:`~mmtl.eval.metrics.recall_at_k`, computed in chunks so large sets fit in memory)."""
-    if image.shape != text.shape or image.shape[0] == 0:
-        raise ValueError(f"need equal non-empty (N, D) embeddings, got {tuple(image.shape)} and {tuple(text.shape)}")
-    out = {}
-    for name, r in (("image_to_text", ranks(image, text)), ("text_to_image", ranks(text, image))):
-        for k in ks:
-            out[f"{name}_recall_at_{k}"] = float((r < k).float().mean())
-    return out
-
-
-def _label_index(meta: list[dict], label_field: str, classes: list[str]) -> tuple[list[int], list[int], Counter]:
-    """(kept sample positions, their class indices, skipped counts). A label that is a class name maps to it;
-    an integer label that is not a class name is taken as an index into ``classes``."""
-    idx = {c: i for i, c in enumerate(classes)}
-    keep, labels, skipped = [], [], Counter()
-    for i, m in enumerate(meta):
-        v = m.get(label_field) if isinstance(m, dict) else None
-        if v is None:
-            skipped["no_label"] += 1
-        elif str(v) in idx:
-            keep.append(i)
-            labels.append(idx[str(v)])
-        elif isinstance(v, int) and not isinstance(v, bool) and 0 <= v < len(classes):
-            keep.append(i)
-            labels.append(v)
-        else:
-            skipped["unknown_class"] += 1
-    return keep, labels, skipped
-
-
-def _zero_shot(emb: Embedded, model, pipe, classes, templates, label_field, out: Path, say: Say,
-               prompt=None) -> dict:
+    Raises:
+        EvalError: fewer than 2 classes found in the data, no sample labelled with a class, a bad prompt.
+    """
+    from mmtl.data.labels import label_index, resolve_classes
     from mmtl.eval.evaluate import encode_prompts
-    from mmtl.eval.metrics import class_embeddings, confusion_matrix, zero_shot_metrics
+    from mmtl.eval.metrics import class_embeddings, confusion_matrix
 
     zs = pipe.eval.zero_shot
-    source = "argument"
-    if classes is None and prompt is not None:  # a learned CoOp prompt (mmtl.prompting) knows its classes
-        classes, source = prompt.default_classes(), "prompt"
-    if classes is None and zs is not None and zs.classes:
-        classes, source = list(zs.classes), "pipeline"
-    if classes is None:
-        found = sorted({str(m.get(label_field)) for m in emb.meta if isinstance(m, dict) and
-                        m.get(label_field) is not None})
-        if len(found) < 2:
-            raise EvalError(f"no classes given and the samples' json field {label_field!r} holds "
-                            f"{len(found)} distinct value(s): pass --classes or --label-field")
-        classes, source = found, "data"
+    learned = prompt.default_classes() if classes is None and prompt is not None else None  # CoOp knows its classes
+    classes, source = resolve_classes([("argument", classes), ("prompt", learned),
+                                       ("pipeline", zs.classes if zs is not None else None)], emb.meta, label_field)
+    if source == "data" and len(classes) < 2:
+        raise EvalError(f"no classes given and the samples' json field {label_field!r} holds "
+                        f"{len(classes)} distinct value(s): pass --classes or --label-field")
     if templates is None:
         templates = list(zs.templates) if zs is not None and zs.templates else list(DEFAULT_TEMPLATES)
-    keep, labels, skipped = _label_index(emb.meta, label_field, classes)
+    keep, labels, skipped = label_index(emb.meta, label_field, classes)
     if not keep:
         seen = sorted({repr(m.get(label_field)) for m in emb.meta if isinstance(m, dict)})[:5]
         raise EvalError(f"no sample's json field {label_field!r} names one of the {len(classes)} classes "
@@ -96,7 +58,7 @@ def _zero_shot(emb: Embedded, model, pipe, classes, templates, label_field, out:
     extra, prompt_info = {}, None
     with torch.no_grad():  # the model is back on the CPU: C x T short prompts
         if prompt is not None:  # learned context instead of templates; base/new metrics where split
-            from mmtl.prompting.artifact import eval_with_prompt
+            from mmtl.eval.prompt_eval import eval_with_prompt
 
             try:
                 cls_emb, extra, prompt_info = eval_with_prompt(prompt, model, image, labels, classes)
@@ -104,25 +66,31 @@ def _zero_shot(emb: Embedded, model, pipe, classes, templates, label_field, out:
                 raise EvalError(f"--prompt {prompt.dir}: {e}") from None
         else:
             cls_emb = class_embeddings(classes, templates, lambda p: encode_prompts(model, p)).float().cpu()
-    metrics = {**zero_shot_metrics(image, cls_emb, labels), **extra}
+    metrics = {**task.metrics(image=image, class_emb=cls_emb, labels=labels),
+               **{f"zero_shot/{k}": v for k, v in extra.items()}}
     pred = (F.normalize(image, dim=-1) @ cls_emb.t()).argmax(1).tolist()
     cm = confusion_matrix(pred, labels, len(classes))
     rows = per_class_rows(cm, classes)
     csv_path = write_csv(rows, out / "zero_shot_per_class.csv")
-    png = confusion_png(cm, classes, out / "zero_shot_confusion.png",
-                        f"zero-shot acc1 {metrics['acc1']:.3f}, {len(labels)} samples, {len(classes)} classes")
-    return {"metrics": {f"zero_shot/{k}": v for k, v in metrics.items()}, "classes": classes,
-            "classes_from": source, "templates": templates, "label_field": label_field,
+    title = f"zero-shot acc1 {metrics['zero_shot/acc1']:.3f}, {len(labels)} samples, {len(classes)} classes"
+    png = confusion_png(cm, classes, out / "zero_shot_confusion.png", title)
+    return {"metrics": metrics, "classes": classes, "classes_from": source, "templates": templates,
+            "label_field": label_field,
             "skipped": dict(skipped), "per_class": rows, "confusion_matrix": cm.tolist(),
             **({"prompt": prompt_info} if prompt_info is not None else {}),
             "files": {"per_class_csv": csv_path, "confusion_png": png}}
 
 
-def _retrieval(emb: Embedded, pipe, ks: Sequence[int], out: Path) -> dict:
+def retrieval_report(task, *, emb: Embedded, pipe, ks: Sequence[int], out: Path, **_) -> dict:
+    """``mmtl eval --task retrieval`` on ``emb`` (image (N, D), text (N, D)): ``task.metrics`` for the K of ``ks``
+    with 0 < K <= N (sorted; none: K=1), and ``retrieval_examples.png`` in ``out`` (4 text queries evenly
+    spaced over the set with their top-5 images, read back from the shards of ``pipe``'s cleaning options).
+
+    Returns ``{"metrics", "ks", "ks_skipped", "examples", "files"}``.
+    """
     n = len(emb.image)
     use = sorted({int(k) for k in ks if 0 < int(k) <= n}) or [1]
-    metrics = retrieval_metrics(emb.image, emb.text, use)
-    metrics["num_samples"] = float(n)
+    metrics = task.metrics(image=emb.image, text=emb.text, ks=use)
     picks = sorted({int(round(x)) for x in np.linspace(0, n - 1, min(EXAMPLE_QUERIES, n))})
     top = min(EXAMPLE_TOP, n)
     examples, need = [], set()
@@ -138,8 +106,7 @@ def _retrieval(emb: Embedded, pipe, ks: Sequence[int], out: Path) -> dict:
                 "hits": [(getattr(samples.get(emb.refs[j]), "image", blank), v, j == e["query"]) for j, v in e["hits"]]}
                for e in examples]
     png = retrieval_png(queries, out / "retrieval_examples.png")
-    return {"metrics": {f"retrieval/{k}": v for k, v in metrics.items()},
-            "ks": use, "ks_skipped": sorted({int(k) for k in ks} - set(use)),
+    return {"metrics": metrics, "ks": use, "ks_skipped": sorted({int(k) for k in ks} - set(use)),
             "examples": [{"query": e["query"], "key": emb.refs[e["query"]][1], "caption": e["caption"],
                           "top": [{"key": emb.refs[j][1], "score": round(v, 6), "true": j == e["query"]}
                                   for j, v in e["hits"]]} for e in examples],

@@ -142,10 +142,11 @@ def compute_tokens(model, spec, fcfg: CrossAttentionConfig, clean_opts, batch_si
     Raises:
         EmptyDatasetError / MissingShardsError: no samples.
     """
+    import collections
+
+    from mmtl.data.batches import encode_batches
     from mmtl.data.shardio import iter_samples
     from mmtl.data.shardlist import EmptyDatasetError
-
-    import collections
 
     t0 = time.perf_counter()
     stats: collections.Counter = collections.Counter()
@@ -154,36 +155,36 @@ def compute_tokens(model, spec, fcfg: CrossAttentionConfig, clean_opts, batch_si
     captions, answers, qtypes, ids = [], [], [], []
     img_index: dict[str, int] = {}
     img_digest: dict[str, str] = {}  # image_id -> sha1 of its pixels (a reused id with other pixels is a conflict)
-    pending: list = []
+
+    def new_images():
+        """Per sample: bookkeeping (labels, ids); yields the transformed pixels of each image not seen yet."""
+        for s in iter_samples(spec, clean_opts, stats):
+            ans = _answers(s.meta, fcfg.answers_field, stats)
+            if fcfg.task == "vqa" and not ans:  # nothing to train on or score: skipped and counted
+                stats["no_answers"] += 1
+                continue
+            iid = _scalar(s.meta, fcfg.image_id_field, s.uid, stats, "bad_image_id")
+            digest = hashlib.sha1(s.image.tobytes()).hexdigest()
+            if iid in img_digest and img_digest[iid] != digest:  # one image_id, another picture: keep both apart
+                stats["image_id_conflict"] += 1
+                iid = f"{iid}#{s.uid}"
+            fresh = iid not in img_index
+            if fresh:
+                img_index[iid], img_digest[iid] = len(img_index), digest
+            captions.append(s.caption)
+            answers.append(ans)
+            qtypes.append(_scalar(s.meta, fcfg.qtype_field, "all", stats, "bad_question_type"))
+            ids.append(iid)
+            if fresh:
+                yield tf(s.image)
+
+    def encode(pixels: torch.Tensor) -> np.ndarray:
+        with torch.no_grad():
+            return image_token_batch(model, fcfg, pixels).to(torch.float16).numpy()
+
     image_rows: list[np.ndarray] = []
-
-    def flush() -> None:
-        if pending:
-            with torch.no_grad():
-                toks = image_token_batch(model, fcfg, torch.stack(pending))
-            image_rows.extend(toks.to(torch.float16).numpy())
-            pending.clear()
-
-    for s in iter_samples(spec, clean_opts, stats):
-        ans = _answers(s.meta, fcfg.answers_field, stats)
-        if fcfg.task == "vqa" and not ans:  # nothing to train on or score: skipped and counted
-            stats["no_answers"] += 1
-            continue
-        iid = _scalar(s.meta, fcfg.image_id_field, s.uid, stats, "bad_image_id")
-        digest = hashlib.sha1(s.image.tobytes()).hexdigest()
-        if iid in img_digest and img_digest[iid] != digest:  # one image_id, another picture: keep both apart
-            stats["image_id_conflict"] += 1
-            iid = f"{iid}#{s.uid}"
-        if iid not in img_index:
-            img_index[iid], img_digest[iid] = len(img_index), digest
-            pending.append(tf(s.image))
-            if len(pending) >= batch_size:
-                flush()
-        captions.append(s.caption)
-        answers.append(ans)
-        qtypes.append(_scalar(s.meta, fcfg.qtype_field, "all", stats, "bad_question_type"))
-        ids.append(iid)
-    flush()
+    for _, toks in encode_batches(new_images(), encode, batch_size, collate=torch.stack):
+        image_rows.extend(toks)
     if not captions:
         raise EmptyDatasetError(f"no usable samples in {spec} (skipped: {dict(stats)}; VQA samples need "
                                 f"`{fcfg.answers_field}` in their json)")

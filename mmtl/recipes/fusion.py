@@ -9,8 +9,8 @@
   4. the runner trains :class:`mmtl.fusion.task.FusionTaskModule` (Ray Train + DeepSpeed, the common loop:
      checkpoints, resume, MLflow step metrics) on the in-memory arrays ``image_tokens``, ``text_tokens``,
      ``text_mask`` (+ ``answer_target`` for VQA, ``image_id`` / ``text_id`` for ITM);
-  5. :meth:`FusionRecipe.evaluate` loads the export and evaluates (:mod:`mmtl.fusion.evaluate`: accuracy
-     overall and per question type).
+  5. :meth:`FusionRecipe.evaluate` loads the export and evaluates it with the ``vqa`` / ``itm`` task of
+     :mod:`mmtl.eval.registry` (accuracy overall and per question type).
 
 With ``tracking.log_model`` the export is logged as the run's MLflow model (a pyfunc answering questions or
 scoring matches, :mod:`mmtl.tracking.fusion_model`) and registered under ``tracking.model_name`` when set. No
@@ -122,7 +122,8 @@ class FusionRecipe(Recipe):
     def evaluate(self, export_dir: Optional[Path]) -> dict[str, float]:
         from safetensors.torch import load_file
 
-        from mmtl.fusion.evaluate import evaluate_tokens, split_state_dict
+        from mmtl.eval.fusion_eval import evaluate_tokens
+        from mmtl.fusion.export import split_state_dict
 
         pipe, module = self.ctx.pipe, self.module
         module.load_state_dict(split_state_dict(load_file(str(export_dir / "model.safetensors"))), strict=True)

@@ -33,10 +33,12 @@ from mmtl.tracking import mlflow_utils as mlu
 
 def resolve_classes(pipe, train_meta: list[dict]) -> list[str]:
     """The class list (see module docstring). Raises ValueError with fewer than 2 classes."""
+    from mmtl.data.labels import resolve_classes as first_class_list
+
     p, zs = pipe.strategy.prompt, pipe.eval.zero_shot
-    classes = p.classes or (zs.classes if zs is not None and zs.classes else None)
-    if not classes:
-        classes = sorted({str(m.get(p.label_field)) for m in train_meta if m.get(p.label_field) is not None})
+    classes, _ = first_class_list([("strategy.prompt.classes", p.classes),
+                                   ("eval.zero_shot.classes", zs.classes if zs is not None else None)],
+                                  train_meta, p.label_field)
     if len(classes) < 2:
         raise ValueError(f"strategy.prompt: need at least 2 classes, got {classes} (set strategy.prompt.classes or "
                          f"check strategy.prompt.label_field={p.label_field!r})")
@@ -48,9 +50,9 @@ def resolve_classes(pipe, train_meta: list[dict]) -> list[str]:
 
 def labels_of(meta: list[dict], field: str, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """(kept row positions, class indices into ``classes``) of the samples labelled with a known class."""
-    from mmtl.eval.tasks import _label_index
+    from mmtl.data.labels import label_index
 
-    keep, labels, _ = _label_index(meta, field, classes)
+    keep, labels, _ = label_index(meta, field, classes)
     return np.asarray(keep, dtype=np.int64), np.asarray(labels, dtype=np.int64)
 
 
@@ -154,7 +156,7 @@ class PromptLearningRecipe(Recipe):
         return out
 
     def _add(self, method: str, embed_fn) -> None:
-        from mmtl.prompting.artifact import split_metrics
+        from mmtl.eval.prompt_eval import split_metrics
 
         for set_name, (img, labels) in self.sets.items():
             m, s = split_metrics(img, labels.tolist(), self.classes, embed_fn, self.base, self.new)

@@ -18,7 +18,7 @@ from typing import Optional
 
 
 def predict_rows(module, pipe, images: list, texts: list[str]) -> dict[str, list]:
-    """Score (PIL image, text) pairs with a loaded fusion module (:func:`mmtl.fusion.evaluate.load_fusion_export`).
+    """Score (PIL image, text) pairs with a loaded fusion module (:func:`mmtl.fusion.export.load_fusion_export`).
 
     Returns ``{"answer": [...], "score": [...]}`` (VQA) or ``{"match_prob": [...]}`` (ITM), one entry per pair.
 
@@ -57,7 +57,7 @@ try:
         """pyfunc: DataFrame(image: bytes, text: str) -> DataFrame(answer, score) or DataFrame(match_prob)."""
 
         def load_context(self, context):
-            from mmtl.fusion.evaluate import load_fusion_export
+            from mmtl.fusion.export import load_fusion_export
 
             self.module, self.pipe = load_fusion_export(Path(context.artifacts["model"]).parent)
 

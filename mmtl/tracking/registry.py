@@ -12,32 +12,13 @@ from typing import Optional
 
 import numpy as np
 
+from mmtl.models.exported import architecture_config, require_export_files
+
+__all__ = ["architecture_config", "require_export_files", "model_from_export", "load_exported", "log_exported_model",
+           "log_pyfunc"]
+
 PIP_REQUIREMENTS = ["torch", "torchvision", "timm", "transformers", "open_clip_torch", "safetensors", "pyyaml",
                     "pydantic", "pillow"]
-
-
-def architecture_config(model_cfg):
-    """A copy of a pipeline's ``model`` section that builds the architecture only: no ``init_from``, and no tower
-    weight files per the family's export format (``architecture_config`` of
-    :class:`mmtl.models.family.ExportFormat`; an export's ``model.safetensors`` holds every weight).
-
-    Raises:
-        ValueError: unknown ``model.family``.
-    """
-    from mmtl.models.family import ExportFormat, capability
-    from mmtl.models.registry import get_family
-
-    cfg = model_cfg.model_copy(deep=True)
-    cfg.init_from = None
-    fmt = capability(get_family(cfg.family), ExportFormat)
-    return fmt.architecture_config(cfg) if fmt is not None else cfg
-
-
-def require_export_files(export_dir: Path) -> None:
-    """Raise FileNotFoundError unless ``export_dir`` holds ``model.safetensors`` and ``pipeline.yaml``."""
-    for f in ("model.safetensors", "pipeline.yaml"):
-        if not (export_dir / f).exists():
-            raise FileNotFoundError(f"{export_dir / f} not found: not an mmtl export")
 
 
 def model_from_export(pipeline_yaml: str, state_dict: dict):
@@ -49,7 +30,7 @@ def model_from_export(pipeline_yaml: str, state_dict: dict):
 
     Raises:
         RuntimeError: the state dict does not match the architecture (strict load).
-        ValueError: a ``cross_attention`` export (load it with :func:`mmtl.fusion.evaluate.load_fusion_export`).
+        ValueError: a ``cross_attention`` export (load it with :func:`mmtl.fusion.export.load_fusion_export`).
     """
     import yaml
 

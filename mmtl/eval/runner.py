@@ -24,9 +24,11 @@ MLflow: when the model came from an MLflow run (a run directory's ``run.json``, 
 experiment, nested under it (``mlflow.parentRunId``), with the metrics, params and the files under the
 artifact folder ``eval/``. The training run itself is left untouched.
 
-This module orchestrates; the parts live in :mod:`mmtl.eval.args` (CLI arguments), :mod:`mmtl.eval.batch_infer`
-(local and Ray Data embedding), :mod:`mmtl.eval.tasks` (the two tasks' metrics), :mod:`mmtl.eval.reports`
-(CSV and PNG files) and :mod:`mmtl.eval.mlflow_log` (the nested MLflow run).
+This module orchestrates; the parts live in :mod:`mmtl.eval.registry` (the tasks by name),
+:mod:`mmtl.eval.args` (classes, templates), :mod:`mmtl.eval.options` (the options of ``mmtl eval``),
+:mod:`mmtl.eval.batch_infer` (local and Ray Data embedding), :mod:`mmtl.eval.tasks` (the embedding tasks'
+reports), :mod:`mmtl.eval.fusion_eval` (VQA / ITM), :mod:`mmtl.eval.reports` (CSV and PNG files) and
+:mod:`mmtl.eval.mlflow_log` (the nested MLflow run).
 """
 from __future__ import annotations
 
@@ -40,30 +42,12 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from mmtl.eval.args import EvalError, _check_template, _data_name, parse_classes, parse_templates  # noqa: F401
-from mmtl.eval.batch_infer import (  # noqa: F401  (re-exported: the names mmtl.eval.cli_eval always had)
-    Embedded,
-    ShardEmbedder,
-    embed_local,
-    embed_ray,
-    load_samples,
-)
-from mmtl.eval.mlflow_log import _log_mlflow
-from mmtl.eval.reports import confusion_png, per_class_rows, retrieval_png  # noqa: F401
-from mmtl.eval.tasks import (  # noqa: F401
-    DEFAULT_TEMPLATES,
-    EXAMPLE_QUERIES,
-    EXAMPLE_TOP,
-    Say,
-    _label_index,
-    _retrieval,
-    _zero_shot,
-    ranks,
-    retrieval_metrics,
-)
+from mmtl.eval.args import EvalError, parse_classes, parse_templates
+from mmtl.eval.batch_infer import embed_local, embed_ray
+from mmtl.eval.mlflow_log import log_eval_run
+from mmtl.eval.registry import FUSION_TOKENS, get_task
+from mmtl.eval.tasks import Say
 
-TASKS = ("zero-shot", "retrieval", "vqa", "itm")
-FUSION_TASKS = ("vqa", "itm")  # cross_attention models: mmtl.fusion.evaluate
 RAY_THRESHOLD = 5_000
 """Above this many samples (tar-header count) the set is embedded with Ray Data."""
 
@@ -128,7 +112,7 @@ def run_eval(spec: str, task: str, data: str, classes: Optional[str] = None, tem
         spec: run directory, export folder, ``runs:/<id>/model``, ``models:/<name>@<alias>`` or
             ``models:/<name>/<version>`` (see :mod:`mmtl.eval.resolve`).
         task: "zero-shot", "retrieval", or "vqa" / "itm" for cross_attention models (accuracy overall and per
-            question type, see :mod:`mmtl.fusion.evaluate`).
+            question type, see :mod:`mmtl.eval.fusion_eval`).
         data: shard spec (folder, glob, brace pattern, tar path or URI).
         classes: zero-shot class names: a file (one a line) or a comma list; default the pipeline's
             ``eval.zero_shot.classes``, else the sorted distinct ``label_field`` values of the data.
@@ -166,10 +150,9 @@ def run_eval(spec: str, task: str, data: str, classes: Optional[str] = None, tem
 
     say = say or (lambda m: None)
     t0 = time.time()
-    if task not in TASKS:
-        raise EvalError(f"task must be one of {', '.join(TASKS)}; got {task!r}")
-    if task in FUSION_TASKS:  # VQA / ITM accuracy per question type of a cross_attention model
-        from mmtl.fusion.evaluate import run_fusion_eval
+    kind = get_task(task)  # UnknownTaskError (an EvalError) for an unknown name
+    if kind.source == FUSION_TOKENS:  # VQA / ITM accuracy per question type of a cross_attention model
+        from mmtl.eval.fusion_eval import run_fusion_eval
 
         return run_fusion_eval(spec, task, data, batch_size, out_dir, log_to_mlflow, tracking_uri, say)
     if batch_size < 1:
@@ -191,7 +174,7 @@ def run_eval(spec: str, task: str, data: str, classes: Optional[str] = None, tem
             n_est = count_samples(data)
             use_ray = n_est > ray_threshold
             say(f"data: ~{n_est} samples -> embedding {'with Ray Data' if use_ray else 'in this process'}")
-        with_text = task == "retrieval"
+        with_text = kind.with_text
         if use_ray:
             emb = embed_ray(res.export_dir, data, batch_size=batch_size, with_text=with_text, device=device,
                             ray_actors=ray_actors, ray_address=ray_address)
@@ -207,13 +190,13 @@ def run_eval(spec: str, task: str, data: str, classes: Optional[str] = None, tem
         result: dict[str, Any] = {"task": task, "model": res.describe(), "data": str(data),
                                   "num_samples": len(emb.image), "embedding": "ray" if use_ray else "local",
                                   "data_stats": emb.stats}
+        learned = None
         if task == "zero-shot":
             learned = _prompt(prompt, res.export_dir, res)
             if learned is not None:
                 say(f"zero-shot with the learned prompt in {learned.dir}")
-            part = _zero_shot(emb, model, pipe, class_list, template_list, label_field, out, say, prompt=learned)
-        else:
-            part = _retrieval(emb, pipe, ks, out)
+        part = kind.report(kind, emb=emb, model=model, pipe=pipe, classes=class_list, templates=template_list,
+                           label_field=label_field, ks=ks, out=out, say=say, prompt=learned)
         result.update(part)
         files = [Path(p) for p in part["files"].values()]
         eval_json = out / "eval.json"
@@ -226,7 +209,7 @@ def run_eval(spec: str, task: str, data: str, classes: Optional[str] = None, tem
         eval_json.write_text(json.dumps(_jsonable(result), indent=2) + "\n", encoding="utf-8")
         if log_to_mlflow and res.mlflow_run_id:
             try:
-                result["mlflow"] = _log_mlflow(res, task, str(data), result, files + [eval_json], say)
+                result["mlflow"] = log_eval_run(res, task, str(data), result, files + [eval_json], say)
             except Exception as e:  # the metrics are computed: report the failure, keep the result
                 result["mlflow"] = {"logged": False, "reason": f"MLflow logging failed: {type(e).__name__}: {e}"}
                 say(f"warning: {result['mlflow']['reason']}")

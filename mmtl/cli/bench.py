@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from mmtl.cli_common import _fail, console
+from mmtl.cli.common import console, fail, say_to_console
 
 bench_app = typer.Typer(help="Benchmarks (ratios measured side by side in one run).", no_args_is_help=True)
 
@@ -76,7 +76,7 @@ def bench_strategies_cmd(
     try:
         r = bench_strategies(pipeline, [x.strip() for x in rows.split(",") if x.strip()], image_size, steps,
                              micro_batch, tower_lr, context_length, runs_root, out,
-                             say=lambda m: console.print(f"[cyan]mmtl[/] {m}", highlight=False))
+                             say=say_to_console())
     except (ValueError, RuntimeError) as exc:
-        _fail(str(exc), 1)
+        fail(str(exc), 1)
     print(json.dumps(r, indent=1) if as_json else format_markdown(r))

@@ -8,54 +8,24 @@
   ``itm/accuracy`` (positives above 0 and negatives at or below 0, over both), ``itm/<question type>``
   likewise.
 
-:func:`load_fusion_export` rebuilds the train module from an export folder (``model.safetensors`` holds the
-towers under their model keys plus ``fusion.*`` / ``head.*`` / ``itc_*``; ``pipeline.yaml`` holds the answer
-vocabulary in ``strategy.fusion.answers``). :func:`run_fusion_eval` is ``mmtl eval --task vqa|itm``.
+:func:`evaluate_vqa` / :func:`evaluate_itm` are the ``vqa`` / ``itm`` metrics of :mod:`mmtl.eval.registry`;
+:func:`evaluate_tokens` is the training-time entry point (the fusion recipe), :func:`run_fusion_eval` is
+``mmtl eval --task vqa|itm``. The export is loaded by :func:`mmtl.fusion.export.load_fusion_export`.
 """
 from __future__ import annotations
 
 import json
 import time
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 import torch
 
-from mmtl.fusion.features import TokenSet
 from mmtl.fusion.heads import per_type_accuracy, soft_scores
 
-OWN_PREFIXES = ("fusion.", "head.", "itc_")
-
-
-def split_state_dict(sd: dict) -> dict:
-    """Export keys -> :class:`~mmtl.fusion.task.FusionTaskModule` keys (``model.`` added to the towers')."""
-    return {(k if k.startswith(OWN_PREFIXES) else f"model.{k}"): v for k, v in sd.items()}
-
-
-def load_fusion_export(export_dir: str | Path):
-    """``(FusionTaskModule in eval mode, pipeline)`` from an export folder.
-
-    Raises:
-        FileNotFoundError: a file is missing; ValueError: the export is not a cross_attention model.
-        RuntimeError: weights do not match (strict load).
-    """
-    import yaml
-    from safetensors.torch import load_file
-
-    from mmtl.config import Pipeline
-    from mmtl.fusion.task import FusionTaskModule
-    from mmtl.models import build_model
-    from mmtl.tracking.registry import architecture_config, require_export_files
-
-    d = Path(export_dir)
-    require_export_files(d)
-    pipe = Pipeline.model_validate(yaml.safe_load((d / "pipeline.yaml").read_text()))
-    if pipe.strategy.kind != "cross_attention":
-        raise ValueError(f"{d} was trained with strategy.kind={pipe.strategy.kind!r}, not cross_attention")
-    module = FusionTaskModule.from_pipeline(pipe, build_model(architecture_config(pipe.model)))
-    module.load_state_dict(split_state_dict(load_file(str(d / "model.safetensors"))), strict=True)
-    return module.eval(), pipe
+if TYPE_CHECKING:
+    from mmtl.fusion.features import TokenSet
 
 
 def _chunks(n: int, size: int):
@@ -70,7 +40,16 @@ def _t(a: np.ndarray) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate_vqa(module, ts: TokenSet, answers: list[str], batch_size: int = 256) -> tuple[dict, list[int]]:
-    """``({"vqa/overall", "vqa/<type>", "vqa/num_samples", "vqa/out_of_vocab"}, predicted answer index per row)``."""
+    """VQA accuracy of ``module`` (a :class:`~mmtl.fusion.task.FusionTaskModule`) on the N samples of ``ts``.
+
+    Args:
+        answers: the answer vocabulary (A answers; the head's A logits).
+        batch_size: samples per forward pass.
+
+    Returns:
+        ``({"vqa/overall", "vqa/<type>", "vqa/num_samples", "vqa/out_of_vocab"}, predicted answer index per
+        sample (N ints in [0, A)))``; accuracies in [0, 1].
+    """
     vocab = {a: i for i, a in enumerate(answers)}
     scores, preds = [], []
     for sl in _chunks(len(ts), batch_size):
@@ -87,7 +66,8 @@ def evaluate_vqa(module, ts: TokenSet, answers: list[str], batch_size: int = 256
 
 @torch.no_grad()
 def evaluate_itm(module, ts: TokenSet, chunk: int = 256) -> dict:
-    """``{"itm/accuracy", "itm/<type>", "itm/num_samples"}`` (see module docstring)."""
+    """ITM accuracy of ``module`` on ``ts`` (see module docstring): ``{"itm/accuracy", "itm/<type>",
+    "itm/num_samples"}``, accuracies in [0, 1]; hard negatives are mined within chunks of ``chunk`` samples."""
     correct: list[float] = []
     ids, texts = np.array(ts.image_ids), np.array(ts.captions)
     for sl in _chunks(len(ts), chunk):
@@ -108,24 +88,31 @@ def evaluate_itm(module, ts: TokenSet, chunk: int = 256) -> dict:
 
 
 def evaluate_tokens(module, pipe, ts: TokenSet) -> dict:
-    """Metrics of ``strategy.fusion.task`` on ``ts``."""
+    """Training-time entry point of the fusion recipe: the metrics of ``strategy.fusion.task`` ("vqa" with the
+    vocabulary ``strategy.fusion.answers``, else "itm") on ``ts``, through :func:`mmtl.eval.registry.evaluate_task`.
+    Names as ``mmtl eval`` reports them (``vqa/overall`` ...); the recipe prefixes the set name."""
+    from mmtl.eval.registry import evaluate_task
+
     if pipe.strategy.fusion.task == "vqa":
-        return evaluate_vqa(module, ts, pipe.strategy.fusion.answers)[0]
-    return evaluate_itm(module, ts)
+        return evaluate_task("vqa", module=module, tokens=ts, answers=pipe.strategy.fusion.answers)
+    return evaluate_task("itm", module=module, tokens=ts)
 
 
 def run_fusion_eval(spec: str, task: str, data: str, batch_size: int = 64, out_dir: Optional[str] = None,
                     log_to_mlflow: bool = True, tracking_uri: Optional[str] = None, say=None) -> dict:
     """``mmtl eval MODEL --task vqa|itm --data SHARDS``: resolve MODEL, compute the frozen towers' tokens of
-    the set, score it; writes ``<out_dir>/eval.json`` and logs a nested MLflow run like the other tasks.
+    the set (``batch_size`` images per forward pass), score it; writes ``<out_dir>/eval.json`` and logs a
+    nested MLflow run like the other tasks. Returns the JSON-serialisable report.
 
     Raises:
-        EvalError: ``task`` differs from the model's ``strategy.fusion.task``; see :func:`load_fusion_export`.
+        EvalError: ``task`` differs from the model's ``strategy.fusion.task``; ModelSpecError: bad MODEL; see
+            :func:`mmtl.fusion.export.load_fusion_export`.
     """
     from mmtl.data.stream import clean_options
     from mmtl.eval.args import EvalError
-    from mmtl.eval.mlflow_log import _log_mlflow
+    from mmtl.eval.mlflow_log import log_eval_run
     from mmtl.eval.resolve import resolve_export
+    from mmtl.fusion.export import load_fusion_export
     from mmtl.fusion.features import compute_tokens
 
     say = say or (lambda m: None)
@@ -154,7 +141,7 @@ def run_fusion_eval(spec: str, task: str, data: str, batch_size: int = 64, out_d
             files[0].write_text(json.dumps(result, indent=2, default=str) + "\n")
         if log_to_mlflow and res.mlflow_run_id:
             try:
-                result["mlflow"] = _log_mlflow(res, task, str(data), result, files, say)
+                result["mlflow"] = log_eval_run(res, task, str(data), result, files, say)
             except Exception as e:  # the metrics are computed: report the failure, keep the result
                 result["mlflow"] = {"logged": False, "reason": f"MLflow logging failed: {type(e).__name__}: {e}"}
         return json.loads(json.dumps(result, default=str))

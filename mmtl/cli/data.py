@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from mmtl.cli_common import _fail, _load, console
+from mmtl.cli.common import console, fail, load_pipeline_or_exit
 
 shards_app = typer.Typer(help="Build and inspect WebDataset shards.", no_args_is_help=True)
 datasets_app = typer.Typer(help="Bundled and importable real datasets.", no_args_is_help=True)
@@ -36,7 +36,7 @@ def shards_build(
                              max_samples_per_shard=max_samples, max_bytes_per_shard=max_bytes,
                              val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
     except (ValueError, FileNotFoundError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     print(json.dumps(stats, indent=2))
 
 
@@ -53,7 +53,7 @@ def shards_inspect(
 
     opts = CleanOptions()
     if pipeline:
-        pipe = _load(pipeline, [])
+        pipe = load_pipeline_or_exit(pipeline, [])
         from mmtl.data.stream import clean_options
         from mmtl.models import build_tokenizer
 
@@ -106,7 +106,7 @@ def datasets_diagrams(
         stats = build_diagrams(out, train_images=train_images, test_images=test_images, image_size=image_size,
                                test_percent=test_percent, seed=seed)
     except ValueError as exc:
-        _fail(str(exc), 1)
+        fail(str(exc), 1)
     print(json.dumps(stats, indent=2))
 
 
@@ -129,5 +129,5 @@ def datasets_fashion_mnist(
                                      shots_per_class=shots_per_class, seed=seed, max_samples_per_shard=max_samples,
                                      progress=True)
     except (FileNotFoundError, ValueError) as exc:
-        _fail(str(exc), 1)
+        fail(str(exc), 1)
     print(json.dumps(stats, indent=2))

@@ -1,0 +1,42 @@
+"""mmtl command line (``mmtl = "mmtl.cli:app"``): thin commands that parse arguments, load the pipeline and call
+one function each. The table below is every command; the modules hold them by theme:
+
+* :mod:`mmtl.cli.run`: ``run``, ``config``, ``export``, ``retrain`` (and :func:`print_summary`);
+* :mod:`mmtl.cli.jobs`: ``submit``, ``status``, ``logs``, ``stop`` (Ray Job Submission API);
+* :mod:`mmtl.cli.eval`: ``eval`` (built from :class:`mmtl.eval.options.EvalOptions`);
+* :mod:`mmtl.cli.data`: ``shards ...``, ``datasets ...``; :mod:`mmtl.cli.bench`: ``bench ...``;
+* :mod:`mmtl.cli.common`: console, :func:`~mmtl.cli.common.fail`, pipeline loading.
+
+Nothing below the CLI imports it; the modules import heavy libraries inside the commands only.
+"""
+from __future__ import annotations
+
+import typer
+
+from mmtl.cli import jobs as _jobs
+from mmtl.cli import run as _run
+from mmtl.cli.bench import bench_app
+from mmtl.cli.data import datasets_app, shards_app
+from mmtl.cli.eval import eval_cmd
+from mmtl.cli.run import print_summary
+
+__all__ = ["app", "main", "print_summary"]
+
+app = typer.Typer(help="Multimodal (image-text) transfer learning on Ray.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, add_completion=False)
+app.add_typer(shards_app, name="shards")
+app.add_typer(datasets_app, name="datasets")
+app.add_typer(bench_app, name="bench")
+app.command("run")(_run.run_cmd)
+app.command("config")(_run.config_cmd)
+app.command("submit")(_jobs.submit_cmd)
+app.command("status")(_jobs.status_cmd)
+app.command("logs")(_jobs.logs_cmd)
+app.command("stop")(_jobs.stop_cmd)
+app.command("export")(_run.export_cmd)
+app.command("eval")(eval_cmd)
+app.command("retrain")(_run.retrain_cmd)
+
+
+def main() -> None:  # pragma: no cover
+    app()

@@ -1,0 +1,118 @@
+"""``mmtl run`` / ``config`` / ``export`` / ``retrain``: one pipeline's training, its resolved config, a run's
+export and scheduled retraining. Each command parses its arguments and calls one function."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from mmtl.cli.common import console, fail, load_pipeline_or_exit, say_to_console
+
+
+def run_cmd(
+    pipeline: Path = typer.Argument(..., help="Pipeline YAML, e.g. pipelines/quickstart.yaml"),
+    overrides: Optional[List[str]] = typer.Argument(None, help="Dotted overrides: train.lr=1e-4 data.train=..."),
+    resume: bool = typer.Option(False, "--resume", help="Resume the newest unfinished run (error if none)."),
+    address: Optional[str] = typer.Option(
+        None, help="Ray address to join; default: $RAY_ADDRESS or a `ray start` cluster on this machine, else a new "
+                   "local instance on 127.0.0.1."),
+) -> None:
+    """Train, evaluate and register one pipeline; writes <runs_root>/<name>/summary.json."""
+    pipe = load_pipeline_or_exit(pipeline, overrides or [])
+    from mmtl.recipes import run_pipeline
+
+    if address:
+        from mmtl.runtime import init_ray
+
+        init_ray(address)
+    try:
+        summary = run_pipeline(pipe, address=address, must_resume=resume, say=say_to_console())
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        fail(str(exc), 1)
+    print_summary(summary)
+
+
+def print_summary(summary: dict) -> None:
+    """Rich table of the run's metrics (before / after / ridge side by side) and where to look next."""
+    m = summary["metrics"]
+    after = sorted(k for k in m if not k.startswith(("before/", "ridge/", "train/")))
+    table = Table(title=f"mmtl run {summary['run_name']} ({summary['steps']} steps, {summary['wall_time_s']:.0f} s)")
+    for col in ("metric", "before", "after", "ridge baseline"):
+        table.add_column(col, justify="right" if col != "metric" else "left")
+    fmt = lambda v: "" if v is None else f"{v:.3f}"  # noqa: E731
+    for k in after:
+        table.add_row(k, fmt(m.get(f"before/{k}")), fmt(m[k]), fmt(m.get(f"ridge/{k}")))
+    for k in sorted(x for x in m if x.startswith("train/")):
+        table.add_row(k, "", fmt(m[k]), "")
+    Console().print(table)
+    reg = summary.get("registered_model") or {}
+    model_line = (f"registered: {reg['name']} version {reg['version']} (models:/{reg['name']}/{reg['version']})"
+                  if reg.get("name") else f"MLflow model: {reg['uri']} (not registered: tracking.model_name is null)"
+                  if reg.get("uri") else "MLflow model: not logged")
+    Console().print(
+        f"run dir: {summary['run_dir']}\nMLflow run: {summary['mlflow_run_id']}\nexport: {summary['export_path']}\n"
+        f"{model_line}\nopen the UI: {summary['mlflow_ui']}",
+        highlight=False,
+    )
+
+
+def config_cmd(
+    pipeline: Path = typer.Argument(...),
+    overrides: Optional[List[str]] = typer.Argument(None),
+) -> None:
+    """Validate a pipeline (with overrides) and print it resolved."""
+    print(load_pipeline_or_exit(pipeline, overrides or []).to_yaml())
+
+
+def export_cmd(
+    run_dir: Path = typer.Argument(..., help="Run directory (<runs_root>/<name>)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder; default <run_dir>/export-merged or export-adapter"),
+    merge: bool = typer.Option(True, "--merge/--no-merge", help="LoRA: fold the adapter into the base weights (loads without PEFT)"),
+    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="Checkpoint folder or step number; default the latest"),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object"),
+) -> None:
+    """Write a standalone model folder (model.safetensors + pipeline.yaml) from a run's checkpoint."""
+    from mmtl.recipes.export import ExportError, export_run
+
+    dest = out or run_dir / ("export-merged" if merge else "export-adapter")
+    try:
+        info = export_run(run_dir, dest, merge=merge, checkpoint=checkpoint)
+    except (ExportError, FileNotFoundError) as exc:
+        fail(str(exc))
+    if as_json:
+        print(json.dumps(info, indent=2))
+    else:
+        diff = f", max |merged - adapted| = {info['max_abs_diff']:.1e}" if "max_abs_diff" in info else ""
+        console.print(f"exported step {info['step']} ({info['kind']}, merged={info['merged']}{diff}) -> {info['out']}",
+                      highlight=False)
+
+
+def retrain_cmd(
+    pipeline: Path = typer.Argument(..., help="Pipeline YAML; its tracking.model_name holds the champion/challenger"),
+    overrides: Optional[List[str]] = typer.Argument(None, help="Dotted overrides: retrain.margin=0.01 data.train=..."),
+    address: Optional[str] = typer.Option(None, help="Ray address to join; default: local instance."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
+) -> None:
+    """Scheduled retraining: train on shards new since the last retrain (plus a replay share of old ones),
+    warm-started from the `champion` model version; register the result as `challenger` and promote it to
+    `champion` when it beats the champion by retrain.margin on retrain.metric.
+
+    Exit 0: retrained or nothing new; 3: another retrain holds the lock; 1: failed; 2: bad pipeline."""
+    pipe = load_pipeline_or_exit(pipeline, overrides or [])
+    from mlflow.exceptions import MlflowException
+
+    from mmtl.data.shardio import ShardError
+    from mmtl.jobs.retrain import exit_code
+    from mmtl.jobs.retrain import retrain as run_retrain
+
+    try:
+        result = run_retrain(pipe, say=say_to_console("mmtl retrain"),
+                             address=address)
+    except (ValueError, FileNotFoundError, RuntimeError, ShardError, MlflowException) as exc:
+        fail(str(exc), 1)
+    print(json.dumps(result, default=str) if as_json else result["message"])
+    raise typer.Exit(exit_code(result))
