@@ -72,3 +72,30 @@ def test_architecture_md_names_files_that_exist():
     assert len(paths) >= 10
     missing = sorted(p for p in paths if not (ROOT / p).exists())
     assert not missing, missing
+
+
+def test_a_new_strategy_and_recipe_need_only_their_registry_entries(monkeypatch):
+    """ARCHITECTURE.md: a strategy is its file + one STRATEGIES entry; no schema change for a new kind."""
+    from conftest import tiny_pipeline
+    from mmtl.config import build_pipeline
+    from mmtl.models import build_model
+    from mmtl.recipes import RECIPES, check_pipeline
+    from mmtl.recipes.contrastive import ContrastiveRecipe
+    from mmtl.strategies import STRATEGIES, apply_strategy
+    from mmtl.strategies.base import Strategy, freeze
+
+    class HeadsOnlyText(Strategy):
+        kind = "heads_only_text"
+
+        def apply(self, model, cfg, zero_stage=None):
+            freeze(model)
+            freeze(model.text_head, False)
+
+    monkeypatch.setitem(STRATEGIES, "heads_only_text", HeadsOnlyText())
+    monkeypatch.setitem(RECIPES, "heads_only_text", ContrastiveRecipe)
+    pipe = build_pipeline(tiny_pipeline({"train": "x", "val": None, "test": "y"}, Path("/tmp/unused"),
+                                        strategy={"kind": "heads_only_text"}))
+    check_pipeline(pipe)
+    model = build_model(pipe.model)
+    counts = apply_strategy(model, pipe.strategy)
+    assert counts["params_trainable"] == sum(p.numel() for p in model.text_head.parameters())
