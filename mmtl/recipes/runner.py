@@ -51,6 +51,8 @@ def run_pipeline(pipe: Pipeline, *, address: Optional[str] = None, must_resume: 
         MissingShardsError / EmptyDatasetError: data problems, before training.
         CheckpointMismatchError: resuming a checkpoint written at another world size, before training.
         RuntimeError: training failed (the run is left resumable).
+        RunStepError: a step after training failed (checkpoint, export and a failed summary are kept;
+            ``--resume`` redoes only the steps after training).
     """
     t_start = time.time()
     check_pipeline(pipe)
@@ -77,7 +79,10 @@ def run_pipeline(pipe: Pipeline, *, address: Optional[str] = None, must_resume: 
     try:
         summary = run_recipe(recipe_cls(ctx))
     except BaseException:
-        mlu.end_run(uri, run_id, "FAILED")
+        try:  # never leave the run RUNNING; the original error is what the user needs to see
+            mlu.end_run(uri, run_id, "FAILED")
+        except Exception as exc:  # noqa: BLE001
+            say(f"warning: could not mark MLflow run {run_id} FAILED: {type(exc).__name__}: {exc}")
         raise
     mlu.end_run(uri, run_id, "FINISHED")
     return summary
