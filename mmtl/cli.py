@@ -76,8 +76,10 @@ def config_cmd(
     pipeline: Path = typer.Argument(...),
     overrides: Optional[List[str]] = typer.Argument(None),
 ) -> None:
-    """Validate a pipeline (with overrides) and print it resolved."""
-    print(_load(pipeline, overrides or []).to_yaml())
+    """Validate a pipeline (with overrides) and print it resolved, then every resolved path (as # comments)."""
+    from mmtl.config import config_report
+
+    print(config_report(_load(pipeline, overrides or [])))
 
 
 @app.command()

@@ -2,18 +2,37 @@
 
 A pipeline is one YAML file with the sections ``data``, ``model``, ``strategy``, ``train``, ``eval`` and
 ``tracking`` (and, for ``mmtl retrain``, an optional ``retrain``). Unknown keys and bad values are errors that
-name the field path and the offending value (:class:`PipelineError`). Paths in a pipeline are resolved relative
-to the pipeline file's directory's project root (the directory that holds ``pipelines/``) unless absolute or a
-URI.
+name the field path and the offending value (:class:`PipelineError`).
+
+Reading (:func:`read_yaml`): YAML 1.2 core scalars (``1e-12`` is a float, ``yes``/``no``/``on``/``off``, dates
+and ``1:30`` are text, ``012`` is twelve); a key given twice in one mapping is an error naming the key path and
+both lines. Free-form dicts passed to libraries (``model.config``, ``model.text.config``,
+``model.vision.timm_kwargs``) get the coercion typed fields get: numeric text -> int/float, ``yes``/``no``/
+``on``/``off``/``true``/``false`` text -> bool (:func:`coerce_freeform`).
+
+Paths (:func:`_resolve_paths`): one rule for every path in a pipeline, including ``train.runs_root``,
+``data.cache_dir``, ``retrain.manifest_dir`` and a relative ``sqlite:``/``file:`` ``tracking.uri``: a relative
+path is relative to the project root (:func:`project_root_for`: the folder holding ``pipelines/`` when the file
+is in such a folder, else the file's own folder), never to the current directory; ``~`` is expanded. A relative
+path that starts with the runs root as the pipeline file writes it (``runs/`` by default) points into the runs
+root this run writes to (``train.runs_root`` after overrides). :func:`describe_paths` lists them all.
+
+Names (:func:`check_names`): ``train.name``, eval-set names, ``tracking.experiment`` and
+``tracking.model_name`` are checked when the pipeline is loaded (length, ``/``, ``..``, glob and shell
+characters, MLflow's rules); a run name derived from the file name is made safe instead.
 """
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+
+from mmtl import config_names as names
+from mmtl.config_yaml import YamlError, coerce_freeform, freeform_paths, read_yaml
 
 ShardSpec = Union[str, list[str]]
 
@@ -41,6 +60,16 @@ class DataConfig(_Section):
     decode_cpus: float = Field(0.25, gt=0, description="CPUs reserved per Ray Data read/decode task.")
     cache_frozen_features: bool = Field(True, description="Compute frozen, non-augmented tower outputs once.")
     cache_dir: Optional[str] = Field(None, description="Feature cache root; default <runs_root>/cache.")
+
+    @field_validator("extra_eval")
+    @classmethod
+    def _set_names(cls, v: dict) -> dict:
+        shadow = [k for k in v if k in ("test", "val")]
+        if shadow:
+            raise ValueError(f"data.extra_eval names {shadow}, which would hide data.{shadow[0]}: set data.test / "
+                             "data.val for those, or give the extra set another name")
+        names.check_set_names(v, "data.extra_eval")
+        return v
 
 
 class VisionTowerConfig(_Section):
@@ -204,6 +233,20 @@ class TrainConfig(_Section):
     seed: int = 0
     log_every: int = Field(10, ge=1, description="Steps between metric reports / progress lines.")
 
+    @field_validator("name")
+    @classmethod
+    def _run_name(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None:
+            names.check_run_name(v)
+        return v
+
+    @model_validator(mode="after")
+    def _check_workers(self) -> "TrainConfig":
+        from mmtl.config_workers import check_train_workers
+
+        check_train_workers(self)
+        return self
+
     @model_validator(mode="after")
     def _check_global_batch(self) -> "TrainConfig":
         expect = self.micro_batch_size * self.grad_accum_steps * self.num_workers
@@ -233,6 +276,15 @@ class EvalConfig(_Section):
     ridge_baseline: bool = False
     batch_size: int = Field(128, gt=0)
 
+    @field_validator("sets")
+    @classmethod
+    def _sets(cls, v: list[str]) -> list[str]:
+        dup = sorted({s for s in v if v.count(s) > 1})
+        if dup:
+            raise ValueError(f"eval.sets lists {dup} more than once")
+        names.check_set_names(v, "eval.sets")
+        return v
+
     @field_validator("recall_ks")
     @classmethod
     def _positive(cls, v: list[int]) -> list[int]:
@@ -246,6 +298,28 @@ class TrackingConfig(_Section):
     experiment: str = "mmtl"
     model_name: Optional[str] = Field(None, description="Registered model name; null: do not register.")
     log_model: bool = True
+
+    @field_validator("experiment")
+    @classmethod
+    def _experiment(cls, v: str) -> str:
+        names.check_experiment_name(v)
+        return v
+
+    @field_validator("model_name")
+    @classmethod
+    def _model_name(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None:
+            names.check_model_name(v)
+        return v
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None:
+            from mmtl.tracking.mlflow_utils import check_tracking_uri
+
+            check_tracking_uri(v, "tracking.uri")
+        return v
 
 
 class RetrainConfig(_Section):
@@ -263,6 +337,8 @@ class RetrainConfig(_Section):
 
 class Pipeline(_Section):
     """The whole pipeline file."""
+
+    _project_root: Optional[str] = PrivateAttr(None)  # what relative paths resolved against (load_pipeline)
 
     data: DataConfig
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -289,10 +365,11 @@ def _format_errors(err: ValidationError) -> str:
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
-    """Split ``a.b.c=value`` into (["a","b","c"], value); the value is parsed as YAML.
+    """Split ``a.b.c=value`` into (["a","b","c"], value); the value is parsed as YAML (:func:`read_yaml`: YAML
+    1.2 core scalars, repeated keys refused).
 
     Raises:
-        PipelineError: when ``item`` has no ``=`` or an empty key.
+        PipelineError: when ``item`` has no ``=``, an empty key or a value that is not valid YAML.
     """
     if "=" not in item:
         raise PipelineError(f"override {item!r} must look like a.b.c=value")
@@ -301,9 +378,9 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if not all(parts):
         raise PipelineError(f"override {item!r} has an empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() != "" else ""
-    except yaml.YAMLError as exc:
-        raise PipelineError(f"override {item!r}: value is not valid YAML: {exc}") from exc
+        value = read_yaml(raw, f"override {item!r}", ".".join(parts)) if raw.strip() != "" else ""
+    except YamlError as exc:
+        raise PipelineError(str(exc)) from None
     return parts, value
 
 
@@ -323,27 +400,74 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
+FREEFORM_FIELDS = tuple(freeform_paths(Pipeline))
+"""Dotted paths of the free-form dicts (``model.config``, ``model.text.config``, ``model.vision.timm_kwargs``)
+whose values :func:`mmtl.config_yaml.coerce_freeform` coerces."""
+_SECTIONS = ("data", "model", "strategy", "train", "eval", "tracking")
+
+
 def build_pipeline(raw: dict) -> Pipeline:
-    """Validate a raw dict. Raises PipelineError naming each bad field path and value."""
+    """Validate a raw dict: empty sections mean defaults, free-form dicts are coerced
+    (:data:`FREEFORM_FIELDS`), then the schema (names, worker settings, values) is checked.
+
+    Raises:
+        PipelineError: naming each bad field path and value.
+    """
     if not isinstance(raw, dict):
         raise PipelineError(f"pipeline must be a mapping, got {type(raw).__name__}")
+    for sec in _SECTIONS:  # `eval:` with everything commented out is None: the defaults
+        if sec in raw and raw[sec] is None and sec != "data":
+            raw[sec] = {}
+    try:
+        coerce_freeform(raw, list(FREEFORM_FIELDS))
+    except ValueError as exc:
+        raise PipelineError(f"invalid pipeline:\n  {exc}") from None
     try:
         return Pipeline.model_validate(raw)
     except ValidationError as err:
         raise PipelineError(_format_errors(err)) from None
 
 
-def _resolve_paths(pipe: Pipeline, base: Path) -> Pipeline:
-    """Make relative local paths absolute against ``base`` (URIs and absolute paths unchanged)."""
+def _is_uri(spec: str) -> bool:
+    return "://" in spec or spec.startswith("package:")
+
+
+def resolve_path(spec: str, base: Path) -> str:
+    """``spec`` as an absolute, normalised local path (``~`` expanded, relative ones joined to ``base``); URIs
+    (``s3://...``, ``package:...``) unchanged."""
+    if _is_uri(spec):
+        return spec
+    path = os.path.expanduser(spec)
+    return os.path.normpath(path if os.path.isabs(path) else os.path.join(str(base), path))
+
+
+def _rebase(path: str, written_root: Optional[str], runs_root: str) -> str:
+    """A path inside the runs root as the file writes it, moved into the runs root the run writes to."""
+    if written_root is None or written_root == runs_root or _is_uri(path):
+        return path
+    rel = os.path.relpath(path, written_root)
+    if rel == "." or rel.startswith(".." + os.sep) or rel == "..":
+        return path
+    return os.path.normpath(os.path.join(runs_root, rel))
+
+
+def _resolve_paths(pipe: Pipeline, base: Path, written_runs_root: Optional[str] = None) -> Pipeline:
+    """Make every local path in ``pipe`` absolute against ``base`` (see the module docstring: one rule for all,
+    runs root included); paths inside ``written_runs_root`` (the runs root as the pipeline file writes it,
+    before overrides) are moved into the effective ``train.runs_root``; a relative ``sqlite:``/``file:``
+    ``tracking.uri`` is made absolute the same way."""
+    from mmtl.tracking.mlflow_utils import absolute_tracking_uri
+
+    pipe.train.runs_root = resolve_path(pipe.train.runs_root, base)
+    runs_root = pipe.train.runs_root
+    written = resolve_path(written_runs_root, base) if written_runs_root else None
 
     def fix(spec):
         if spec is None:
             return None
         if isinstance(spec, list):
             return [fix(s) for s in spec]
-        if "://" in spec or spec.startswith("package:") or Path(spec).is_absolute():
-            return spec
-        return str((base / spec))
+        return _rebase(resolve_path(spec, base), written, runs_root)
 
     d = pipe.data
     d.train = fix(d.train)
@@ -358,10 +482,11 @@ def _resolve_paths(pipe: Pipeline, base: Path) -> Pipeline:
     m.text.tokenizer_path = fix(m.text.tokenizer_path)
     m.init_from = fix(m.init_from)
     pipe.strategy.fusion.answers_file = fix(pipe.strategy.fusion.answers_file)
-    if not Path(pipe.train.runs_root).is_absolute():
-        pipe.train.runs_root = str(Path.cwd() / pipe.train.runs_root)
-    if pipe.retrain is not None and pipe.retrain.manifest_dir and not Path(pipe.retrain.manifest_dir).is_absolute():
-        pipe.retrain.manifest_dir = str(Path.cwd() / pipe.retrain.manifest_dir)
+    if pipe.retrain is not None and pipe.retrain.manifest_dir:
+        pipe.retrain.manifest_dir = fix(pipe.retrain.manifest_dir)
+    if pipe.tracking.uri:
+        pipe.tracking.uri = absolute_tracking_uri(pipe.tracking.uri, base)
+    pipe._project_root = str(base)
     return pipe
 
 
@@ -373,20 +498,85 @@ def project_root_for(path: Path) -> Path:
 
 
 def load_pipeline(path: str | Path, overrides: Optional[list[str]] = None) -> Pipeline:
-    """Load a pipeline YAML, apply ``a.b.c=value`` overrides, validate and resolve relative paths.
+    """Load a pipeline YAML (:func:`mmtl.config_yaml.read_yaml`), apply ``a.b.c=value`` overrides, validate and
+    resolve relative paths against :func:`project_root_for` (see the module docstring). A run name taken from
+    the file name is made safe (:func:`mmtl.config_names.safe_run_name`).
 
     Raises:
-        PipelineError: missing file, bad YAML, unknown key or bad value (message names the field path).
+        PipelineError: missing file, bad YAML, a repeated key, unknown key, bad value or name, settings that
+            cannot work on the chosen workers (messages name the field path).
     """
     path = Path(path)
     if not path.is_file():
         raise PipelineError(f"pipeline file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise PipelineError(f"{path}: not valid YAML: {exc}") from exc
-    raw = apply_overrides(raw, overrides or [])
+        raw = read_yaml(path.read_text(encoding="utf-8-sig"), str(path)) or {}
+    except YamlError as exc:
+        raise PipelineError(str(exc)) from None
+    except UnicodeDecodeError as exc:
+        raise PipelineError(f"{path}: not UTF-8 text: {exc}") from None
+    written_root = None
+    if isinstance(raw, dict):
+        train = raw.get("train") if isinstance(raw.get("train"), dict) else {}
+        written_root = train.get("runs_root", TrainConfig.model_fields["runs_root"].default)
+        written_root = written_root if isinstance(written_root, str) and written_root else None
+    raw = apply_overrides(raw, overrides or []) if isinstance(raw, dict) else raw
     pipe = build_pipeline(raw)
     if pipe.train.name is None:
-        pipe.train.name = path.stem
-    return _resolve_paths(pipe, project_root_for(path))
+        pipe.train.name = names.safe_run_name(path.stem)
+    return _resolve_paths(pipe, project_root_for(path), written_root)
+
+
+def describe_paths(pipe: Pipeline) -> str:
+    """Every path the pipeline will read or write, resolved, as ``#`` comment lines (so ``mmtl config`` output
+    stays valid YAML): inputs (``(missing)`` when a plain local path does not exist), the runs root, the run
+    folder a run would use now (new, or the unfinished one it resumes), the feature cache, the tracking store
+    and artifact root, and the retrain manifests."""
+    from mmtl.runtime import select_run_dir
+    from mmtl.tracking.mlflow_utils import artifact_root, resolve_tracking_uri
+
+    rows: list[tuple[str, str]] = []
+
+    def add(key: str, spec, note: str = "") -> None:
+        if spec is None:
+            return
+        for one in spec if isinstance(spec, list) else [spec]:
+            mark = ""
+            if not _is_uri(one) and not any(c in one for c in "*?[{") and not os.path.exists(one):
+                mark = " (missing)"
+            rows.append((key, f"{one}{mark}{note}"))
+
+    d, m, t = pipe.data, pipe.model, pipe.train
+    add("data.train", d.train)
+    add("data.val", d.val)
+    add("data.test", d.test)
+    for k, v in d.extra_eval.items():
+        add(f"data.extra_eval.{k}", v)
+    for key, v in (("model.weights", m.weights), ("model.vision.weights", m.vision.weights),
+                   ("model.text.path", m.text.path), ("model.text.tokenizer_path", m.text.tokenizer_path),
+                   ("model.init_from", m.init_from), ("strategy.fusion.answers_file", pipe.strategy.fusion.answers_file)):
+        add(key, v)
+    rows.append(("train.runs_root", t.runs_root))
+    try:
+        run_dir, resuming = select_run_dir(t.runs_root, t.name, t.resume)
+        rows.append(("run folder", f"{run_dir} ({'resumes the unfinished run there' if resuming else 'new'})"))
+    except (OSError, ValueError) as exc:
+        rows.append(("run folder", f"cannot be chosen: {exc}"))
+    rows.append(("data.cache_dir", d.cache_dir or f"{Path(t.runs_root) / 'cache'} (default)"))
+    source = ("tracking.uri" if pipe.tracking.uri else "$MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI")
+              else "default under train.runs_root")
+    uri = resolve_tracking_uri(pipe.tracking.uri, t.runs_root)
+    rows.append(("tracking store", f"{uri} ({source})"))
+    art = artifact_root(uri, t.runs_root)
+    rows.append(("artifacts", f"{art}" if art else "the tracking server's artifact store"))
+    if pipe.retrain is not None:
+        rows.append(("retrain.manifest_dir", pipe.retrain.manifest_dir or f"{Path(t.runs_root) / 'retrain'} (default)"))
+    width = max(len(k) for k, _ in rows) + 1
+    head = (f"# resolved paths: relative paths in the pipeline are relative to {pipe._project_root}"
+            if pipe._project_root else "# resolved paths")
+    return "\n".join([head] + [f"#   {k + ':':<{width}} {v}" for k, v in rows])
+
+
+def config_report(pipe: Pipeline) -> str:
+    """What ``mmtl config`` prints: the resolved pipeline as YAML, then :func:`describe_paths` as comments."""
+    return pipe.to_yaml() + describe_paths(pipe)
