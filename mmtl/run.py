@@ -93,7 +93,7 @@ def fit(pipe: Pipeline, run_dir: Path, arrays: Optional[dict], uri: str, run_id:
     t = pipe.train
     import os
 
-    from mmtl.runtime import FORWARDED_ENV
+    from mmtl.runtime import FORWARDED_ENV, training_failure
 
     cfg = {"pipeline": pipe.model_dump(mode="json"), "tracking_uri": uri, "run_id": run_id,
            "features_ref": None, "stats_actor": None,
@@ -134,7 +134,7 @@ def fit(pipe: Pipeline, run_dir: Path, arrays: Optional[dict], uri: str, run_id:
     try:
         result = trainer.fit()
     except Exception as exc:  # Ray Train raises TrainingFailedError when workers fail past max_failures
-        raise RuntimeError(f"training failed: {exc}; rerun with --resume to continue from the last checkpoint") from exc
+        raise RuntimeError(training_failure(exc, run_dir)) from exc
     if result.error:
         raise RuntimeError(f"training failed: {result.error}") from result.error
     return result
@@ -180,6 +180,7 @@ def run_pipeline(pipe: Pipeline, *, address: Optional[str] = None, must_resume: 
         CheckpointMismatchError: resuming a checkpoint written at another world size, before training.
         RuntimeError: training failed (the run is left resumable).
     """
+    from mmtl.config_workers import check_local_devices
     from mmtl.models import build_model
     from mmtl.strategies import apply_strategy, uses_feature_cache
     from mmtl.train.checkpoint import check_compatible, read_meta
@@ -187,12 +188,14 @@ def run_pipeline(pipe: Pipeline, *, address: Optional[str] = None, must_resume: 
     from mmtl.train.tasks import is_contrastive, task_driver
 
     t_start = time.time()
+    check_local_devices(pipe.train, address)  # GPUs / CPUs the local Ray instance will have, before anything runs
     specs = _eval_specs(pipe)
     run_dir, resuming = select_run_dir(pipe.train.runs_root, pipe.train.name, pipe.train.resume, must_resume)
     run_dir.mkdir(parents=True, exist_ok=True)
     if resuming:
         meta = read_meta(latest_checkpoint(run_dir))
-        check_compatible(meta, pipe.train.num_workers, pipe.train.zero_stage)
+        for note in check_compatible(meta, pipe.train.num_workers, pipe.train.zero_stage, pipe):
+            say(note)
         say(f"resuming {run_dir} from step {meta['step']}")
     (run_dir / "pipeline.yaml").write_text(pipe.to_yaml())
     uri = mlu.tracking_uri(pipe.tracking.uri, pipe.train.runs_root)

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 
 from mmtl.config import Pipeline
-from mmtl.train.checkpoint import (consolidated_state_dict, restore_checkpoint, save_adapters, save_checkpoint,
-                                   write_export)
+from mmtl.train.checkpoint import (checkpoint_meta, consolidated_state_dict, restore_checkpoint, save_adapters,
+                                   save_checkpoint, write_export)
 from mmtl.train.ds_config import WarmupCosine, build_optimizer, deepspeed_config
 from mmtl.train.step import train_step
 from mmtl.train.tasks import make_train_module
@@ -182,8 +182,7 @@ def _peak_rss_mb() -> float:
 def _checkpoint(engine, pipe, step, rank, world_size, metrics, report, export: bool) -> None:
     d = Path(tempfile.mkdtemp(prefix=f"mmtl-ckpt-{step}-r{rank}-"))
     try:
-        meta = {"step": step, "world_size": world_size, "zero_stage": pipe.train.zero_stage,
-                "samples_seen": step * pipe.train.effective_global_batch}
+        meta = checkpoint_meta(pipe, step, world_size, engine.module)
         save_checkpoint(engine, d, meta, rank)
         lora = pipe.strategy.kind == "lora"
         if lora:  # the PEFT adapter alone, every checkpoint (gathered under ZeRO-3)
