@@ -13,7 +13,8 @@ both lines. Free-form dicts passed to libraries (``model.config``, ``model.text.
 Paths (:func:`_resolve_paths`): one rule for every path in a pipeline, including ``train.runs_root``,
 ``data.cache_dir``, ``retrain.manifest_dir`` and a relative ``sqlite:``/``file:`` ``tracking.uri``: a relative
 path is relative to the project root (:func:`project_root_for`: the folder holding ``pipelines/`` when the file
-is in such a folder, else the file's own folder), never to the current directory; ``~`` is expanded. A relative
+is in such a folder, else the file's own folder), never to the current directory; ``~`` and ``$VAR`` are expanded
+(an unset variable is an error). A relative
 path that starts with the runs root as the pipeline file writes it (``runs/`` by default) points into the runs
 root this run writes to (``train.runs_root`` after overrides). :func:`describe_paths` lists them all.
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -432,12 +434,23 @@ def _is_uri(spec: str) -> bool:
     return "://" in spec or spec.startswith("package:")
 
 
-def resolve_path(spec: str, base: Path) -> str:
-    """``spec`` as an absolute, normalised local path (``~`` expanded, relative ones joined to ``base``); URIs
-    (``s3://...``, ``package:...``) unchanged."""
+_UNSET_VAR = re.compile(r"\$(\w+|\{[^}]*\})")
+
+
+def resolve_path(spec: str, base: Path, field: str = "path") -> str:
+    """``spec`` as an absolute, normalised local path (``~`` and ``$VAR`` / ``${VAR}`` expanded, relative ones
+    joined to ``base``); URIs (``s3://...``, ``package:...``) unchanged.
+
+    Raises:
+        ValueError: ``spec`` names an environment variable that is not set (it would become a literal folder
+            name), naming ``field``.
+    """
     if _is_uri(spec):
         return spec
-    path = os.path.expanduser(spec)
+    path = os.path.expandvars(os.path.expanduser(spec))
+    unset = _UNSET_VAR.search(path)
+    if unset:
+        raise ValueError(f"{field}={spec!r}: environment variable {unset.group(1).strip('{}')} is not set")
     return os.path.normpath(path if os.path.isabs(path) else os.path.join(str(base), path))
 
 
@@ -458,32 +471,35 @@ def _resolve_paths(pipe: Pipeline, base: Path, written_runs_root: Optional[str] 
     ``tracking.uri`` is made absolute the same way."""
     from mmtl.tracking.mlflow_utils import absolute_tracking_uri
 
-    pipe.train.runs_root = resolve_path(pipe.train.runs_root, base)
+    pipe.train.runs_root = resolve_path(pipe.train.runs_root, base, "train.runs_root")
     runs_root = pipe.train.runs_root
-    written = resolve_path(written_runs_root, base) if written_runs_root else None
+    try:
+        written = resolve_path(written_runs_root, base) if written_runs_root else None
+    except ValueError:  # the file's own runs root names an unset variable that an override replaced
+        written = None
 
-    def fix(spec):
+    def fix(spec, field: str):
         if spec is None:
             return None
         if isinstance(spec, list):
-            return [fix(s) for s in spec]
-        return _rebase(resolve_path(spec, base), written, runs_root)
+            return [fix(s, f"{field}[{i}]") for i, s in enumerate(spec)]
+        return _rebase(resolve_path(spec, base, field), written, runs_root)
 
     d = pipe.data
-    d.train = fix(d.train)
-    d.val, d.test = fix(d.val), fix(d.test)
-    d.extra_eval = {k: fix(v) for k, v in d.extra_eval.items()}
+    d.train = fix(d.train, "data.train")
+    d.val, d.test = fix(d.val, "data.val"), fix(d.test, "data.test")
+    d.extra_eval = {k: fix(v, f"data.extra_eval.{k}") for k, v in d.extra_eval.items()}
     if d.cache_dir:
-        d.cache_dir = fix(d.cache_dir)
+        d.cache_dir = fix(d.cache_dir, "data.cache_dir")
     m = pipe.model
-    m.weights = fix(m.weights)
-    m.vision.weights = fix(m.vision.weights)
-    m.text.path = fix(m.text.path)
-    m.text.tokenizer_path = fix(m.text.tokenizer_path)
-    m.init_from = fix(m.init_from)
-    pipe.strategy.fusion.answers_file = fix(pipe.strategy.fusion.answers_file)
+    m.weights = fix(m.weights, "model.weights")
+    m.vision.weights = fix(m.vision.weights, "model.vision.weights")
+    m.text.path = fix(m.text.path, "model.text.path")
+    m.text.tokenizer_path = fix(m.text.tokenizer_path, "model.text.tokenizer_path")
+    m.init_from = fix(m.init_from, "model.init_from")
+    pipe.strategy.fusion.answers_file = fix(pipe.strategy.fusion.answers_file, "strategy.fusion.answers_file")
     if pipe.retrain is not None and pipe.retrain.manifest_dir:
-        pipe.retrain.manifest_dir = fix(pipe.retrain.manifest_dir)
+        pipe.retrain.manifest_dir = fix(pipe.retrain.manifest_dir, "retrain.manifest_dir")
     if pipe.tracking.uri:
         pipe.tracking.uri = absolute_tracking_uri(pipe.tracking.uri, base)
     pipe._project_root = str(base)
@@ -524,7 +540,10 @@ def load_pipeline(path: str | Path, overrides: Optional[list[str]] = None) -> Pi
     pipe = build_pipeline(raw)
     if pipe.train.name is None:
         pipe.train.name = names.safe_run_name(path.stem)
-    return _resolve_paths(pipe, project_root_for(path), written_root)
+    try:
+        return _resolve_paths(pipe, project_root_for(path), written_root)
+    except ValueError as exc:
+        raise PipelineError(f"invalid pipeline:\n  {exc}") from None
 
 
 def describe_paths(pipe: Pipeline) -> str:
@@ -554,7 +573,8 @@ def describe_paths(pipe: Pipeline) -> str:
         add(f"data.extra_eval.{k}", v)
     for key, v in (("model.weights", m.weights), ("model.vision.weights", m.vision.weights),
                    ("model.text.path", m.text.path), ("model.text.tokenizer_path", m.text.tokenizer_path),
-                   ("model.init_from", m.init_from), ("strategy.fusion.answers_file", pipe.strategy.fusion.answers_file)):
+                   ("model.init_from", m.init_from),
+                   ("strategy.fusion.answers_file", pipe.strategy.fusion.answers_file)):
         add(key, v)
     rows.append(("train.runs_root", t.runs_root))
     try:

@@ -56,6 +56,15 @@ def _gpu_count() -> int:
         return 0
 
 
+def _local_bf16() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_bf16_supported())
+    except Exception:  # noqa: BLE001
+        return True  # unknown: let DeepSpeed decide
+
+
 def starts_local_ray(address: Optional[str]) -> bool:
     """True when :func:`mmtl.runtime.init_ray` (``address``) starts a new local instance, i.e. no cluster to
     join: no address, no ``$RAY_ADDRESS`` and no ``ray start`` cluster recorded on this machine
@@ -73,14 +82,15 @@ def starts_local_ray(address: Optional[str]) -> bool:
 
 
 def check_local_devices(t, address: Optional[str] = None, num_cpus: Optional[float] = None,
-                        gpus: Optional[float] = None) -> None:
+                        gpus: Optional[float] = None, bf16: Optional[bool] = None) -> None:
     """Refuse ``train`` settings the Ray instance this process uses cannot place: GPU workers without (enough)
-    GPUs, or more worker CPUs than it has (Ray Train would wait for them). Checked against the running
+    GPUs, bf16 on GPUs without bf16 (before Ampere: DeepSpeed's "Type bf16 is not supported on your device"),
+    or more worker CPUs than it has (Ray Train would wait for them). Checked against the running
     instance when Ray is already initialised in this process, against this machine when mmtl will start a
     local instance (:func:`starts_local_ray`); a cluster that is joined is not checked (it may autoscale).
 
     Args:
-        num_cpus / gpus: override the CPUs / GPUs compared against (tests).
+        num_cpus / gpus / bf16: override the CPUs / GPUs / GPU bf16 support compared against (tests).
     Raises:
         ValueError: naming the field and the setting that fits.
     """
@@ -98,16 +108,19 @@ def check_local_devices(t, address: Optional[str] = None, num_cpus: Optional[flo
     cpus = num_cpus or os.cpu_count() or 1
     need_cpu = t.num_workers * t.cpus_per_worker
     if need_cpu > cpus:
-        raise ValueError(f"train.num_workers={t.num_workers} x train.cpus_per_worker={t.cpus_per_worker} = {need_cpu:g} "
-                         f"CPUs, but the local Ray instance has {cpus:g}: lower train.cpus_per_worker to "
+        raise ValueError(f"train.num_workers={t.num_workers} x train.cpus_per_worker={t.cpus_per_worker} = "
+                         f"{need_cpu:g} CPUs, but the local Ray instance has {cpus:g}: lower train.cpus_per_worker to "
                          f"{cpus / t.num_workers:g} or fewer workers (or join a cluster with --address)")
     if t.use_gpu:
         have = _gpu_count() if gpus is None else gpus
         need = t.num_workers * t.gpus_per_worker
         if have == 0:
-            raise ValueError("train.use_gpu=true, but the local Ray instance has no GPU: set train.use_gpu=false (CPU workers: train.precision fp32 or bf16) or join "
-                             "a GPU cluster with --address")
+            raise ValueError("train.use_gpu=true, but the local Ray instance has no GPU: set train.use_gpu=false "
+                             "(CPU workers: train.precision fp32 or bf16) or join a GPU cluster with --address")
         if need > have:
             raise ValueError(f"train.num_workers={t.num_workers} x train.gpus_per_worker={t.gpus_per_worker} = "
                              f"{need:g} GPUs, but the local Ray instance has {have:g}: set train.num_workers <= "
                              f"{int(have // t.gpus_per_worker) or 1} or lower train.gpus_per_worker")
+        if t.precision == "bf16" and not (_local_bf16() if bf16 is None else bf16):
+            raise ValueError("train.precision=bf16, but this machine's GPUs have no bf16 support: use "
+                             "train.precision=fp16 (loss-scaled) or fp32")

@@ -220,6 +220,10 @@ def test_local_devices_checked_before_ray():
     with pytest.raises(ValueError, match=r"train.num_workers <= 1"):
         check_local_devices(t, "local", num_cpus=8, gpus=1)
     check_local_devices(t, "local", num_cpus=8, gpus=2)
+    bf16 = build_pipeline(tiny_raw(train={"use_gpu": True, "precision": "bf16"})).train
+    with pytest.raises(ValueError, match="train.precision=bf16, but this machine's GPUs have no bf16"):
+        check_local_devices(bf16, "local", num_cpus=8, gpus=1, bf16=False)
+    check_local_devices(bf16, "local", num_cpus=8, gpus=1, bf16=True)
     t = build_pipeline(tiny_raw(train={"num_workers": 4, "cpus_per_worker": 1.0})).train
     with pytest.raises(ValueError, match=r"= 4 CPUs, but the local Ray instance has 2: lower train.cpus_per_worker"):
         check_local_devices(t, "local", num_cpus=2)
@@ -538,6 +542,13 @@ retrain: {manifest_dir: state/retrain}
     # ~ is the home folder
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert load_pipeline(p, ["data.train=~/shards"]).data.train == str(tmp_path / "home/shards")
+    # $VAR is expanded; an unset one is an error naming the field, not a folder called "$DATA"
+    monkeypatch.setenv("MMTL_TEST_DATA", str(tmp_path / "d"))
+    assert load_pipeline(p, ["data.train=$MMTL_TEST_DATA/train"]).data.train == str(tmp_path / "d/train")
+    monkeypatch.delenv("MMTL_TEST_DATA")
+    with pytest.raises(PipelineError, match=r"data.train='\$\{MMTL_TEST_DATA\}/train': environment variable "
+                                            "MMTL_TEST_DATA is not set"):
+        load_pipeline(p, ["data.train=${MMTL_TEST_DATA}/train"])
 
 
 def test_quickstart_then_coop_from_another_directory_agree(tmp_path, monkeypatch):
@@ -555,7 +566,7 @@ def test_mmtl_config_prints_every_resolved_path(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     res = cli("config", str(REPO / "pipelines" / "emoji-coop.yaml"))
     assert res.exit_code == 0, res.output
-    body, _, paths = res.stdout.partition("# resolved paths")
+    paths = res.stdout.partition("# resolved paths")[2]
     assert yaml.safe_load(res.stdout)["train"]["runs_root"] == str(REPO / "runs")  # still valid YAML
     for key in ("data.train:", "data.test:", "model.init_from:", "train.runs_root:", "run folder:", "data.cache_dir:",
                 "tracking store:", "artifacts:"):
