@@ -18,9 +18,10 @@ is in such a folder, else the file's own folder), never to the current directory
 path that starts with the runs root as the pipeline file writes it (``runs/`` by default) points into the runs
 root this run writes to (``train.runs_root`` after overrides). :func:`describe_paths` lists them all.
 
-Names (:func:`check_names`): ``train.name``, eval-set names, ``tracking.experiment`` and
+Names and worker settings (:func:`pipeline_problems`): ``train.name``, eval-set names, ``tracking.experiment`` and
 ``tracking.model_name`` are checked when the pipeline is loaded (length, ``/``, ``..``, glob and shell
-characters, MLflow's rules); a run name derived from the file name is made safe instead.
+characters, MLflow's rules); a run name derived from the file name is made safe instead. Settings that cannot
+work on the chosen workers are refused (:mod:`mmtl.config_workers`).
 """
 from __future__ import annotations
 
@@ -62,16 +63,6 @@ class DataConfig(_Section):
     decode_cpus: float = Field(0.25, gt=0, description="CPUs reserved per Ray Data read/decode task.")
     cache_frozen_features: bool = Field(True, description="Compute frozen, non-augmented tower outputs once.")
     cache_dir: Optional[str] = Field(None, description="Feature cache root; default <runs_root>/cache.")
-
-    @field_validator("extra_eval")
-    @classmethod
-    def _set_names(cls, v: dict) -> dict:
-        shadow = [k for k in v if k in ("test", "val")]
-        if shadow:
-            raise ValueError(f"data.extra_eval names {shadow}, which would hide data.{shadow[0]}: set data.test / "
-                             "data.val for those, or give the extra set another name")
-        names.check_set_names(v, "data.extra_eval")
-        return v
 
 
 class VisionTowerConfig(_Section):
@@ -235,20 +226,6 @@ class TrainConfig(_Section):
     seed: int = 0
     log_every: int = Field(10, ge=1, description="Steps between metric reports / progress lines.")
 
-    @field_validator("name")
-    @classmethod
-    def _run_name(cls, v: Optional[str]) -> Optional[str]:
-        if v is not None:
-            names.check_run_name(v)
-        return v
-
-    @model_validator(mode="after")
-    def _check_workers(self) -> "TrainConfig":
-        from mmtl.config_workers import check_train_workers
-
-        check_train_workers(self)
-        return self
-
     @model_validator(mode="after")
     def _check_global_batch(self) -> "TrainConfig":
         expect = self.micro_batch_size * self.grad_accum_steps * self.num_workers
@@ -278,15 +255,6 @@ class EvalConfig(_Section):
     ridge_baseline: bool = False
     batch_size: int = Field(128, gt=0)
 
-    @field_validator("sets")
-    @classmethod
-    def _sets(cls, v: list[str]) -> list[str]:
-        dup = sorted({s for s in v if v.count(s) > 1})
-        if dup:
-            raise ValueError(f"eval.sets lists {dup} more than once")
-        names.check_set_names(v, "eval.sets")
-        return v
-
     @field_validator("recall_ks")
     @classmethod
     def _positive(cls, v: list[int]) -> list[int]:
@@ -300,28 +268,6 @@ class TrackingConfig(_Section):
     experiment: str = "mmtl"
     model_name: Optional[str] = Field(None, description="Registered model name; null: do not register.")
     log_model: bool = True
-
-    @field_validator("experiment")
-    @classmethod
-    def _experiment(cls, v: str) -> str:
-        names.check_experiment_name(v)
-        return v
-
-    @field_validator("model_name")
-    @classmethod
-    def _model_name(cls, v: Optional[str]) -> Optional[str]:
-        if v is not None:
-            names.check_model_name(v)
-        return v
-
-    @field_validator("uri")
-    @classmethod
-    def _uri(cls, v: Optional[str]) -> Optional[str]:
-        if v is not None:
-            from mmtl.tracking.mlflow_utils import check_tracking_uri
-
-            check_tracking_uri(v, "tracking.uri")
-        return v
 
 
 class RetrainConfig(_Section):
@@ -408,9 +354,45 @@ whose values :func:`mmtl.config_yaml.coerce_freeform` coerces."""
 _SECTIONS = ("data", "model", "strategy", "train", "eval", "tracking")
 
 
+def pipeline_problems(pipe: Pipeline) -> list[str]:
+    """What :func:`build_pipeline` refuses beyond the schema, each naming its field: run, eval-set, experiment
+    and model names (:mod:`mmtl.config_names`), settings that cannot work on the workers
+    (:mod:`mmtl.config_workers`) and an unshareable tracking URI. Kept out of the pydantic validators so that
+    exports written by an older mmtl still load (``Pipeline.model_validate``) for evaluation."""
+    from mmtl.config_workers import worker_problems
+    from mmtl.tracking.mlflow_utils import check_tracking_uri
+
+    out: list[str] = []
+
+    def check(fn, *args) -> None:
+        try:
+            fn(*args)
+        except ValueError as exc:
+            out.append(str(exc))
+
+    if pipe.train.name is not None:
+        check(names.check_run_name, pipe.train.name)
+    shadow = [k for k in pipe.data.extra_eval if k in ("test", "val")]
+    if shadow:
+        out.append(f"data.extra_eval names {shadow}, which would hide data.{shadow[0]}: set data.test / data.val "
+                   "for those, or give the extra set another name")
+    check(names.check_set_names, list(pipe.data.extra_eval), "data.extra_eval")
+    dup = sorted({s for s in pipe.eval.sets if pipe.eval.sets.count(s) > 1})
+    if dup:
+        out.append(f"eval.sets lists {dup} more than once")
+    check(names.check_set_names, pipe.eval.sets, "eval.sets")
+    check(names.check_experiment_name, pipe.tracking.experiment)
+    if pipe.tracking.model_name is not None:
+        check(names.check_model_name, pipe.tracking.model_name)
+    if pipe.tracking.uri is not None:
+        check(check_tracking_uri, pipe.tracking.uri, "tracking.uri")
+    return out + worker_problems(pipe.train)
+
+
 def build_pipeline(raw: dict) -> Pipeline:
     """Validate a raw dict: empty sections mean defaults, free-form dicts are coerced
-    (:data:`FREEFORM_FIELDS`), then the schema (names, worker settings, values) is checked.
+    (:data:`FREEFORM_FIELDS`), then the schema and :func:`pipeline_problems` (names, worker settings) are
+    checked.
 
     Raises:
         PipelineError: naming each bad field path and value.
@@ -425,9 +407,13 @@ def build_pipeline(raw: dict) -> Pipeline:
     except ValueError as exc:
         raise PipelineError(f"invalid pipeline:\n  {exc}") from None
     try:
-        return Pipeline.model_validate(raw)
+        pipe = Pipeline.model_validate(raw)
     except ValidationError as err:
         raise PipelineError(_format_errors(err)) from None
+    problems = pipeline_problems(pipe)
+    if problems:
+        raise PipelineError("invalid pipeline:\n" + "\n".join(f"  {p}" for p in problems))
+    return pipe
 
 
 def _is_uri(spec: str) -> bool:

@@ -40,13 +40,6 @@ def worker_problems(t) -> list[str]:
     return out
 
 
-def check_train_workers(t) -> None:
-    """Raise ValueError listing :func:`worker_problems` of ``t`` (pydantic reports it under ``train``)."""
-    problems = worker_problems(t)
-    if problems:
-        raise ValueError("; ".join(problems))
-
-
 def _gpu_count() -> int:
     try:
         import torch

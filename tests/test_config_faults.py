@@ -598,3 +598,19 @@ def test_case22_run_finishes_and_is_found_in_the_one_store(tmp_path, monkeypatch
     run = MlflowClient(uri).get_run(summary["mlflow_run_id"])
     assert run.info.status == "FINISHED" and "train/loss" in run.data.metrics  # logged by the rank-0 worker
     assert not list(elsewhere.iterdir()) and not (out / "runs" / "mlflow.db").exists()
+
+
+def test_exports_of_older_runs_still_validate():
+    """Names and worker rules are checked when a pipeline is loaded for a run, not by the schema itself: a
+    pipeline.yaml written by an older mmtl (a run name with a space, offload ignored at ZeRO-0) still loads for
+    evaluation."""
+    from mmtl.config import Pipeline
+
+    raw = tiny_raw(train={"name": "my run", "offload_optimizer": True, "zero_stage": 0},
+                   tracking={"model_name": "team model"})
+    pipe = Pipeline.model_validate(raw)
+    assert pipe.train.name == "my run"
+    with pytest.raises(PipelineError) as e:
+        build_pipeline(raw)
+    for text in ("train.name='my run'", "tracking.model_name='team model'", "train.offload_optimizer=true"):
+        assert text in str(e.value)
