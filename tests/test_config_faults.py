@@ -365,6 +365,11 @@ def test_resume_settings_compared_field_by_field():
     meta = checkpoint_meta(pipe, 2, 1)
     assert meta["settings"]["train.precision"] == "fp32" and meta["settings"]["model.family"] == "two_tower"
     assert check_compatible(meta, 1, 2, pipe) == []
+    assert check_compatible(json.loads(json.dumps(meta)), 1, 2, pipe) == []  # as read back from mmtl_meta.json
+    from mmtl.models import tiny_open_clip_config
+
+    oc = build_pipeline(tiny_raw(model=tiny_open_clip_config().model_dump()))  # python tuples in model.config
+    assert check_compatible(json.loads(json.dumps(checkpoint_meta(oc, 2, 1))), 1, 2, oc) == []
     for over, field, value in [({"train": {"precision": "bf16"}}, "train.precision", "fp32"),
                                ({"strategy": {"kind": "full"}}, "strategy.kind", "frozen"),
                                ({"train": {"optimizer": "sgd"}}, "train.optimizer", "adamw"),

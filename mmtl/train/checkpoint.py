@@ -83,10 +83,12 @@ CPU with the tiny model)."""
 
 
 def _get(pipe, dotted: str):
+    """The value at ``dotted`` in ``pipe`` as JSON data (tuples -> lists), comparable with a saved meta."""
     node = pipe
     for part in dotted.split("."):
         node = getattr(node, part, None)
-    return node.model_dump(mode="json") if hasattr(node, "model_dump") else node
+    node = node.model_dump(mode="json") if hasattr(node, "model_dump") else node
+    return json.loads(json.dumps(node, default=str))
 
 
 def trainable_signature(module: torch.nn.Module) -> dict:
