@@ -62,12 +62,21 @@ def select_run_dir(runs_root: str, name: str, resume: str, must_resume: bool = F
 
     ``resume="auto"`` continues the newest unfinished run named ``name`` or ``name-N``; otherwise (or when
     that run finished) a new ``name-N`` is used. ``must_resume`` (``mmtl run --resume``) raises
-    FileNotFoundError when there is nothing unfinished to resume.
+    FileNotFoundError when there is nothing unfinished to resume. The result is always a folder directly under
+    ``runs_root``.
+
+    Raises:
+        ValueError: ``name`` is not a valid run name (:func:`mmtl.config.names.check_run_name`: a path, ``..``,
+            glob or shell characters, too long).
     """
+    from mmtl.config.names import check_run_name
+
+    check_run_name(name)
     root = Path(runs_root)
     pat = re.compile(rf"^{re.escape(name)}(?:-(\d+))?$")
+    children = list(root.iterdir()) if root.is_dir() else []
     existing = sorted(
-        ((int(m.group(1) or 1), p) for p in root.glob(f"{name}*") if p.is_dir() and (m := pat.match(p.name))),
+        ((int(m.group(1) or 1), p) for p in children if (m := pat.match(p.name)) and p.is_dir()),
         key=lambda t: t[0],
     )
     if existing and (resume == "auto" or must_resume):
@@ -106,3 +115,49 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+_DETERMINISTIC = ("ValueError", "TypeError", "NotImplementedError", "KeyError", "AttributeError", "AssertionError",
+                  "ImportError", "ModuleNotFoundError", "FloatingPointError", "CheckpointMismatchError",
+                  "ZeRORuntimeException", "PipelineError", "FileNotFoundError", "IndexError", "ZeroDivisionError")
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    """``exc`` and what it wraps: Ray Train's per-worker failures, ``RayTaskError.cause``, ``__cause__``."""
+    out, todo, seen = [], [exc], set()
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        out.append(e)
+        todo += list((getattr(e, "worker_failures", None) or {}).values())
+        todo += [getattr(e, "cause", None), getattr(e, "controller_failure", None), e.__cause__]
+    return out
+
+
+def resume_can_help(exc: BaseException) -> bool:
+    """False when every failure inside ``exc`` is a programming or configuration error (ValueError, TypeError,
+    DeepSpeed's ZeRORuntimeException, a checkpoint mismatch, a non-finite loss ...) that a rerun from the last
+    checkpoint would hit again; True for crashes a rerun can get past (a killed or lost worker, OOM, a lost
+    connection)."""
+    leaves = [e for e in _causes(exc) if not getattr(e, "worker_failures", None)
+              and getattr(e, "cause", None) is None and getattr(e, "controller_failure", None) is None]
+    names = [{t.__name__ for t in type(e).__mro__} for e in leaves or [exc]]
+    return not all(n & set(_DETERMINISTIC) for n in names)
+
+
+def training_failure(exc: BaseException, run_dir: Path) -> str:
+    """The message for a failed ``trainer.fit()``: the error, and ``rerun with --resume`` only when a resume
+    can help (:func:`resume_can_help`) and the run has a checkpoint to resume from."""
+    msg = f"training failed: {exc}"
+    ckpt = latest_checkpoint(run_dir)
+    if not resume_can_help(exc):
+        return msg + "; this error does not depend on where training stopped: fix the setting it names and rerun"
+    if ckpt is None:
+        return msg + "; no checkpoint was written yet: rerunning starts from step 0"
+    try:
+        step = json.loads((ckpt / "mmtl_meta.json").read_text()).get("step")
+    except (OSError, ValueError):
+        step = "?"
+    return msg + f"; rerun with --resume to continue from the last checkpoint (step {step})"

@@ -64,8 +64,10 @@ def config_cmd(
     pipeline: Path = typer.Argument(...),
     overrides: Optional[List[str]] = typer.Argument(None),
 ) -> None:
-    """Validate a pipeline (with overrides) and print it resolved."""
-    print(load_pipeline_or_exit(pipeline, overrides or []).to_yaml())
+    """Validate a pipeline (with overrides) and print it resolved, then every resolved path (as # comments)."""
+    from mmtl.recipes.config_report import config_report
+
+    print(config_report(load_pipeline_or_exit(pipeline, overrides or [])))
 
 
 def export_cmd(

@@ -16,7 +16,6 @@ Every bad form raises :class:`ModelSpecError` (a ``ValueError``) with a message 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import tempfile
@@ -142,8 +141,11 @@ def _resolve_local(spec: str) -> ResolvedModel:
 
 
 def mlflow_tracking_uri(tracking_uri: Optional[str]) -> Optional[str]:
-    """``tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else None."""
-    return tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or None
+    """``tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else None; absolute, and an existing local store
+    (:func:`mmtl.tracking.mlflow_utils.existing_store_uri`; ValueError otherwise)."""
+    from mmtl.tracking.mlflow_utils import existing_store_uri
+
+    return existing_store_uri(tracking_uri)
 
 
 def _resolve_uri(spec: str, tracking_uri: Optional[str], dst: Optional[str]) -> ResolvedModel:
@@ -187,11 +189,11 @@ def _resolve_uri(spec: str, tracking_uri: Optional[str], dst: Optional[str]) -> 
                           **({"alias": m_alias.group(2)} if m_alias else {})}
     except MlflowException as e:
         raise ModelSpecError(f"cannot resolve {spec!r} at {uri}: {_short(e)}") from None
-    import mlflow.artifacts
+    from mmtl.tracking import mlflow_utils as mlu
 
     tmp = Path(tempfile.mkdtemp(prefix="mmtl-model-", dir=dst))
     try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=spec, dst_path=str(tmp), tracking_uri=uri))
+        local = Path(mlu.download_artifacts(uri, spec, str(tmp)))  # registry = tracking store
     except MlflowException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise ModelSpecError(f"cannot download {spec!r} from {uri}: {_short(e)}") from None

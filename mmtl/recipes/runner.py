@@ -49,20 +49,25 @@ def run_pipeline(pipe: Pipeline, *, address: Optional[str] = None, must_resume: 
     Raises:
         PipelineError / ValueError: bad configuration, unknown strategy kind (before anything starts).
         MissingShardsError / EmptyDatasetError: data problems, before training.
-        CheckpointMismatchError: resuming a checkpoint written at another world size, before training.
+        CheckpointMismatchError: resuming a checkpoint written with other settings (world size, ZeRO stage,
+            precision, family, strategy, trainable set ...), before training.
         RuntimeError: training failed (the run is left resumable).
         RunStepError: a step after training failed (checkpoint, export and a failed summary are kept;
             ``--resume`` redoes only the steps after training).
     """
+    from mmtl.config.workers import check_local_devices
+
     t_start = time.time()
     check_pipeline(pipe)
+    check_local_devices(pipe.train, address)  # GPUs / CPUs the local Ray instance will have, before anything runs
     recipe_cls = recipe_for(pipe.strategy.kind)
     specs = eval_specs(pipe)
     run_dir, resuming = select_run_dir(pipe.train.runs_root, pipe.train.name, pipe.train.resume, must_resume)
     run_dir.mkdir(parents=True, exist_ok=True)
     if resuming:
         meta = read_meta(latest_checkpoint(run_dir))
-        check_compatible(meta, pipe.train.num_workers, pipe.train.zero_stage)
+        for note in check_compatible(meta, pipe.train.num_workers, pipe.train.zero_stage, pipe):
+            say(note)
         say(f"resuming {run_dir} from step {meta['step']}")
     (run_dir / "pipeline.yaml").write_text(pipe.to_yaml())
     uri = mlu.tracking_uri(pipe.tracking.uri, pipe.train.runs_root)

@@ -117,6 +117,7 @@ def log_pyfunc(uri: str, run_id: str, export_dir: Path, python_model, signature,
     import mlflow
 
     mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)  # register in the same store, whatever $MLFLOW_REGISTRY_URI says
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name="model", python_model=python_model, signature=signature, pip_requirements=PIP_REQUIREMENTS,

@@ -17,14 +17,24 @@ from mmtl.config import TrainConfig
 def deepspeed_config(cfg: TrainConfig) -> dict:
     """DeepSpeed JSON config for ``cfg``: ZeRO stage, offload, precision, clipping, batch sizes.
 
-    ``train_batch_size`` = micro_batch_size * grad_accum_steps * num_workers (the global batch).
+    ``train_batch_size`` = micro_batch_size * grad_accum_steps * num_workers (the global batch). With
+    ``offload_optimizer`` it sets ``zero_force_ds_cpu_optimizer: false``: DeepSpeed's documented switch for
+    ZeRO-Offload with a client optimizer (mmtl's torch AdamW / SGD), which it refuses otherwise.
+
+    Raises:
+        ValueError: settings that cannot work on the workers (:func:`mmtl.config.workers.worker_problems`; the
+            pipeline loader refuses them first).
     """
+    from mmtl.config.workers import worker_problems
+
+    problems = worker_problems(cfg)
+    if problems:
+        raise ValueError("; ".join(problems))
     zero: dict = {"stage": cfg.zero_stage}
-    if cfg.zero_stage >= 1 and cfg.offload_optimizer:
+    offload = cfg.zero_stage >= 1 and cfg.offload_optimizer
+    if offload:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cfg.use_gpu}
     if cfg.offload_param:
-        if cfg.zero_stage != 3:
-            raise ValueError(f"train.offload_param=true needs train.zero_stage=3 (got {cfg.zero_stage})")
         zero["offload_param"] = {"device": "cpu", "pin_memory": cfg.use_gpu}
     if cfg.zero_stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = False
@@ -37,6 +47,8 @@ def deepspeed_config(cfg: TrainConfig) -> dict:
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
     }
+    if offload:
+        ds["zero_force_ds_cpu_optimizer"] = False
     if cfg.grad_clip:
         ds["gradient_clipping"] = cfg.grad_clip
     if cfg.precision == "bf16":

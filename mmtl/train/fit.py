@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from mmtl.config import Pipeline
-from mmtl.runtime import FORWARDED_ENV
+from mmtl.runtime import FORWARDED_ENV, training_failure
 from mmtl.tracking import mlflow_utils as mlu
 
 Say = Callable[[str], None]
@@ -78,7 +78,7 @@ def fit(pipe: Pipeline, run_dir: Path, arrays: Optional[dict], uri: str, run_id:
     try:
         result = trainer.fit()
     except Exception as exc:  # Ray Train raises TrainingFailedError when workers fail past max_failures
-        raise RuntimeError(f"training failed: {exc}; rerun with --resume to continue from the last checkpoint") from exc
+        raise RuntimeError(training_failure(exc, run_dir)) from exc
     if result.error:
         raise RuntimeError(f"training failed: {result.error}") from result.error
     return result

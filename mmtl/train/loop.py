@@ -26,7 +26,8 @@ import torch
 from mmtl.config import Pipeline
 from mmtl.runtime import seed_everything
 from mmtl.strategies import get_strategy
-from mmtl.train.checkpoint import consolidated_state_dict, restore_checkpoint, save_checkpoint, write_export
+from mmtl.train.checkpoint import (checkpoint_meta, consolidated_state_dict, restore_checkpoint, save_checkpoint,
+                                   write_export)
 from mmtl.train.ds_config import WarmupCosine, build_optimizer, deepspeed_config
 from mmtl.train.step import ContrastiveModule, train_step
 
@@ -191,9 +192,8 @@ def _peak_rss_mb() -> float:
 def _checkpoint(engine, pipe, step, rank, world_size, metrics, report, export: bool) -> None:
     d = Path(tempfile.mkdtemp(prefix=f"mmtl-ckpt-{step}-r{rank}-"))
     try:
-        meta = {"step": step, "world_size": world_size, "zero_stage": pipe.train.zero_stage,
-                "samples_seen": step * pipe.train.effective_global_batch,
-                "train_metrics": {k: v for k, v in metrics.items() if k.startswith("train/")}}
+        meta = checkpoint_meta(pipe, step, world_size, engine.module)
+        meta["train_metrics"] = {k: v for k, v in metrics.items() if k.startswith("train/")}  # for a redo after training
         save_checkpoint(engine, d, meta, rank)
         strategy = get_strategy(pipe.strategy.kind)
         strategy.save_extras(engine.module, d, pipe)  # e.g. LoRA's adapter/, every checkpoint, every rank

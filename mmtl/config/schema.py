@@ -1,19 +1,13 @@
-"""Pipeline schema (pydantic) and loader with dotted ``a.b.c=value`` overrides.
-
-A pipeline is one YAML file with the sections ``data``, ``model``, ``strategy``, ``train``, ``eval`` and
-``tracking`` (and, for ``mmtl retrain``, an optional ``retrain``). Unknown keys and bad values are errors that
-name the field path and the offending value (:class:`PipelineError`). Paths in a pipeline are resolved relative
-to the pipeline file's directory's project root (the directory that holds ``pipelines/``) unless absolute or a
-URI.
-"""
+"""The pipeline schema: one pydantic model per YAML section (``data``, ``model``, ``strategy``, ``train``,
+``eval``, ``tracking``, ``retrain``) and :class:`Pipeline`. Unknown keys are errors (``extra="forbid"``).
+Loading, overrides, path resolution and the checks beyond the schema are in :mod:`mmtl.config`."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 ShardSpec = Union[str, list[str]]
 
@@ -266,6 +260,8 @@ class RetrainConfig(_Section):
 class Pipeline(_Section):
     """The whole pipeline file."""
 
+    _project_root: Optional[str] = PrivateAttr(None)  # what relative paths resolved against (load_pipeline)
+
     data: DataConfig
     model: ModelConfig = Field(default_factory=ModelConfig)
     strategy: StrategyConfig = Field(default_factory=StrategyConfig)
@@ -276,119 +272,3 @@ class Pipeline(_Section):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
-
-
-def _format_errors(err: ValidationError) -> str:
-    lines = []
-    for e in err.errors():
-        path = ".".join(str(p) for p in e["loc"]) or "<root>"
-        val = e.get("input")
-        shown = repr(val) if not isinstance(val, dict) else "{...}"
-        if len(shown) > 120:
-            shown = shown[:117] + "..."
-        lines.append(f"  {path}: {e['msg']} (got {shown})")
-    return "invalid pipeline:\n" + "\n".join(lines)
-
-
-def parse_override(item: str) -> tuple[list[str], Any]:
-    """Split ``a.b.c=value`` into (["a","b","c"], value); the value is parsed as YAML.
-
-    Raises:
-        PipelineError: when ``item`` has no ``=`` or an empty key.
-    """
-    if "=" not in item:
-        raise PipelineError(f"override {item!r} must look like a.b.c=value")
-    key, raw = item.split("=", 1)
-    parts = [p for p in key.strip().split(".")]
-    if not all(parts):
-        raise PipelineError(f"override {item!r} has an empty key")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() != "" else ""
-    except yaml.YAMLError as exc:
-        raise PipelineError(f"override {item!r}: value is not valid YAML: {exc}") from exc
-    return parts, value
-
-
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """Apply dotted overrides to a raw (unvalidated) pipeline dict in place and return it."""
-    for item in overrides:
-        parts, value = parse_override(item)
-        node = raw
-        for i, p in enumerate(parts[:-1]):
-            nxt = node.get(p)
-            if nxt is None:
-                nxt = node[p] = {}
-            if not isinstance(nxt, dict):
-                raise PipelineError(f"override {item!r}: {'.'.join(parts[: i + 1])} is not a section")
-            node = nxt
-        node[parts[-1]] = value
-    return raw
-
-
-def build_pipeline(raw: dict) -> Pipeline:
-    """Validate a raw dict. Raises PipelineError naming each bad field path and value."""
-    if not isinstance(raw, dict):
-        raise PipelineError(f"pipeline must be a mapping, got {type(raw).__name__}")
-    try:
-        return Pipeline.model_validate(raw)
-    except ValidationError as err:
-        raise PipelineError(_format_errors(err)) from None
-
-
-def _resolve_paths(pipe: Pipeline, base: Path) -> Pipeline:
-    """Make relative local paths absolute against ``base`` (URIs and absolute paths unchanged)."""
-
-    def fix(spec):
-        if spec is None:
-            return None
-        if isinstance(spec, list):
-            return [fix(s) for s in spec]
-        if "://" in spec or spec.startswith("package:") or Path(spec).is_absolute():
-            return spec
-        return str((base / spec))
-
-    d = pipe.data
-    d.train = fix(d.train)
-    d.val, d.test = fix(d.val), fix(d.test)
-    d.extra_eval = {k: fix(v) for k, v in d.extra_eval.items()}
-    if d.cache_dir:
-        d.cache_dir = fix(d.cache_dir)
-    m = pipe.model
-    m.weights = fix(m.weights)
-    m.vision.weights = fix(m.vision.weights)
-    m.text.path = fix(m.text.path)
-    m.text.tokenizer_path = fix(m.text.tokenizer_path)
-    m.init_from = fix(m.init_from)
-    pipe.strategy.fusion.answers_file = fix(pipe.strategy.fusion.answers_file)
-    if not Path(pipe.train.runs_root).is_absolute():
-        pipe.train.runs_root = str(Path.cwd() / pipe.train.runs_root)
-    if pipe.retrain is not None and pipe.retrain.manifest_dir and not Path(pipe.retrain.manifest_dir).is_absolute():
-        pipe.retrain.manifest_dir = str(Path.cwd() / pipe.retrain.manifest_dir)
-    return pipe
-
-
-def project_root_for(path: Path) -> Path:
-    """The directory relative paths in a pipeline refer to: the parent of ``pipelines/`` if the file is
-    in such a folder, else the file's own directory."""
-    path = path.resolve()
-    return path.parent.parent if path.parent.name == "pipelines" else path.parent
-
-
-def load_pipeline(path: str | Path, overrides: Optional[list[str]] = None) -> Pipeline:
-    """Load a pipeline YAML, apply ``a.b.c=value`` overrides, validate and resolve relative paths.
-
-    Raises:
-        PipelineError: missing file, bad YAML, unknown key or bad value (message names the field path).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise PipelineError(f"pipeline file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise PipelineError(f"{path}: not valid YAML: {exc}") from exc
-    raw = apply_overrides(raw, overrides or [])
-    pipe = build_pipeline(raw)
-    if pipe.train.name is None:
-        pipe.train.name = path.stem
-    return _resolve_paths(pipe, project_root_for(path))

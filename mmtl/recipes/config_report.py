@@ -1,0 +1,64 @@
+"""``mmtl config``: the resolved pipeline followed by every path it will read or write (as ``#`` comments, so
+the output stays valid YAML), including the run folder a run would use now."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from mmtl.config import Pipeline, is_uri
+
+
+def describe_paths(pipe: Pipeline) -> str:
+    """Every path the pipeline will read or write, resolved, as ``#`` comment lines (so ``mmtl config`` output
+    stays valid YAML): inputs (``(missing)`` when a plain local path does not exist), the runs root, the run
+    folder a run would use now (new, or the unfinished one it resumes), the feature cache, the tracking store
+    and artifact root, and the retrain manifests."""
+    from mmtl.runtime import select_run_dir
+    from mmtl.config.tracking_uri import artifact_root, resolve_tracking_uri
+
+    rows: list[tuple[str, str]] = []
+
+    def add(key: str, spec, note: str = "") -> None:
+        if spec is None:
+            return
+        for one in spec if isinstance(spec, list) else [spec]:
+            mark = ""
+            if not is_uri(one) and not any(c in one for c in "*?[{") and not os.path.exists(one):
+                mark = " (missing)"
+            rows.append((key, f"{one}{mark}{note}"))
+
+    d, m, t = pipe.data, pipe.model, pipe.train
+    add("data.train", d.train)
+    add("data.val", d.val)
+    add("data.test", d.test)
+    for k, v in d.extra_eval.items():
+        add(f"data.extra_eval.{k}", v)
+    for key, v in (("model.weights", m.weights), ("model.vision.weights", m.vision.weights),
+                   ("model.text.path", m.text.path), ("model.text.tokenizer_path", m.text.tokenizer_path),
+                   ("model.init_from", m.init_from),
+                   ("strategy.fusion.answers_file", pipe.strategy.fusion.answers_file)):
+        add(key, v)
+    rows.append(("train.runs_root", t.runs_root))
+    try:
+        run_dir, resuming = select_run_dir(t.runs_root, t.name, t.resume)
+        rows.append(("run folder", f"{run_dir} ({'resumes the unfinished run there' if resuming else 'new'})"))
+    except (OSError, ValueError) as exc:
+        rows.append(("run folder", f"cannot be chosen: {exc}"))
+    rows.append(("data.cache_dir", d.cache_dir or f"{Path(t.runs_root) / 'cache'} (default)"))
+    source = ("tracking.uri" if pipe.tracking.uri else "$MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI")
+              else "default under train.runs_root")
+    uri = resolve_tracking_uri(pipe.tracking.uri, t.runs_root)
+    rows.append(("tracking store", f"{uri} ({source})"))
+    art = artifact_root(uri, t.runs_root)
+    rows.append(("artifacts", f"{art}" if art else "the tracking server's artifact store"))
+    if pipe.retrain is not None:
+        rows.append(("retrain.manifest_dir", pipe.retrain.manifest_dir or f"{Path(t.runs_root) / 'retrain'} (default)"))
+    width = max(len(k) for k, _ in rows) + 1
+    head = (f"# resolved paths: relative paths in the pipeline are relative to {pipe._project_root}"
+            if pipe._project_root else "# resolved paths")
+    return "\n".join([head] + [f"#   {k + ':':<{width}} {v}" for k, v in rows])
+
+
+def config_report(pipe: Pipeline) -> str:
+    """What ``mmtl config`` prints: the resolved pipeline as YAML, then :func:`describe_paths` as comments."""
+    return pipe.to_yaml() + describe_paths(pipe)
