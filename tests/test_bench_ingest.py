@@ -17,8 +17,13 @@ def test_bench_ingest_result_is_well_formed(ray_local, tmp_path):
     r = bench_ingest(str(tmp_path), runs=1, batch_size=16, warmup=False)
     assert r["samples"] == r["baseline_samples"] == 64
     assert set(r["samples_per_s"]) == {"mmtl", "baseline"} and min(r["samples_per_s"].values()) > 0
-    rate = r["samples_per_s"]
+    rate, total = r["samples_per_s"], r["samples_per_s_total"]
     assert r["ratio"] == pytest.approx(rate["mmtl"] / rate["baseline"], rel=0.02, abs=2e-3)
+    assert r["ratio_total"] == pytest.approx(total["mmtl"] / total["baseline"], rel=0.02, abs=2e-3)
+    assert r["ratios"] == {"mmtl/baseline": r["ratio"], "mmtl/baseline_total": r["ratio_total"]}
+    assert all(v > 0 for v in r["ratios"].values())
+    assert all(0 < r["first_batch_s"][k] <= r["times_s"][k][0] for k in ("mmtl", "baseline"))
+    assert all(v > 0 for v in r["cpu_ms_per_sample"].values())
     assert r["runs"] == 1 and r["image_size"] == 64 and r["processes"] == 2 and r["startup_s"] == 0.0
     assert len(r["times_s"]["mmtl"]) == len(r["times_s"]["baseline"]) == 1 and r["warmup_s"] == {}
     assert set(r["per_sample_ms"]) >= {"pil_decode_rgb", "mmtl_decode_image", "transform", "mmtl_read_clean"}

@@ -22,8 +22,25 @@ def test_bench_step_tiny_no_ray():
     assert set(st["ratio"]) == {"mmtl/bare_ds", "bare_ds/torch"}
     for v in st["ratio"].values():
         assert math.isfinite(v) and v > 0
+    rr = r["ratios"]  # the headline ratios of `mmtl bench step --json`, from the only stage measured
+    assert rr["stage"] == "zero0" and rr["mmtl/bare_ds"] == st["ratio"]["mmtl/bare_ds"]
+    assert set(rr) == {"stage", "mmtl/bare_ds", "mmtl/bare_ds_cpu", "bare_ds/torch", "bare_ds/torch_cpu",
+                       "mmtl/torch", "mmtl/torch_cpu"}
+    assert all(math.isfinite(v) and v > 0 for k, v in rr.items() if k != "stage")
     assert st["final_checkpoint_s"] >= 0 and st["engine_build_s"] > 0
     assert r["model"]["params"] > 0 and r["model"]["params_trainable"] == r["model"]["params"]
     assert r["steps"] == 3 and r["warmup"] == 1 and r["ray"] is None
     assert "zero0" in format_table(r)
     assert not dist.is_initialized()  # the single-process group it made is gone
+
+
+def test_bench_step_presets():
+    from mmtl.bench.step import PRESETS, bench_step, step_settings
+    import inspect
+
+    defaults = {k: v.default for k, v in inspect.signature(bench_step).parameters.items()}
+    assert {k: defaults[k] for k in PRESETS["default"]} == PRESETS["default"]  # defaults = the short preset
+    assert PRESETS["default"]["zero_stages"] == (2,)
+    assert step_settings(True)["zero_stages"] == (0, 2) and step_settings(True)["repeats"] == 3
+    assert step_settings(False, steps=7, zero_stages=[1], repeats=None) == {**PRESETS["default"], "steps": 7,
+                                                                            "zero_stages": (1,)}

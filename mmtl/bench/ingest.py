@@ -5,8 +5,10 @@ process count. mmtl: ``build_image_dataset(pipe, urls, epochs=1, train=True, pro
 rows_per_block=batch_size)`` read with ``iter_torch_batches`` (Ray started once, ``startup_s`` apart).
 Baseline: ``WebDataset(urls).shuffle(buf).decode("pil").to_tuple(img, txt).map(transform + tokenizer)`` in a
 ``DataLoader(num_workers=processes)``. One warm-up run per side, then ``runs`` interleaved runs per side so
-that outside load hits both alike; medians, ``ratio`` = mmtl / baseline. Each run's wall time includes
-building the pipeline and starting its tasks/workers, which both sides pay per epoch in real use.
+that outside load hits both alike; medians, ``ratio`` = mmtl / baseline in the steady state (the samples
+between 10% and 90% of a run over the time between them), ``ratio_total`` over whole runs. A whole run also
+includes building the pipeline and starting its tasks/workers (reported apart as ``first_batch_s``), which
+both sides pay once per epoch in real use.
 """
 from __future__ import annotations
 
@@ -80,13 +82,45 @@ def _cpu_now() -> float:
     return total + t.user + t.system + t.children_user + t.children_system
 
 
-def _run_mmtl(pipe, urls: list[str], batch_size: int, processes: int) -> tuple[int, float, float]:
+class _Clock:
+    """Per-run timestamps: time to the first batch (start-up) and the steady-state window (from the batch that
+    crosses ``lo`` of the expected samples to the one that crosses ``hi``), with CPU (this process and its
+    descendants) read at the window's ends only."""
+
+    def __init__(self, expected: int, lo: float = 0.1, hi: float = 0.9):
+        self.expected, self.lo, self.hi = max(1, expected), lo, hi
+        self.n, self.first = 0, None
+        self.win: dict = {}
+        self.c0, self.t0 = _cpu_now(), time.perf_counter()
+
+    def batch(self, k: int) -> None:
+        self.n += k
+        now = time.perf_counter()
+        if self.first is None:
+            self.first = now - self.t0
+        for name, frac in (("lo", self.lo), ("hi", self.hi)):
+            if name not in self.win and self.n >= frac * self.expected:
+                self.win[name] = (self.n, now, _cpu_now())
+
+    def result(self) -> dict:
+        dt, cpu = time.perf_counter() - self.t0, _cpu_now() - self.c0
+        out = {"n": self.n, "wall_s": dt, "cpu_s": cpu, "startup_s": self.first or dt, "steady_per_s": None,
+               "steady_cpu_ms": None}
+        if "lo" in self.win and "hi" in self.win and self.win["hi"][0] > self.win["lo"][0]:
+            (n0, t0, c0), (n1, t1, c1) = self.win["lo"], self.win["hi"]
+            out["steady_per_s"] = (n1 - n0) / max(t1 - t0, 1e-9)
+            out["steady_cpu_ms"] = (c1 - c0) / (n1 - n0) * 1e3
+        return out
+
+
+def _run_mmtl(pipe, urls: list[str], batch_size: int, processes: int, expected: int) -> dict:
     from mmtl.data.stream import build_image_dataset
 
-    c0, t0 = _cpu_now(), time.perf_counter()
+    clock = _Clock(expected)
     ds = build_image_dataset(pipe, urls, epochs=1, train=True, processes=processes, rows_per_block=batch_size)
-    n = sum(int(b["image"].shape[0]) for b in ds.iter_torch_batches(batch_size=batch_size))
-    return n, time.perf_counter() - t0, _cpu_now() - c0
+    for b in ds.iter_torch_batches(batch_size=batch_size):
+        clock.batch(int(b["image"].shape[0]))
+    return clock.result()
 
 
 class _ToTensors:  # (PIL image, caption) -> (image, input_ids (L,), attention_mask (L,)); a class: picklable
@@ -99,17 +133,18 @@ class _ToTensors:  # (PIL image, caption) -> (image, input_ids (L,), attention_m
 
 
 def _run_baseline(urls: list[str], transform, tokenize, batch_size: int, processes: int,
-                  buffer: int) -> tuple[int, float, float]:
+                  buffer: int, expected: int) -> dict:
     import torch
     import webdataset as wds
 
-    c0, t0 = _cpu_now(), time.perf_counter()
+    clock = _Clock(expected)
     ds = (wds.WebDataset(urls, shardshuffle=len(urls), empty_check=False).shuffle(buffer).decode("pil")
           .to_tuple("jpg;jpeg;png;webp", "txt").map(_ToTensors(transform, tokenize)))
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=processes)
-    n = sum(int(img.shape[0]) for img, _ids, _mask in loader)
+    for img, _ids, _mask in loader:
+        clock.batch(int(img.shape[0]))
     del loader
-    return n, time.perf_counter() - t0, _cpu_now() - c0
+    return clock.result()
 
 
 def _stage_costs(urls: list[str], pipe, transform, tokenize, n: int = 200) -> dict[str, float]:
@@ -156,6 +191,15 @@ def _stage_costs(urls: list[str], pipe, transform, tokenize, n: int = 200) -> di
     return out
 
 
+def _eta(t0: float, done: int, total: int) -> str:
+    el = time.perf_counter() - t0
+    return f" ({el:.0f} s elapsed, ETA {el / max(1, done) * (total - done):.0f} s)"
+
+
+def _fmt(x: Optional[float]) -> str:
+    return "-" if x is None else f"{x:.0f}"
+
+
 def _limits(r: dict) -> str:
     c, p = r["per_sample_ms"], r["processes"]
     base = c["pil_decode_rgb"] + c["transform"] + c["tokenize_per_sample"]
@@ -175,7 +219,11 @@ def _limits(r: dict) -> str:
         "outside load slows both sides; runs are interleaved so that it hits both alike.")
 
 
-def bench_ingest(path: str | None = None, samples: int = 2000, runs: int = 3, image_size: int = 64,
+# ``mmtl bench ingest`` settings: the default takes ~2-3 min on 2 shared cores; ``--full`` is the long version.
+PRESETS = {"default": {"samples": 10000, "runs": 3}, "full": {"samples": 30000, "runs": 5}}
+
+
+def bench_ingest(path: str | None = None, samples: int = 10000, runs: int = 3, image_size: int = 64,
                  processes: int = 2, batch_size: int = 64, warmup: bool = True, worker_niceness: Optional[int] = 0,
                  say: Optional[Callable[[str], None]] = None) -> dict:
     """Measure samples/s of ``build_image_dataset`` against webdataset + DataLoader on the same shards.
@@ -189,16 +237,22 @@ def bench_ingest(path: str | None = None, samples: int = 2000, runs: int = 3, im
             outside load; DataLoader workers inherit the caller's); None keeps Ray's.
         say: progress lines (e.g. ``print``); None is quiet.
 
-    Returns: ``samples_per_s`` {"mmtl", "baseline"} (medians), ``ratio`` (mmtl / baseline), ``samples`` /
-        ``baseline_samples`` (per run), ``startup_s`` (Ray start-up; 0.0 if Ray was up), ``times_s`` (every
-        run), ``warmup_s``, ``cpu_ms_per_sample`` (CPU of this process + descendants, median), ``per_sample_ms``
-        (stage costs in one process), ``load_avg`` {"before", "after"} (1-min), ``limits`` (in words), settings.
+    Returns: ``ratios`` {"mmtl/baseline" (steady state), "mmtl/baseline_total" (whole runs)}, ``samples_per_s``
+        {"mmtl", "baseline"} (steady state: samples between 10% and 90% of a run over the time between them,
+        median over runs), ``samples_per_s_total`` (whole runs, start-up included), ``ratio`` / ``ratio_total``
+        (the same as in ``ratios``), ``samples`` / ``baseline_samples`` (per run), ``startup_s`` (Ray start-up;
+        0.0 if Ray was up), ``first_batch_s`` (per side: pipeline start-up, the time to the first batch),
+        ``times_s`` (every run), ``warmup_s``, ``cpu_ms_per_sample`` (CPU of this process + descendants per
+        sample in the steady window, median), ``cpu_ms_per_sample_total`` (whole runs), ``per_sample_ms``
+        (CPU ms per sample of each stage in one process), ``load_avg`` {"before", "after"} (1-min), ``limits``
+        (in words), settings.
     """
     import ray
     import torch
 
     from mmtl.config import build_pipeline
     from mmtl.data.shardio import resolve_shards
+    from mmtl.data.stream import count_samples
     from mmtl.models import build_image_transform, build_tokenizer, tiny_two_tower_config
     from mmtl.runtime import init_ray
 
@@ -234,31 +288,50 @@ def bench_ingest(path: str | None = None, samples: int = 2000, runs: int = 3, im
             startup_s, started_here = time.perf_counter() - t0, True
         say(f"Ray up in {startup_s:.1f} s; {len(urls)} shards, image_size={image_size}, processes={processes}, "
             f"batch_size={batch_size}")
+        expected = count_samples(urls)
         sides = {"baseline": lambda: _run_baseline(urls, transform, tokenize, batch_size, processes,
-                                                   pipe.data.shuffle_buffer),
-                 "mmtl": lambda: _run_mmtl(pipe, urls, batch_size, processes)}
+                                                   pipe.data.shuffle_buffer, expected),
+                 "mmtl": lambda: _run_mmtl(pipe, urls, batch_size, processes, expected)}
         torch.set_num_threads(1)  # the driver / DataLoader main process only batches: keep both sides alike
         warm: dict[str, float] = {}
+        t_runs, total_runs, done = time.perf_counter(), (runs + int(warmup)) * len(sides), 0
         for k, fn in sides.items() if warmup else ():
-            n, dt, _ = fn()
-            warm[k] = round(dt, 2)
-            say(f"warm-up {k}: {n} samples in {dt:.2f} s")
-        rec: dict[str, list[tuple[int, float, float]]] = {k: [] for k in sides}
+            o = fn()
+            warm[k] = round(o["wall_s"], 2)
+            done += 1
+            say(f"warm-up {k}: {o['n']} samples in {o['wall_s']:.2f} s{_eta(t_runs, done, total_runs)}")
+        rec: dict[str, list[dict]] = {k: [] for k in sides}
         for i in range(runs):
             for k, fn in sides.items():
-                n, dt, cpu = fn()
-                rec[k].append((n, dt, cpu))
-                say(f"run {i + 1}/{runs} {k}: {n} samples in {dt:.2f} s = {n / dt:.0f} samples/s")
-        rate = {k: statistics.median(n / dt for n, dt, _ in v) for k, v in rec.items()}
+                o = fn()
+                rec[k].append(o)
+                done += 1
+                say(f"run {i + 1}/{runs} {k}: {o['n']} samples in {o['wall_s']:.2f} s = "
+                    f"{o['n'] / o['wall_s']:.0f} samples/s overall, {_fmt(o['steady_per_s'])} steady, first batch "
+                    f"after {o['startup_s']:.2f} s{_eta(t_runs, done, total_runs)}")
+
+        def med(k: str, key: str, scale: float = 1.0, nd: int = 1):
+            xs = [o[key] for o in rec[k] if o[key] is not None]
+            return round(statistics.median(xs) * scale, nd) if xs else None
+
+        steady = {k: med(k, "steady_per_s") for k in sides}
+        total = {k: round(statistics.median(o["n"] / o["wall_s"] for o in v), 1) for k, v in rec.items()}
+        ratio = round(steady["mmtl"] / max(steady["baseline"], 1e-9), 3) if steady["mmtl"] and steady["baseline"] \
+            else None
+        ratio_total = round(total["mmtl"] / max(total["baseline"], 1e-9), 3)
         result = {
-            "samples_per_s": {k: round(rate[k], 1) for k in ("mmtl", "baseline")},
-            "ratio": round(rate["mmtl"] / max(rate["baseline"], 1e-9), 3),
-            "runs": runs, "samples": rec["mmtl"][-1][0], "baseline_samples": rec["baseline"][-1][0],
+            "ratios": {"mmtl/baseline": ratio, "mmtl/baseline_total": ratio_total},
+            "samples_per_s": steady, "samples_per_s_total": total,
+            "ratio": ratio, "ratio_total": ratio_total,
+            "runs": runs, "samples": rec["mmtl"][-1]["n"], "baseline_samples": rec["baseline"][-1]["n"],
             "image_size": image_size, "processes": processes, "batch_size": batch_size, "shards": len(urls),
             "startup_s": round(startup_s, 2),
-            "times_s": {k: [round(dt, 3) for _, dt, _ in v] for k, v in rec.items()}, "warmup_s": warm,
-            "cpu_ms_per_sample": {k: round(statistics.median(c / max(1, n) for n, _, c in v) * 1e3, 3)
-                                  for k, v in rec.items()},
+            "first_batch_s": {k: med(k, "startup_s", nd=3) for k in sides},
+            "times_s": {k: [round(o["wall_s"], 3) for o in v] for k, v in rec.items()}, "warmup_s": warm,
+            "cpu_ms_per_sample": {k: med(k, "steady_cpu_ms", nd=3) for k in sides},
+            "cpu_ms_per_sample_total": {k: round(statistics.median(o["cpu_s"] / max(1, o["n"]) for o in v) * 1e3, 3)
+                                        for k, v in rec.items()},
+            "steady_window": "samples between 10% and 90% of the run (start-up and drain excluded)",
             "per_sample_ms": _stage_costs(urls, pipe, transform, tokenize),
         }
         result["load_avg"] = {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)}

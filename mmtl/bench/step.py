@@ -46,8 +46,6 @@ summaries in :mod:`mmtl.bench.step_summary`.
 """
 from __future__ import annotations
 
-from __future__ import annotations
-
 import contextlib
 import copy
 import gc
@@ -79,12 +77,48 @@ from mmtl.config import ModelConfig
 
 SIDES = ("torch", "bare_ds", "mmtl", "mmtl_ray")
 
+# ``mmtl bench step`` settings: the default finishes in ~4 min on 2 shared cores (ZeRO-2 only, the stage the
+# headline ratios are about); ``--full`` is the long version (ZeRO 0 and 2, more steps and repeats: ~15-20 min).
+PRESETS = {
+    "default": {"steps": 12, "warmup": 3, "zero_stages": (2,), "repeats": 2},
+    "full": {"steps": 30, "warmup": 5, "zero_stages": (0, 2), "repeats": 3},
+}
+# the ratios of issue 19's table, from the headline stage (ZeRO-2 when measured, else the first stage)
+RATIO_KEYS = ("mmtl/bare_ds", "mmtl_ray/bare_ds", "bare_ds/torch")
 
-def bench_step(steps: int = 30, warmup: int = 5, zero_stages=(0, 2), micro_batch: int = 32, use_ray: bool = True,
-               repeats: int = 3, model_cfg: Optional[ModelConfig] = None, threads: Optional[int] = 1,
+
+def step_settings(full: bool = False, **given) -> dict:
+    """The preset's settings (``full``: the long version) with the ``given`` ones that are not None on top."""
+    out = dict(PRESETS["full" if full else "default"])
+    out.update({k: (tuple(v) if k == "zero_stages" else v) for k, v in given.items() if v is not None})
+    return out
+
+
+def headline_ratios(stages: dict) -> dict:
+    """One flat dict of the headline ratios: wall (``step_s`` medians) and ``..._cpu`` (process CPU) for
+    ``mmtl/bare_ds``, ``mmtl_ray/bare_ds`` (when Ray ran), ``bare_ds/torch``, ``mmtl/torch`` and
+    ``mmtl_ray/torch``, plus ``stage`` (which stage they come from)."""
+    if not stages:
+        return {}
+    name = "zero2" if "zero2" in stages else next(iter(stages))
+    sides = stages[name]["sides"]
+    out: dict = {"stage": name}
+    for a, b in (("mmtl", "bare_ds"), ("mmtl_ray", "bare_ds"), ("bare_ds", "torch"), ("mmtl", "torch"),
+                 ("mmtl_ray", "torch")):
+        if a in sides and b in sides:
+            out[f"{a}/{b}"] = round(sides[a]["step_s"] / sides[b]["step_s"], 4)
+            out[f"{a}/{b}_cpu"] = round(sides[a]["cpu_step_s"] / max(sides[b]["cpu_step_s"], 1e-9), 4)
+    return out
+
+
+def bench_step(steps: int = 12, warmup: int = 3, zero_stages=(2,), micro_batch: int = 32, use_ray: bool = True,
+               repeats: int = 2, model_cfg: Optional[ModelConfig] = None, threads: Optional[int] = 1,
                log_every: int = 10, ray_worker_niceness: Optional[int] = 0,
                say: Optional[Callable[[str], None]] = None) -> dict:
     """Measure step time of the mmtl loop, a bare DeepSpeed loop on the same engine and plain torch.
+
+    The defaults are :data:`PRESETS` ``["default"]`` (about 4 minutes on 2 shared cores); ``PRESETS["full"]``
+    is the long version (``mmtl bench step --full``).
 
     Args:
         steps: measured optimizer steps per run (after ``warmup`` unmeasured ones; warmup is at least 1).
@@ -104,7 +138,8 @@ def bench_step(steps: int = 30, warmup: int = 5, zero_stages=(0, 2), micro_batch
         say: progress lines (e.g. ``print``); None is quiet.
 
     Returns:
-        dict with ``stages`` keyed ``"zero<N>"``, each holding per side (``torch``, ``bare_ds``, ``mmtl``,
+        dict with ``ratios`` (:func:`headline_ratios`: the headline wall and CPU ratios in one flat dict),
+        ``stages`` keyed ``"zero<N>"``, each holding per side (``torch``, ``bare_ds``, ``mmtl``,
         ``mmtl_ray`` when ``use_ray``): ``step_s`` (median over repeats of the mean wall step time),
         ``cpu_step_s`` (same with process CPU time), ``step_median_s`` (median of all measured step periods),
         ``runs_step_s`` (per-run mean wall step time), ``log_step_extra_s`` (mmtl sides: what a log step
@@ -149,6 +184,7 @@ def bench_step(steps: int = 30, warmup: int = 5, zero_stages=(0, 2), micro_batch
             say(f"Ray up in {startup:.1f} s")
         stages = {}
         params = None
+        done, total_runs = 0, len(zero_stages) * repeats * len(sides)
         with single_process_group():
             for stage in zero_stages:
                 pipe = bench_pipeline(model_cfg, int(stage), micro_batch, n_batches, log_every)
@@ -159,6 +195,8 @@ def bench_step(steps: int = 30, warmup: int = 5, zero_stages=(0, 2), micro_batch
                     params = trainable_summary(pristine)
                 runs: dict[str, list[dict]] = {s: [] for s in sides}
                 for r in range(repeats):
+                    say(f"zero{stage} repeat {r + 1}/{repeats}: {', '.join(sides)} ({n_batches} steps each; "
+                        f"{time.perf_counter() - t_bench:.0f} s elapsed{_eta(t_bench, done, total_runs)})")
                     order = sides[r % len(sides):] + sides[: r % len(sides)]
                     for side in order:
                         gc.collect()
@@ -173,11 +211,13 @@ def bench_step(steps: int = 30, warmup: int = 5, zero_stages=(0, 2), micro_batch
                             raise RuntimeError(f"{side}: measured {len(wall)} steps, expected {steps}")
                         out.update(wall=wall, cpu=cpu)
                         runs[side].append(out)
+                        done += 1
                         say(f"zero{stage} repeat {r + 1}/{repeats} {side:8s} "
                             f"{statistics.fmean(wall) * 1e3:8.1f} ms/step (cpu {statistics.fmean(cpu) * 1e3:.1f} ms)")
                 stages[f"zero{stage}"] = _summarise(runs, warmup, log_every)
                 del pristine
         return {
+            "ratios": headline_ratios(stages),
             "stages": stages,
             "model": _model_summary(model_cfg, params),
             "steps": steps, "warmup": warmup, "repeats": repeats, "micro_batch": micro_batch,
@@ -199,6 +239,8 @@ def format_table(r: dict) -> str:
     """Plain-text table of :func:`bench_step`'s result."""
     m = r["model"]
     lines = [
+        "headline ratios (" + r.get("ratios", {}).get("stage", "-") + "): "
+        + ", ".join(f"{k} {v:.3f}" for k, v in r.get("ratios", {}).items() if k != "stage"),
         f"model: {m['vision']} @{m['image_size']}px + {m['text']} (ctx {m['context_length']}), "
         f"{(m['params'] or 0) / 1e6:.1f} M params (all trainable); micro-batch {r['micro_batch']}, "
         f"{r['steps']} steps after {r['warmup']} warm-up, {r['repeats']} repeats, {r['threads']} torch thread(s)",
@@ -227,6 +269,13 @@ def format_table(r: dict) -> str:
     la = r["load_avg"]
     lines.append(f"load average {la['before']} -> {la['after']} on {r['cpu_count']} CPUs; {r['wall_s']:.0f} s in all")
     return "\n".join(lines)
+
+
+def _eta(t0: float, done: int, total: int) -> str:
+    if not done:
+        return ""
+    el = time.perf_counter() - t0
+    return f", ETA {el / done * (total - done):.0f} s"
 
 
 def _ms(x: Optional[float]) -> str:
@@ -259,11 +308,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     import argparse
 
     ap = argparse.ArgumentParser(prog="python -m mmtl.bench.step", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--zero", type=int, nargs="+", default=[0, 2])
+    ap.add_argument("--full", action="store_true", help="the long version (PRESETS['full'])")
+    ap.add_argument("--steps", type=int)
+    ap.add_argument("--warmup", type=int)
+    ap.add_argument("--zero", type=int, nargs="+")
     ap.add_argument("--micro-batch", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-ray", action="store_true")
     ap.add_argument("--tiny", action="store_true",
@@ -272,9 +322,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     a = ap.parse_args(argv)
     from mmtl.models import tiny_two_tower_config
 
+    p = step_settings(a.full, steps=a.steps, warmup=a.warmup, zero_stages=a.zero, repeats=a.repeats)
     with stdout_to_stderr() as out:
-        res = bench_step(steps=a.steps, warmup=a.warmup, zero_stages=tuple(a.zero), micro_batch=a.micro_batch,
-                         use_ray=not a.no_ray, repeats=a.repeats, threads=a.threads,
+        res = bench_step(**p, micro_batch=a.micro_batch, use_ray=not a.no_ray, threads=a.threads,
                          model_cfg=tiny_two_tower_config() if a.tiny else None,
                          say=lambda m: print(f"[bench step] {m}", file=sys.stderr, flush=True))
         out.write((json.dumps(res, indent=2) if a.json else format_table(res)) + "\n")

@@ -15,45 +15,55 @@ bench_app = typer.Typer(help="Benchmarks (ratios measured side by side in one ru
 @bench_app.command("ingest")
 def bench_ingest_cmd(
     path: Optional[str] = typer.Argument(None, help="Shards to read; default: write synthetic 224-px JPEG shards"),
-    samples: int = typer.Option(2000, help="Synthetic samples to write"),
-    runs: int = typer.Option(3, help="Timed runs per side (median reported)"),
+    samples: Optional[int] = typer.Option(None, help="Synthetic samples to write (default 10000, --full 30000)"),
+    runs: Optional[int] = typer.Option(None, help="Timed runs per side, median reported (default 3, --full 5)"),
+    full: bool = typer.Option(False, "--full", help="The long version"),
     image_size: int = typer.Option(64, help="Model input size (px)"),
     processes: int = typer.Option(2, help="Reader processes on both sides"),
     batch_size: int = typer.Option(64),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object"),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object (progress goes to stderr)"),
 ) -> None:
     """samples/s of mmtl's Ray Data ingest vs webdataset + torch DataLoader on the same shards and transform."""
-    from mmtl.bench.ingest import bench_ingest
+    import sys
 
-    r = bench_ingest(path, samples=samples, runs=runs, image_size=image_size, processes=processes,
-                     batch_size=batch_size, say=None if as_json else (lambda m: console.print(m, highlight=False)))
+    from mmtl.bench.ingest import PRESETS, bench_ingest
+
+    p = PRESETS["full" if full else "default"]
+    r = bench_ingest(path, samples=p["samples"] if samples is None else samples,
+                     runs=p["runs"] if runs is None else runs, image_size=image_size, processes=processes,
+                     batch_size=batch_size, say=lambda m: print(f"[bench ingest] {m}", file=sys.stderr, flush=True))
     if as_json:
         print(json.dumps(r))
     else:
-        sp = r["samples_per_s"]
-        print(f"mmtl {sp['mmtl']:.1f} samples/s  baseline {sp['baseline']:.1f} samples/s  ratio {r['ratio']:.3f}"
-              f"  (median of {r['runs']}, Ray start-up {r['startup_s']:.1f} s)")
+        sp, tot, fb = r["samples_per_s"], r["samples_per_s_total"], r["first_batch_s"]
+        print(f"steady state: mmtl {sp['mmtl']} samples/s  baseline {sp['baseline']} samples/s  ratio {r['ratio']}"
+              f"\nwhole runs:   mmtl {tot['mmtl']} samples/s  baseline {tot['baseline']} samples/s  ratio "
+              f"{r['ratio_total']}\nstart-up: Ray {r['startup_s']:.1f} s; first batch mmtl {fb['mmtl']} s, "
+              f"baseline {fb['baseline']} s (median of {r['runs']} runs of {r['samples']} samples)\n"
+              f"CPU ms/sample (steady): {r['cpu_ms_per_sample']}; per stage, one process: {r['per_sample_ms']}")
 
 
 @bench_app.command("step")
 def bench_step_cmd(
-    steps: int = typer.Option(30, help="Timed steps per loop"),
-    warmup: int = typer.Option(5, help="Untimed steps first"),
-    zero_stages: str = typer.Option("0,2", help="Comma list of ZeRO stages"),
+    steps: Optional[int] = typer.Option(None, help="Timed steps per loop (default 12, --full 30)"),
+    warmup: Optional[int] = typer.Option(None, help="Untimed steps first (default 3, --full 5)"),
+    zero_stages: Optional[str] = typer.Option(None, help="Comma list of ZeRO stages (default 2, --full 0,2)"),
     micro_batch: int = typer.Option(32),
-    repeats: int = typer.Option(3, help="Repeats (median reported)"),
+    repeats: Optional[int] = typer.Option(None, help="Repeats, median reported (default 2, --full 3)"),
+    full: bool = typer.Option(False, "--full", help="The long version (~15-20 min on 2 cores)"),
     no_ray: bool = typer.Option(False, "--no-ray", help="Skip the Ray Train variant"),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object"),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object (progress goes to stderr)"),
 ) -> None:
     """Step time: mmtl loop vs a bare loop on the same DeepSpeed engine, and bare DeepSpeed vs plain torch."""
-    from mmtl.bench.step import bench_step
+    import sys
 
-    from mmtl.bench.step import format_table, stdout_to_stderr
+    from mmtl.bench.step import bench_step, format_table, stdout_to_stderr, step_settings
 
-    stages = tuple(int(x) for x in zero_stages.split(",") if x.strip())
+    stages = None if zero_stages is None else [int(x) for x in zero_stages.split(",") if x.strip()]
+    p = step_settings(full, steps=steps, warmup=warmup, zero_stages=stages, repeats=repeats)
     with stdout_to_stderr() as out:
-        r = bench_step(steps=steps, warmup=warmup, zero_stages=stages, micro_batch=micro_batch,
-                       use_ray=not no_ray, repeats=repeats)
+        r = bench_step(**p, micro_batch=micro_batch, use_ray=not no_ray,
+                       say=lambda m: print(f"[bench step] {m}", file=sys.stderr, flush=True))
         out.write((json.dumps(r) if as_json else format_table(r)) + "\n")
 
 
