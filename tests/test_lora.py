@@ -184,7 +184,7 @@ def test_deepspeed_zero2_step_trains_lora(process_group, tmp_path):
     m = fresh("two_tower")
     apply_strategy(m, pipe.strategy, zero_stage=pipe.train.zero_stage)
     before = {n: p.detach().clone() for n, p in m.named_parameters()}
-    engine = build_engine(pipe, m)
+    engine = build_engine(pipe, m, zero_stage=2)  # ZeRO-2 itself (one rank alone would run stage 0)
     batch = inputs(m)
     batch = {"image": batch["images"], "input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     losses = [train_step(engine, [batch]) for _ in range(2)]
