@@ -147,7 +147,7 @@ def _run_baseline(urls: list[str], transform, tokenize, batch_size: int, process
     return clock.result()
 
 
-def _stage_costs(urls: list[str], pipe, transform, tokenize, n: int = 200) -> dict[str, float]:
+def _stage_costs(urls: list[str], pipe, transform, tokenize, pipe_draft=None, n: int = 200) -> dict[str, float]:
     """Milliseconds per sample of each stage in this process, single-threaded torch, best of 3 (a lower bound
     that outside load disturbs less). Samples come from the first shard(s)."""
     import itertools
@@ -183,6 +183,11 @@ def _stage_costs(urls: list[str], pipe, transform, tokenize, n: int = 200) -> di
         timed("pil_decode_rgb", lambda: [Image.open(io.BytesIO(d)).convert("RGB") for d in raw])
         imgs = timed("mmtl_decode_image", lambda: [samples.decode_image(d, pipe.data.max_image_pixels) for d in raw])
         timed("transform", lambda: [transform(im) for im in imgs])
+        if pipe_draft is not None:
+            px = stream.draft_px(pipe_draft)
+            small = timed("mmtl_decode_image_draft",
+                          lambda: [samples.decode_image(d, pipe.data.max_image_pixels, px) for d in raw])
+            timed("transform_after_draft", lambda: [transform(im) for im in small])
         timed("tokenize_per_sample", lambda: [tokenize([c]) for c in caps])
         timed("tokenize_batched_64", lambda: [tokenize(caps[i:i + 64]) for i in range(0, len(caps), 64)], len(caps))
         timed("mmtl_read_clean", lambda: list(itertools.islice(shardio.iter_samples(urls, opts), n)))
@@ -213,9 +218,10 @@ def _limits(r: dict) -> str:
         f"samples/s. On top, each side shares the cores with its consumer (DataLoader main process: collation, "
         "unpickling; Ray: the driver's streaming executor, iter_torch_batches, raylet/GCS, object-store copies of "
         "model-ready tensors); cpu_ms_per_sample counts all of it. The JPEG decode and the bicubic crop of the "
-        "full 224-px image dominate: a possible future speed-up is JPEG draft decoding (libjpeg DCT downscale to "
-        ">= ~1.3 x image_size before the transform), not done because the pixels differ slightly from a full "
-        f"decode. Load average {r['load_avg']['before']} -> {r['load_avg']['after']} on {os.cpu_count()} cores: "
+        "full 224-px image dominate: JPEG draft decoding (data.jpeg_draft: libjpeg DCT downscale to >= "
+        "jpeg_draft x image_size before the transform; side mmtl_draft) cuts both, but its pixels differ slightly "
+        "from a full decode, so it is off by default (training stream only; evaluation and frozen features always "
+        f"decode in full). Load average {r['load_avg']['before']} -> {r['load_avg']['after']} on {os.cpu_count()} cores: "
         "outside load slows both sides; runs are interleaved so that it hits both alike.")
 
 
@@ -225,7 +231,7 @@ PRESETS = {"default": {"samples": 10000, "runs": 3}, "full": {"samples": 30000, 
 
 def bench_ingest(path: str | None = None, samples: int = 10000, runs: int = 3, image_size: int = 64,
                  processes: int = 2, batch_size: int = 64, warmup: bool = True, worker_niceness: Optional[int] = 0,
-                 say: Optional[Callable[[str], None]] = None) -> dict:
+                 draft: Optional[float] = 1.5, say: Optional[Callable[[str], None]] = None) -> dict:
     """Measure samples/s of ``build_image_dataset`` against webdataset + DataLoader on the same shards.
 
     Args:
@@ -233,11 +239,14 @@ def bench_ingest(path: str | None = None, samples: int = 10000, runs: int = 3, i
         runs: measured runs per side (median reported), at least 1; ``warmup``: one unmeasured run per side first.
         processes: DataLoader workers = Ray CPUs when this call starts Ray (a running Ray, e.g. pytest's
             ``ray_local``, is used as is) = concurrent mmtl tasks. ``batch_size``: both sides (= rows_per_block).
+        draft: also measure mmtl with ``data.jpeg_draft = draft`` (side ``mmtl_draft``: JPEG draft decoding,
+            off by default in pipelines); None skips that side.
         worker_niceness: of Ray workers when this call starts Ray (Ray's default, 15, starves them under
             outside load; DataLoader workers inherit the caller's); None keeps Ray's.
         say: progress lines (e.g. ``print``); None is quiet.
 
-    Returns: ``ratios`` {"mmtl/baseline" (steady state), "mmtl/baseline_total" (whole runs)}, ``samples_per_s``
+    Returns: ``ratios`` {"mmtl/baseline" (steady state), "mmtl/baseline_total" (whole runs), and with ``draft``
+        "mmtl_draft/baseline", "mmtl_draft/baseline_total"}, ``samples_per_s``
         {"mmtl", "baseline"} (steady state: samples between 10% and 90% of a run over the time between them,
         median over runs), ``samples_per_s_total`` (whole runs, start-up included), ``ratio`` / ``ratio_total``
         (the same as in ``ratios``), ``samples`` / ``baseline_samples`` (per run), ``startup_s`` (Ray start-up;
@@ -268,8 +277,10 @@ def bench_ingest(path: str | None = None, samples: int = 10000, runs: int = 3, i
     started_here, threads = False, torch.get_num_threads()
     try:
         urls = resolve_shards(path)
-        pipe = build_pipeline({"data": {"train": path},
-                               "model": tiny_two_tower_config(image_size=image_size).model_dump(mode="json")})
+        model_json = tiny_two_tower_config(image_size=image_size).model_dump(mode="json")
+        pipe = build_pipeline({"data": {"train": path}, "model": model_json})
+        pipe_draft = build_pipeline({"data": {"train": path, "jpeg_draft": draft}, "model": model_json}) if draft \
+            else None
         transform, tokenize = build_image_transform(pipe.model, True), build_tokenizer(pipe.model)
         startup_s = 0.0
         if not ray.is_initialized():
@@ -292,6 +303,8 @@ def bench_ingest(path: str | None = None, samples: int = 10000, runs: int = 3, i
         sides = {"baseline": lambda: _run_baseline(urls, transform, tokenize, batch_size, processes,
                                                    pipe.data.shuffle_buffer, expected),
                  "mmtl": lambda: _run_mmtl(pipe, urls, batch_size, processes, expected)}
+        if pipe_draft is not None:
+            sides["mmtl_draft"] = lambda: _run_mmtl(pipe_draft, urls, batch_size, processes, expected)
         torch.set_num_threads(1)  # the driver / DataLoader main process only batches: keep both sides alike
         warm: dict[str, float] = {}
         t_runs, total_runs, done = time.perf_counter(), (runs + int(warmup)) * len(sides), 0
@@ -316,11 +329,14 @@ def bench_ingest(path: str | None = None, samples: int = 10000, runs: int = 3, i
 
         steady = {k: med(k, "steady_per_s") for k in sides}
         total = {k: round(statistics.median(o["n"] / o["wall_s"] for o in v), 1) for k, v in rec.items()}
-        ratio = round(steady["mmtl"] / max(steady["baseline"], 1e-9), 3) if steady["mmtl"] and steady["baseline"] \
-            else None
-        ratio_total = round(total["mmtl"] / max(total["baseline"], 1e-9), 3)
+        ratios = {}
+        for k in [s for s in sides if s != "baseline"]:
+            ratios[f"{k}/baseline"] = round(steady[k] / steady["baseline"], 3) if steady[k] and steady["baseline"] \
+                else None
+            ratios[f"{k}/baseline_total"] = round(total[k] / max(total["baseline"], 1e-9), 3)
+        ratio, ratio_total = ratios["mmtl/baseline"], ratios["mmtl/baseline_total"]
         result = {
-            "ratios": {"mmtl/baseline": ratio, "mmtl/baseline_total": ratio_total},
+            "ratios": ratios, "jpeg_draft": draft,
             "samples_per_s": steady, "samples_per_s_total": total,
             "ratio": ratio, "ratio_total": ratio_total,
             "runs": runs, "samples": rec["mmtl"][-1]["n"], "baseline_samples": rec["baseline"][-1]["n"],
@@ -332,7 +348,7 @@ def bench_ingest(path: str | None = None, samples: int = 10000, runs: int = 3, i
             "cpu_ms_per_sample_total": {k: round(statistics.median(o["cpu_s"] / max(1, o["n"]) for o in v) * 1e3, 3)
                                         for k, v in rec.items()},
             "steady_window": "samples between 10% and 90% of the run (start-up and drain excluded)",
-            "per_sample_ms": _stage_costs(urls, pipe, transform, tokenize),
+            "per_sample_ms": _stage_costs(urls, pipe, transform, tokenize, pipe_draft),
         }
         result["load_avg"] = {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)}
         result["limits"] = _limits(result)

@@ -256,7 +256,7 @@ def format_table(r: dict) -> str:
         lines.append(f"{name:6s} ratios (cpu):  " + ", ".join(f"{k} {v:.3f}" for k, v in st["cpu_ratio"].items()))
         lines.append(f"{name:6s} ratios (wall, paired per repeat): "
                      + ", ".join(f"{k} {v:.3f}" for k, v in st["paired_ratio"].items()))
-        extra = f"{name:6s} engine build {st['engine_build_s']:.1f} s, mmtl final checkpoint+export " \
+        extra = f"{name:6s} engine runs ZeRO {st.get('engine_zero_stage')}, build {st['engine_build_s']:.1f} s, mmtl final checkpoint+export " \
                 f"{st['final_checkpoint_s']:.1f} s"
         if "ray" in st:
             ry = st["ray"]

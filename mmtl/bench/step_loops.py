@@ -119,8 +119,9 @@ def run_bare_ds(pipe: Pipeline, model: torch.nn.Module, batches: list[dict]) -> 
     for b in batches:
         train_step(engine, [b], pipe.train.nonfinite)
         marks.append(_now())
+    stage = int(engine.zero_optimization_stage())
     del engine
-    return {"marks": marks, "engine_build_s": build_s}
+    return {"marks": marks, "engine_build_s": build_s, "engine_zero_stage": stage}
 
 
 def run_mmtl(pipe: Pipeline, model: torch.nn.Module, batches: list[dict]) -> dict:

@@ -73,13 +73,16 @@ def run_mmtl_ray(pipe: Pipeline, dataset, threads: int, storage: str, name: str)
 
 
 def _ray_dataset(batches: list[dict]):
+    """The batches as a materialized Ray Dataset, one block per micro-batch (as the training ingest's blocks of
+    ``rows_per_block`` rows; ``from_items``' default would cut them into ~200 blocks of 2-3 rows, and every
+    worker batch would then gather and concatenate a dozen tiny blocks)."""
     import ray.data
 
     rows = []
     for b in batches:
         img, ids, mask = b["image"].numpy(), b["input_ids"].numpy(), b["attention_mask"].numpy()
         rows.extend({"image": img[i], "input_ids": ids[i], "attention_mask": mask[i]} for i in range(len(img)))
-    return ray.data.from_items(rows).materialize()
+    return ray.data.from_items(rows, override_num_blocks=len(batches)).materialize()
 
 
 def _ray_worker_niceness() -> Optional[int]:

@@ -52,6 +52,8 @@ def _summarise(runs: dict[str, list[dict]], warmup: int, log_every: int) -> dict
         "ratio": {k: round(_ratio(step.get(a), step.get(b)), 4) for k, a, b in pairs if a in step and b in step},
         "cpu_ratio": {k: round(_ratio(cpu.get(a), cpu.get(b)), 4) for k, a, b in pairs if a in cpu and b in cpu},
         "paired_ratio": paired,
+        # the stage the engine ran (mmtl.train.ds_tuning: 0 for ZeRO 1-2 on one fp32 rank)
+        "engine_zero_stage": runs["bare_ds"][0].get("engine_zero_stage"),
         "engine_build_s": round(_median([o["engine_build_s"] for o in runs["bare_ds"]]), 2),
         "final_checkpoint_s": round(_median([o["final_checkpoint_s"] for o in runs["mmtl"]]), 2),
         "mmtl_first_step_s": round(_median([o["first_step_s"] for o in runs["mmtl"]]), 2),

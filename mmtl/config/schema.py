@@ -33,6 +33,8 @@ class DataConfig(_Section):
     shuffle_buffer: int = Field(512, ge=0, description="Sample-level shuffle buffer per worker (rows).")
     seed: int = 0
     decode_cpus: float = Field(0.25, gt=0, description="CPUs reserved per Ray Data read/decode task.")
+    jpeg_draft: Optional[float] = Field(None, gt=0, description="Decode JPEGs at the smallest libjpeg DCT scale "
+                                        "keeping the shorter side >= jpeg_draft * model.image_size (off: None).")
     cache_frozen_features: bool = Field(True, description="Compute frozen, non-augmented tower outputs once.")
     cache_dir: Optional[str] = Field(None, description="Feature cache root; default <runs_root>/cache.")
 

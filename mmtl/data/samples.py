@@ -19,6 +19,7 @@ from __future__ import annotations
 import enum
 import io
 import json
+import math
 import re
 import unicodedata
 from dataclasses import dataclass, field
@@ -90,6 +91,7 @@ class CleanOptions:
     max_image_pixels: width*height above this is rejected (`too_many_pixels`), checked from the
         header. Pillow's own hard cap (2 * `PIL.Image.MAX_IMAGE_PIXELS`, ~179 MPix) still applies.
     min_caption_chars: captions shorter than this (after cleaning) are rejected.
+    draft_px: JPEG draft decoding target (shorter side, pixels), see `decode_image`; None decodes in full.
     context_length / count_tokens: when both are set, `count_tokens(caption)` (tokens including
         special tokens) > `context_length` marks the sample `caption_truncated` (not a rejection;
         the tokenizer truncates later).
@@ -97,6 +99,7 @@ class CleanOptions:
 
     max_image_pixels: int = 40_000_000
     min_caption_chars: int = 1
+    draft_px: Optional[int] = None
     context_length: Optional[int] = None
     count_tokens: Optional[Callable[[str], int]] = None
 
@@ -114,10 +117,14 @@ class Sample:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-def decode_image(data: bytes, max_pixels: int) -> Image.Image:
+def decode_image(data: bytes, max_pixels: int, draft_px: Optional[int] = None) -> Image.Image:
     """Decode image bytes by content into a loaded 8-bit RGB `PIL.Image.Image`.
 
     `max_pixels` is a pixel count (width * height) checked from the header before decoding.
+    `draft_px`: when set, a JPEG whose shorter side is at least twice this is decoded at the smallest libjpeg
+    DCT scale (1/2, 1/4 or 1/8; Pillow's `Image.draft`) that keeps its shorter side >= `draft_px`: less
+    decode work, and pixels close to (not equal to) a full decode followed by a resize. Other formats and
+    smaller JPEGs decode in full.
     Animated images give their first frame. Raises `SampleRejected` (with empty key/shard) with
     reason EMPTY_IMAGE (0 bytes), TOO_MANY_PIXELS, TRUNCATED_IMAGE or UNDECODABLE_IMAGE.
     """
@@ -136,6 +143,12 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
         raise SampleRejected(Reject.UNDECODABLE_IMAGE, detail=f"bad size {w}x{h}")
     if w * h > max_pixels:
         raise SampleRejected(Reject.TOO_MANY_PIXELS, detail=f"{w}x{h} = {w * h} px > {max_pixels}")
+    if draft_px and img.format == "JPEG" and min(w, h) >= 2 * draft_px:
+        k = draft_px / min(w, h)  # requested box: shorter side = draft_px, aspect kept (rounded up)
+        try:
+            img.draft(None, (math.ceil(w * k), math.ceil(h * k)))
+        except Exception:  # noqa: BLE001 - drafting is an optimisation: decode in full instead
+            pass
     try:
         img.load()
     except OSError as e:
@@ -311,7 +324,7 @@ def clean_sample(key: str, members: dict[str, bytes], shard: str, opts: CleanOpt
     if len(caption) < opts.min_caption_chars:
         raise SampleRejected(Reject.SHORT_CAPTION, key, shard, f"{len(caption)} < {opts.min_caption_chars} chars")
     try:
-        image = decode_image(members[img_ext], opts.max_image_pixels)
+        image = decode_image(members[img_ext], opts.max_image_pixels, opts.draft_px)
     except SampleRejected as e:
         raise e.located(key, shard) from None
     truncated = False

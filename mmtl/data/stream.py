@@ -31,13 +31,22 @@ STATS_ACTOR_PREFIX = "mmtl-sample-stats-"
 
 
 def clean_options(pipe: Pipeline, count_tokens=None) -> CleanOptions:
-    """CleanOptions from the pipeline's data limits and model context length."""
+    """CleanOptions from the pipeline's data limits and model context length (full decodes: JPEG draft
+    decoding, :func:`draft_px`, applies to the training stream only)."""
     return CleanOptions(
         max_image_pixels=pipe.data.max_image_pixels,
         min_caption_chars=pipe.data.min_caption_chars,
         context_length=pipe.model.context_length if count_tokens else None,
         count_tokens=count_tokens,
     )
+
+
+def draft_px(pipe: Pipeline) -> Optional[int]:
+    """JPEG draft target of the training stream: ``ceil(data.jpeg_draft * model.image_size)`` px for the shorter
+    side, or None (``data.jpeg_draft`` unset, the default). Evaluation, frozen-feature extraction (whose cache
+    is keyed by the towers only) and index building always decode in full."""
+    factor = pipe.data.jpeg_draft
+    return math.ceil(factor * pipe.model.image_size) if factor else None
 
 
 def epoch_items(shards: list[str], epochs: int, seed: int, shuffle: bool, start_epoch: int = 0) -> list[dict]:
@@ -129,6 +138,8 @@ def build_image_dataset(
 
     Rows: ``image`` (3,H,W) float32, ``input_ids`` (L,) int64, ``attention_mask`` (L,) int64.
 
+    Train mode decodes JPEGs at a reduced DCT scale when ``data.jpeg_draft`` is set (:func:`draft_px`).
+
     One fused operator: ``map_batches(batch_size=1)`` over the (epoch, shard) items with a generator body
     (robust read + clean, seeded shuffle buffer, transform, batched tokenizer), so only model-ready tensors
     cross the object store and no per-row Python dicts are built. At most ``processes`` tasks run at once
@@ -145,7 +156,8 @@ def build_image_dataset(
     items = epoch_items(shards, epochs, pipe.data.seed, pipe.data.shuffle_shards and train, start_epoch)
     # count_tokens is filled in by each task from its cached tokenizer (pickling the HF tokenizer into every
     # task's arguments costs ~0.85 MB and ~30 ms per task)
-    opts = dataclasses.replace(clean_options(pipe, count_tokens=True), count_tokens=None)
+    opts = dataclasses.replace(clean_options(pipe, count_tokens=True), count_tokens=None,
+                               draft_px=draft_px(pipe) if train else None)
     if processes is None:
         processes = max(1, int(ray.cluster_resources().get("CPU", 1)))
     fn = functools.partial(
