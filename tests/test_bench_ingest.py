@@ -16,13 +16,15 @@ def test_bench_ingest_result_is_well_formed(ray_local, tmp_path):
     assert len(write_bench_shards(str(tmp_path), 64, shards=2)) == 2
     r = bench_ingest(str(tmp_path), runs=1, batch_size=16, warmup=False)
     assert r["samples"] == r["baseline_samples"] == 64
-    assert set(r["samples_per_s"]) == {"mmtl", "baseline"} and min(r["samples_per_s"].values()) > 0
+    assert set(r["samples_per_s"]) == {"mmtl", "baseline", "mmtl_draft"} and min(r["samples_per_s"].values()) > 0
     rate, total = r["samples_per_s"], r["samples_per_s_total"]
     assert r["ratio"] == pytest.approx(rate["mmtl"] / rate["baseline"], rel=0.02, abs=2e-3)
     assert r["ratio_total"] == pytest.approx(total["mmtl"] / total["baseline"], rel=0.02, abs=2e-3)
-    assert r["ratios"] == {"mmtl/baseline": r["ratio"], "mmtl/baseline_total": r["ratio_total"]}
-    assert all(v > 0 for v in r["ratios"].values())
-    assert all(0 < r["first_batch_s"][k] <= r["times_s"][k][0] for k in ("mmtl", "baseline"))
+    assert r["ratios"]["mmtl/baseline"] == r["ratio"] and r["ratios"]["mmtl/baseline_total"] == r["ratio_total"]
+    assert set(r["ratios"]) == {"mmtl/baseline", "mmtl/baseline_total", "mmtl_draft/baseline",
+                                "mmtl_draft/baseline_total"} and all(v > 0 for v in r["ratios"].values())
+    assert r["jpeg_draft"] == 1.5 and {"mmtl_decode_image_draft", "transform_after_draft"} <= set(r["per_sample_ms"])
+    assert all(0 < r["first_batch_s"][k] <= r["times_s"][k][0] for k in ("mmtl", "baseline", "mmtl_draft"))
     assert all(v > 0 for v in r["cpu_ms_per_sample"].values())
     assert r["runs"] == 1 and r["image_size"] == 64 and r["processes"] == 2 and r["startup_s"] == 0.0
     assert len(r["times_s"]["mmtl"]) == len(r["times_s"]["baseline"]) == 1 and r["warmup_s"] == {}
@@ -56,11 +58,14 @@ def test_build_image_dataset_yields_each_clean_sample_once_per_epoch(ray_local, 
     assert sum(want.values()) == 48 and len(want) == 48
 
     # eval mode (deterministic transform): every clean sample's exact row, once per epoch; the tasks yield
-    # 5-row batches (32 + 16 samples per shard: partial last batches; Ray may coalesce them into bigger blocks)
+    # 5-row batches (32 + 16 samples per shard: partial last batches), each its own block (not one per shard)
     ds = build_image_dataset(pipe, spec, epochs=2, train=False, processes=2, rows_per_block=5)
     got: collections.Counter = collections.Counter()
+    sizes = []
     for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
         got.update(_key(*row) for row in zip(b["image"], b["input_ids"], b["attention_mask"]))
+        sizes.append(len(b["image"]))
+    assert max(sizes) <= 5 and len(sizes) >= 2 * (7 + 4), sizes
     assert sum(got.values()) == 2 * 48
     assert got == collections.Counter({k: 2 * v for k, v in want.items()})
 

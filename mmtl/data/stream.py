@@ -142,7 +142,8 @@ def build_image_dataset(
 
     One fused operator: ``map_batches(batch_size=1)`` over the (epoch, shard) items with a generator body
     (robust read + clean, seeded shuffle buffer, transform, batched tokenizer), so only model-ready tensors
-    cross the object store and no per-row Python dicts are built. At most ``processes`` tasks run at once
+    cross the object store and no per-row Python dicts are built; each yielded batch is its own block
+    (:func:`block_row_bytes`), so batches stream out as they are made. At most ``processes`` tasks run at once
     (default: the cluster's CPU count), each asking for ``data.decode_cpus`` (fractional, so Ray Train workers
     with fractional CPUs still fit); without the cap Ray would start cold worker processes every epoch.
 
@@ -166,8 +167,20 @@ def build_image_dataset(
         rows_per_block=int(rows_per_block),
     )
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    return ds.map_batches(fn, batch_size=1, compute=TaskPoolStrategy(size=max(1, min(int(processes), len(items)))),
-                          num_cpus=pipe.data.decode_cpus, zero_copy_batch=True)
+    out = ds.map_batches(fn, batch_size=1, compute=TaskPoolStrategy(size=max(1, min(int(processes), len(items)))),
+                         num_cpus=pipe.data.decode_cpus, zero_copy_batch=True)
+    # One output block per yielded batch: with Ray's default target block size (128 MiB) a task's batches are
+    # buffered into one block per shard, so nothing reaches the consumer before a whole shard is decoded
+    # (first batch after 3.5-7 s instead of 0.6-0.9 s with 1,250-sample shards on 2 cores; same throughput).
+    # Set on this dataset's own context only.
+    out.context.target_max_block_size = int(rows_per_block) * block_row_bytes(pipe)
+    return out
+
+
+def block_row_bytes(pipe: Pipeline) -> int:
+    """Bytes of one model-ready row: ``image`` (3,S,S) float32 + ``input_ids`` and ``attention_mask`` (L,) int64."""
+    s, L = pipe.model.image_size, pipe.model.context_length
+    return 3 * s * s * 4 + 2 * L * 8
 
 
 def build_index_dataset(n: int, epochs: int, seed: int, shuffle: bool = True):
