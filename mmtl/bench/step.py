@@ -61,6 +61,7 @@ import torch
 
 from mmtl.bench.step_loops import (  # noqa: F401  (re-exported: the names mmtl.bench.step always had)
     _periods,
+    _thread_periods,
     _quiet_deepspeed,
     bench_model_config,
     bench_pipeline,
@@ -108,6 +109,9 @@ def headline_ratios(stages: dict) -> dict:
         if a in sides and b in sides:
             out[f"{a}/{b}"] = round(sides[a]["step_s"] / sides[b]["step_s"], 4)
             out[f"{a}/{b}_cpu"] = round(sides[a]["cpu_step_s"] / max(sides[b]["cpu_step_s"], 1e-9), 4)
+            if a == "mmtl_ray" and sides[a].get("thread_cpu_step_s"):
+                out[f"{a}/{b}_thread_cpu"] = round(sides[a]["thread_cpu_step_s"]
+                                                   / max(sides[b]["thread_cpu_step_s"], 1e-9), 4)
     return out
 
 
@@ -209,11 +213,12 @@ def bench_step(steps: int = 12, warmup: int = 3, zero_stages=(2,), micro_batch: 
                         wall, cpu = _periods(out["marks"], warmup)
                         if len(wall) != steps:
                             raise RuntimeError(f"{side}: measured {len(wall)} steps, expected {steps}")
-                        out.update(wall=wall, cpu=cpu)
+                        out.update(wall=wall, cpu=cpu, thread_cpu=_thread_periods(out["marks"], warmup))
                         runs[side].append(out)
                         done += 1
                         say(f"zero{stage} repeat {r + 1}/{repeats} {side:8s} "
-                            f"{statistics.fmean(wall) * 1e3:8.1f} ms/step (cpu {statistics.fmean(cpu) * 1e3:.1f} ms)")
+                            f"{statistics.fmean(wall) * 1e3:8.1f} ms/step (cpu {statistics.fmean(cpu) * 1e3:.1f} ms, loop "
+                            f"thread {statistics.fmean(out['thread_cpu']) * 1e3:.1f} ms)")
                 stages[f"zero{stage}"] = _summarise(runs, warmup, log_every)
                 del pristine
         return {
@@ -244,12 +249,14 @@ def format_table(r: dict) -> str:
         f"model: {m['vision']} @{m['image_size']}px + {m['text']} (ctx {m['context_length']}), "
         f"{(m['params'] or 0) / 1e6:.1f} M params (all trainable); micro-batch {r['micro_batch']}, "
         f"{r['steps']} steps after {r['warmup']} warm-up, {r['repeats']} repeats, {r['threads']} torch thread(s)",
-        f"{'stage':6s} {'side':9s} {'ms/step':>9s} {'cpu ms':>9s} {'median ms':>10s} {'log step +ms':>13s}  "
+        f"{'stage':6s} {'side':9s} {'ms/step':>9s} {'cpu ms':>9s} {'thread ms':>9s} {'median ms':>10s} "
+        f"{'log step +ms':>13s}  "
         "runs (ms/step)",
     ]
     for name, st in r["stages"].items():
         for side, v in st["sides"].items():
             lines.append(f"{name:6s} {side:9s} {v['step_s'] * 1e3:9.1f} {v['cpu_step_s'] * 1e3:9.1f} "
+                         f"{v['thread_cpu_step_s'] * 1e3:9.1f} "
                          f"{v['step_median_s'] * 1e3:10.1f} {_ms(v['log_step_extra_s']):>13s}  "
                          + " ".join(f"{x * 1e3:.0f}" for x in v["runs_step_s"]))
         lines.append(f"{name:6s} ratios (wall): " + ", ".join(f"{k} {v:.3f}" for k, v in st["ratio"].items()))

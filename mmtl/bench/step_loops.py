@@ -72,14 +72,21 @@ def build_bench_model(pipe: Pipeline) -> torch.nn.Module:
     apply_strategy(model, pipe.strategy, zero_stage=pipe.train.zero_stage)
     return model
 
-def _now() -> tuple[float, float]:
-    return time.perf_counter(), time.process_time()
+def _now() -> tuple[float, float, float]:
+    """(wall, CPU of the process, CPU of the calling thread: the training loop without background threads)."""
+    return time.perf_counter(), time.process_time(), time.thread_time()
 
 
-def _periods(marks: list[tuple[float, float]], warmup: int) -> tuple[list[float], list[float]]:
-    """Wall and CPU seconds between consecutive step completions, from step ``warmup`` (1-based) on."""
+def _periods(marks: list[tuple], warmup: int) -> tuple[list[float], list[float]]:
+    """Wall and process-CPU seconds between consecutive step completions, from step ``warmup`` (1-based) on."""
     m = marks[warmup - 1:]
     return [b[0] - a[0] for a, b in zip(m, m[1:])], [b[1] - a[1] for a, b in zip(m, m[1:])]
+
+
+def _thread_periods(marks: list[tuple], warmup: int) -> list[float]:
+    """CPU seconds of the training loop's own thread between consecutive step completions."""
+    m = marks[warmup - 1:]
+    return [b[2] - a[2] for a, b in zip(m, m[1:])]
 
 
 def run_torch(pipe: Pipeline, model: torch.nn.Module, batches: list[dict]) -> dict:

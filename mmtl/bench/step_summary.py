@@ -35,6 +35,8 @@ def _summarise(runs: dict[str, list[dict]], warmup: int, log_every: int) -> dict
         sides[side] = {
             "step_s": round(_median(per_run), 5),
             "cpu_step_s": round(_median(per_run_cpu), 5),
+            # CPU of the loop's own thread (the rest of cpu_step_s: background threads, e.g. Ray's)
+            "thread_cpu_step_s": round(_median([statistics.fmean(o["thread_cpu"]) for o in outs]), 5),
             "step_median_s": round(_median([x for o in outs for x in o["wall"]]), 5),
             "runs_step_s": [round(x, 5) for x in per_run],
             "log_step_extra_s": _log_step_extra(outs, warmup, log_every) if side.startswith("mmtl") else None,
