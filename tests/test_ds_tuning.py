@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import json
 
-import pytest
 import torch
 
 import mmtl.train.loop as loop
@@ -49,7 +48,8 @@ def test_single_rank_engine_matches_plain_torch_and_zero2():
                 train_step(engine, [b])
             got = dict(engine.module.model.named_parameters())
             for k, v in ref.named_parameters():
-                torch.testing.assert_close(got[k].detach(), v.detach(), atol=1e-6, rtol=1e-5, msg=lambda m: f"{k}: {m}")
+                torch.testing.assert_close(got[k].detach(), v.detach(), atol=1e-6, rtol=1e-5,
+                                           msg=lambda m, k=k: f"{k}: {m}")
 
 
 def test_zero2_checkpoint_from_before_the_rule_resumes(tmp_path, monkeypatch):

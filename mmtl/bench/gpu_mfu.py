@@ -87,7 +87,6 @@ def _batch(model_cfg, micro_batch: int, device):
 def flops_per_step(pipe, micro_batch: int, device: str = "cpu") -> int:
     """Model FLOPs of one training step (forward + backward of the contrastive module on one micro-batch),
     counted by ``FlopCounterMode`` from the architecture's ops."""
-    import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     from mmtl.models import build_model
@@ -140,7 +139,8 @@ def run_mmtl(yaml_path: Path, run_dir: Path, timeout_s: int) -> dict:
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     script = Path(sys.executable).parent / "mmtl"  # the console script next to this interpreter
     cmd = [str(script)] if script.exists() else [sys.executable, "-c", "from mmtl.cli import main; main()"]
-    proc = subprocess.run(cmd + ["run", str(yaml_path)], env=env, timeout=timeout_s, capture_output=True, text=True)
+    proc = subprocess.run(cmd + ["run", str(yaml_path)], env=env, timeout=timeout_s, capture_output=True, text=True,
+                          check=False)
     wall = time.perf_counter() - t0
     summaries = sorted(run_dir.rglob("summary.json"), key=lambda p: p.stat().st_mtime)
     if proc.returncode != 0 or not summaries:
@@ -179,7 +179,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     from mmtl.bench.ingest import write_bench_shards
     from mmtl.config import build_pipeline
 
-    say = lambda m: print(f"[gpu-mfu] {m}", file=sys.stderr, flush=True)  # noqa: E731
+    def say(m: str) -> None:
+        print(f"[gpu-mfu] {m}", file=sys.stderr, flush=True)
     out = Path(a.out).resolve()
     shards = out / "shards"
     raw = gpu_pipeline(str(shards), str(out / "runs"), a.micro_batch, a.steps, a.tiny)

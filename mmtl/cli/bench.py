@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from mmtl.cli.common import console, fail, say_to_console
+from mmtl.cli.common import fail, say_to_console
 
 bench_app = typer.Typer(help="Benchmarks (ratios measured side by side in one run).", no_args_is_help=True)
 
@@ -42,10 +42,10 @@ def bench_ingest_cmd(
         if draft:
             lines.append(f"JPEG draft {draft}: mmtl {sp['mmtl_draft']} samples/s  ratio "
                          f"{r['ratios']['mmtl_draft/baseline']}")
-        lines += [f"whole runs: mmtl {tot['mmtl']} samples/s  baseline {tot['baseline']} samples/s  ratio "
-                  f"{r['ratio_total']}",
-                  f"start-up: Ray {r['startup_s']:.1f} s; first batch (s) {fb} (median of {r['runs']} runs of "
-                  f"{r['samples']} samples)",
+        lines += [(f"whole runs: mmtl {tot['mmtl']} samples/s  baseline {tot['baseline']} samples/s  ratio "
+                   f"{r['ratio_total']}"),
+                  (f"start-up: Ray {r['startup_s']:.1f} s; first batch (s) {fb} (median of {r['runs']} runs of "
+                   f"{r['samples']} samples)"),
                   f"CPU ms/sample (steady): {r['cpu_ms_per_sample']}; per stage, one process: {r['per_sample_ms']}"]
         print("\n".join(lines))
 
