@@ -2,9 +2,7 @@
 plain torch, bare DeepSpeed and mmtl ``run_training`` loops, plus the single-process group DeepSpeed needs."""
 from __future__ import annotations
 
-import contextlib
 import io
-import os
 import socket
 import tempfile
 import time
@@ -89,8 +87,10 @@ def _thread_periods(marks: list[tuple], warmup: int) -> list[float]:
     return [b[2] - a[2] for a, b in zip(m, m[1:])]
 
 
-def run_torch(pipe: Pipeline, model: torch.nn.Module, batches: list[dict]) -> dict:
-    """Plain torch: same module, loss, optimizer, schedule and clipping; no DeepSpeed."""
+def torch_stepper(pipe: Pipeline, model: torch.nn.Module):
+    """One plain-torch training step as a callable ``step(batch)``: the contrastive module, loss, client
+    optimizer, warmup-cosine schedule and gradient clipping mmtl uses, without DeepSpeed (the benchmark's
+    and the profile's reference side)."""
     from mmtl.train.ds_config import WarmupCosine, build_optimizer
     from mmtl.train.step import ContrastiveModule
 
@@ -99,8 +99,8 @@ def run_torch(pipe: Pipeline, model: torch.nn.Module, batches: list[dict]) -> di
     params = [p for p in module.parameters() if p.requires_grad]
     opt = build_optimizer(cfg, params)
     sched = WarmupCosine(opt, cfg)
-    marks = []
-    for b in batches:
+
+    def step(b: dict) -> None:
         img, txt, scale = module(**b)
         loss = module.loss(img, txt, scale)
         loss.backward()
@@ -110,6 +110,16 @@ def run_torch(pipe: Pipeline, model: torch.nn.Module, batches: list[dict]) -> di
         sched.step()
         opt.zero_grad(set_to_none=True)
         float(loss.detach())
+
+    return step
+
+
+def run_torch(pipe: Pipeline, model: torch.nn.Module, batches: list[dict]) -> dict:
+    """Plain torch: same module, loss, optimizer, schedule and clipping; no DeepSpeed."""
+    step = torch_stepper(pipe, model)
+    marks = []
+    for b in batches:
+        step(b)
         marks.append(_now())
     return {"marks": marks}
 

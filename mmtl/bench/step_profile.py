@@ -18,27 +18,9 @@ import torch
 
 
 def _torch_stepper(pipe, model) -> Callable[[dict], None]:
-    from mmtl.train.ds_config import WarmupCosine, build_optimizer
-    from mmtl.train.step import ContrastiveModule
+    from mmtl.bench.step_loops import torch_stepper
 
-    cfg = pipe.train
-    module = ContrastiveModule(model, cfg.loss)
-    params = [p for p in module.parameters() if p.requires_grad]
-    opt = build_optimizer(cfg, params)
-    sched = WarmupCosine(opt, cfg)
-
-    def step(b: dict) -> None:
-        img, txt, scale = module(**b)
-        loss = module.loss(img, txt, scale)
-        loss.backward()
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        float(loss.detach())
-
-    return step
+    return torch_stepper(pipe, model)
 
 
 def _ds_stepper(pipe, model) -> Callable[[dict], None]:

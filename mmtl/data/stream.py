@@ -16,7 +16,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import json
 import math
 import random
 from typing import Any, Iterator, Optional
