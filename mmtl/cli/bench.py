@@ -97,3 +97,25 @@ def bench_strategies_cmd(
     except (ValueError, RuntimeError) as exc:
         fail(str(exc), 1)
     print(json.dumps(r, indent=1) if as_json else format_markdown(r))
+
+
+@bench_app.command("features")
+def bench_features_cmd(
+    pipeline: str = typer.Option("pipelines/quickstart.yaml", help="Pipeline whose model and data.train images to use"),
+    images: int = typer.Option(256, help="Images (the first of data.train)"),
+    runs: int = typer.Option(1, help="Interleaved runs per side, median reported"),
+    workers: int = typer.Option(2, help="Ray actors of the ray side (1 CPU, 1 torch thread each)"),
+    batch_size: int = typer.Option(64),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object (progress goes to stderr)"),
+) -> None:
+    """images/s of frozen-feature extraction (local, Ray actors) vs the single-process torch loop, same images."""
+    import sys
+
+    from mmtl.bench.features import bench_features, format_table
+
+    try:
+        r = bench_features(pipeline, images=images, runs=runs, workers=workers, batch_size=batch_size,
+                           say=lambda m: print(f"[bench features] {m}", file=sys.stderr, flush=True))
+    except (ValueError, FileNotFoundError) as exc:
+        fail(str(exc), 1)
+    print(json.dumps(r) if as_json else format_table(r))

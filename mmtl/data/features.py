@@ -59,32 +59,36 @@ def cache_file(cache_dir: Path, url: str) -> Path:
     return cache_dir / f"{stem}-{digest}.npz"
 
 
-@torch.no_grad()
+def encode_samples(model, batch: list) -> tuple[np.ndarray, np.ndarray]:
+    """Frozen-tower outputs of a batch of samples: ``image`` (B, D_v), ``text`` (B, D_t) float32 (the eval
+    image transform, the model's tokenizer). Module-level so that Ray actors can run it."""
+    tf = model.image_transform(train=False)
+    images = torch.stack([tf(s.image) for s in batch]).contiguous(memory_format=torch.channels_last)
+    tok = model.tokenize([s.caption for s in batch])
+    return (model.image_features(images).float().numpy(),
+            model.text_features(tok["input_ids"], tok["attention_mask"]).float().numpy())
+
+
 def compute_shard_features(model, url: str, opts: CleanOptions, batch_size: int = 64,
-                           shard_id: Optional[str] = None, progress: bool = True) -> dict:
+                           shard_id: Optional[str] = None, progress: bool = True, encoder=None) -> dict:
     """Run the frozen towers over every clean sample of one shard.
+
+    ``encoder``: a :mod:`mmtl.data.encode_pool` encoder (None: this process, :class:`LocalEncoder`).
 
     Returns a dict of numpy arrays: ``uids`` (N,), ``captions`` (N,), ``meta`` (N,) JSON strings,
     ``image`` (N, D_v) float32, ``text`` (N, D_t) float32 and ``stats`` (JSON of reject counts).
     """
     from tqdm.auto import tqdm
 
-    from mmtl.data.batches import encode_batches
+    from mmtl.data.encode_pool import LocalEncoder
 
     model.eval()
-    tf = model.image_transform(train=False)
+    encoder = encoder or LocalEncoder(model)
     stats: collections.Counter = collections.Counter()
     uids, caps, metas, img_out, txt_out = [], [], [], [], []
-
-    def encode(batch: list) -> tuple[np.ndarray, np.ndarray]:
-        images = torch.stack([tf(s.image) for s in batch])
-        tok = model.tokenize([s.caption for s in batch])
-        return (model.image_features(images).float().numpy(),
-                model.text_features(tok["input_ids"], tok["attention_mask"]).float().numpy())
-
     bar = tqdm(desc=f"frozen features {Path(url).name}", unit="sample", leave=False, disable=not progress)
-    for batch, (img, txt) in encode_batches(iter_shard(url, opts, stats, shard_id=shard_id), encode, batch_size,
-                                            progress=bar.update):
+    for batch, (img, txt) in encoder.encode_batches(iter_shard(url, opts, stats, shard_id=shard_id),
+                                                    encode_samples, batch_size, progress=bar.update):
         img_out.append(img)
         txt_out.append(txt)
         for s in batch:
@@ -124,25 +128,32 @@ def model_cache_dir(cache_root: str | Path, model) -> Path:
 def load_features(
     spec, model, cache_root: str | Path, opts: CleanOptions, progress: Optional[callable] = None
 ) -> FeatureSet:
-    """Features of every clean sample of the shards in ``spec``, computing and caching missing shards.
+    """Features of every clean sample of the shards in ``spec``, computing and caching missing shards (over all
+    cores with Ray actors when they hold >= :data:`~mmtl.data.encode_pool.RAY_MIN_SAMPLES` samples, see
+    :func:`~mmtl.data.encode_pool.open_encoder`).
 
     Raises:
         MissingShardsError / EmptyDatasetError: from shard resolution, before any computation.
     """
+    from mmtl.data.encode_pool import open_encoder
+    from mmtl.data.stream import count_samples
+
     cdir = model_cache_dir(cache_root, model)
     parts, stats = [], collections.Counter()
     shards = resolve_shards(spec)
-    for url, sid in zip(shards, shard_ids(shards)):
-        path = cache_file(cdir, url)
-        if path.exists():
-            arrays = dict(np.load(path, allow_pickle=False))
-        else:
-            arrays = compute_shard_features(model, url, opts, shard_id=sid)
-            _atomic_save(path, arrays)
-        stats.update(json.loads(str(arrays["stats"])))
-        parts.append(arrays)
-        if progress:
-            progress(url)
+    missing = [url for url in shards if not cache_file(cdir, url).exists()]
+    with open_encoder(model, count_samples(missing) if missing else 0) as encoder:
+        for url, sid in zip(shards, shard_ids(shards)):
+            path = cache_file(cdir, url)
+            if path.exists():
+                arrays = dict(np.load(path, allow_pickle=False))
+            else:
+                arrays = compute_shard_features(model, url, opts, shard_id=sid, encoder=encoder)
+                _atomic_save(path, arrays)
+            stats.update(json.loads(str(arrays["stats"])))
+            parts.append(arrays)
+            if progress:
+                progress(url)
     return FeatureSet(
         uids=[str(u) for p in parts for u in p["uids"]],
         captions=[str(c) for p in parts for c in p["captions"]],

@@ -45,16 +45,20 @@ class _Encoder:
         self.model, self.device, self.with_text = model.to(device).eval(), device, with_text
         self.tf = model.image_transform(train=False)
 
-    @torch.no_grad()
     def __call__(self, samples) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        x = torch.stack([self.tf(s.image) for s in samples]).to(self.device)
-        img = F.normalize(self.model.encode_image(x).float(), dim=-1).cpu()
-        txt = None
-        if self.with_text:
-            tok = self.model.tokenize([s.caption for s in samples])
-            tok = {k: v.to(self.device) for k, v in tok.items()}
-            txt = F.normalize(self.model.encode_text(tok["input_ids"], tok["attention_mask"]).float(), dim=-1).cpu()
-        return img, txt
+        from mmtl.data.encode_pool import fast_inference
+
+        with fast_inference(self.model):  # inference mode, channels-last weights (restored)
+            x = torch.stack([self.tf(s.image) for s in samples]).to(self.device)
+            img = F.normalize(self.model.encode_image(x).float(), dim=-1).cpu().numpy()
+            txt = None
+            if self.with_text:
+                tok = self.model.tokenize([s.caption for s in samples])
+                tok = {k: v.to(self.device) for k, v in tok.items()}
+                txt = F.normalize(self.model.encode_text(tok["input_ids"], tok["attention_mask"]).float(),
+                                  dim=-1).cpu().numpy()
+        # plain tensors (not inference tensors), so that callers may use them in any mode
+        return torch.from_numpy(img), None if txt is None else torch.from_numpy(txt)
 
 
 def _embed_shards(enc: _Encoder, shards: list[tuple[str, str]], opts, batch_size: int, stats: Counter):

@@ -50,9 +50,13 @@ def embed_shards(model, spec, opts, batch_size: int = 64) -> EmbeddedSet:
     imgs, txts, meta = [], [], []
 
     def encode(batch: list) -> tuple[torch.Tensor, torch.Tensor]:
-        img = model.encode_image(torch.stack([tf(s.image) for s in batch])).float()
-        tok = model.tokenize([s.caption for s in batch])
-        return img, model.encode_text(tok["input_ids"], tok["attention_mask"]).float()
+        from mmtl.data.encode_pool import fast_inference
+
+        with fast_inference(model):  # inference mode, channels-last weights (restored); plain tensors out
+            img = model.encode_image(torch.stack([tf(s.image) for s in batch])).float().numpy()
+            tok = model.tokenize([s.caption for s in batch])
+            txt = model.encode_text(tok["input_ids"], tok["attention_mask"]).float().numpy()
+        return torch.from_numpy(img), torch.from_numpy(txt)
 
     for batch, (img, txt) in encode_batches(iter_samples(spec, opts), encode, batch_size):
         imgs.append(img)

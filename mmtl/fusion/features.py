@@ -179,7 +179,9 @@ def compute_tokens(model, spec, fcfg: CrossAttentionConfig, clean_opts, batch_si
                 yield tf(s.image)
 
     def encode(pixels: torch.Tensor) -> np.ndarray:
-        with torch.no_grad():
+        from mmtl.data.encode_pool import fast_inference
+
+        with fast_inference(model):  # inference mode, channels-last weights (restored)
             return image_token_batch(model, fcfg, pixels).to(torch.float16).numpy()
 
     image_rows: list[np.ndarray] = []
