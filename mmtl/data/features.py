@@ -2,8 +2,9 @@
 
 When both towers are frozen and inputs are not augmented, their outputs are a pure function of
 (tower identity, weights, preprocessing, sample). They are computed once per shard and stored as
-``<cache_root>/<image fingerprint>__<text fingerprint>/<shard stem>-<hash>.npz`` where the hash covers the
-shard's URL, size (bytes) and modification time, so a changed shard or a changed model misses the cache.
+``<cache_root>/<image fingerprint>__<text fingerprint>__x<extraction version>/<shard stem>-<hash>.npz``
+where the hash covers the shard's URL, size (bytes) and modification time, so a changed shard or a changed
+model misses the cache.
 Files are written atomically (temp file + ``os.replace``). Later epochs and later runs then cost only the
 trainable part (projection heads, logit scale).
 """
@@ -120,9 +121,15 @@ def _atomic_save(path: Path, arrays: dict) -> None:
             os.unlink(tmp)
 
 
+#: Version of the extraction numerics, in the cache directory's name: 2 = inference mode + channels-last
+#: weights (issue 19; features differ from version 1's by float rounding, ~1e-5), so that one run never
+#: mixes shards extracted both ways.
+EXTRACTION_VERSION = 2
+
+
 def model_cache_dir(cache_root: str | Path, model) -> Path:
-    """Directory of one (image tower, text tower) pair's cached features."""
-    return Path(cache_root) / f"{model.fingerprint('image')}__{model.fingerprint('text')}"
+    """Directory of one (image tower, text tower) pair's cached features (and :data:`EXTRACTION_VERSION`)."""
+    return Path(cache_root) / f"{model.fingerprint('image')}__{model.fingerprint('text')}__x{EXTRACTION_VERSION}"
 
 
 def load_features(

@@ -38,7 +38,7 @@ from mmtl.config import CrossAttentionConfig
 from mmtl.data.arrays import RowIndexed
 from mmtl.models.tokens import text_tokens_trimmable
 
-_VERSION = 3
+_VERSION = 4  # 4: inference mode + channels-last weights (issue 19; float rounding ~1e-5)
 
 
 @dataclass
