@@ -46,12 +46,13 @@ def test_no_import_strings_for_dispatch():
 
 
 def test_strategy_and_recipe_registries_cover_every_kind():
-    from mmtl.recipes import RECIPES
+    from mmtl.recipes import RECIPES, recipe_for
     from mmtl.strategies import STRATEGIES
 
     assert set(STRATEGIES) == {"frozen", "full", "lora", "prompt_tuning", "cross_attention"}
-    assert set(RECIPES) == set(STRATEGIES)
-    assert RECIPES["lora"].__name__ == "ContrastiveRecipe" and RECIPES["cross_attention"].__name__ == "FusionRecipe"
+    assert set(RECIPES) == {"contrastive", "prompt_learning", "fusion"}
+    assert {s.recipe for s in STRATEGIES.values()} == set(RECIPES)
+    assert recipe_for("lora").__name__ == "ContrastiveRecipe" and recipe_for("cross_attention").__name__ == "FusionRecipe"
 
 
 def test_unknown_strategy_kind_is_refused_with_the_known_ones():
@@ -62,7 +63,7 @@ def test_unknown_strategy_kind_is_refused_with_the_known_ones():
 
     with pytest.raises(ValueError, match=r"strategy.kind='dino' is unknown \(known: frozen, full, lora"):
         get_strategy("dino")
-    with pytest.raises(ValueError, match=r"strategy.kind='dino' has no recipe"):
+    with pytest.raises(ValueError, match=r"strategy.kind='dino' is unknown"):
         recipe_for("dino")
 
 
@@ -74,12 +75,12 @@ def test_architecture_md_names_files_that_exist():
     assert not missing, missing
 
 
-def test_a_new_strategy_and_recipe_need_only_their_registry_entries(monkeypatch):
-    """ARCHITECTURE.md: a strategy is its file + one STRATEGIES entry; no schema change for a new kind."""
+def test_a_new_strategy_needs_only_its_registry_entry(monkeypatch):
+    """ARCHITECTURE.md: a contrastive strategy is its file + one STRATEGIES entry: no recipe or schema change."""
     from conftest import tiny_pipeline
     from mmtl.config import build_pipeline
     from mmtl.models import build_model
-    from mmtl.recipes import RECIPES, check_pipeline
+    from mmtl.recipes import check_pipeline, recipe_for
     from mmtl.recipes.contrastive import ContrastiveRecipe
     from mmtl.strategies import STRATEGIES, apply_strategy
     from mmtl.strategies.base import Strategy, freeze
@@ -92,10 +93,10 @@ def test_a_new_strategy_and_recipe_need_only_their_registry_entries(monkeypatch)
             freeze(model.text_head, False)
 
     monkeypatch.setitem(STRATEGIES, "heads_only_text", HeadsOnlyText())
-    monkeypatch.setitem(RECIPES, "heads_only_text", ContrastiveRecipe)
     pipe = build_pipeline(tiny_pipeline({"train": "x", "val": None, "test": "y"}, Path("/tmp/unused"),
                                         strategy={"kind": "heads_only_text"}))
     check_pipeline(pipe)
+    assert recipe_for("heads_only_text") is ContrastiveRecipe
     model = build_model(pipe.model)
     counts = apply_strategy(model, pipe.strategy)
     assert counts["params_trainable"] == sum(p.numel() for p in model.text_head.parameters())

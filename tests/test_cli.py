@@ -89,11 +89,13 @@ def test_inspect_with_pipeline_counts_truncations(tmp_path, tiny_shards):
 
 def test_config_errors_name_the_field(tmp_path):
     p = tmp_path / "p.yaml"
-    p.write_text("data: {train: x}\n")
+    p.write_text("data: {train: x, test: y}\n")
     res = runner.invoke(app, ["config", str(p), "train.zero_stage=7"])
     assert res.exit_code == 2 and "train.zero_stage" in res.output and "7" in res.output
     res = runner.invoke(app, ["config", str(p), "train.lr=0.5"])
     assert res.exit_code == 0 and "lr: 0.5" in res.output
+    res = runner.invoke(app, ["config", str(p), "eval.sets=[test,nope]"])  # what `mmtl run` would refuse
+    assert res.exit_code == 2 and "eval.sets names ['nope']" in res.output
 
 
 def test_run_summary_says_whether_the_model_was_registered(capsys):

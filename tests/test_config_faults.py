@@ -545,6 +545,10 @@ retrain: {manifest_dir: state/retrain}
     pipe = load_pipeline(p, [f"train.runs_root={other}"])
     assert pipe.model.init_from == str(other / "quickstart/export/model.safetensors")
     assert pipe.data.cache_dir == str(other / "cache") and pipe.data.train == str(proj / "data/train")
+    # an absolute path given explicitly is a location, never moved: reuse a model from the default runs root
+    explicit = proj / "runs/quickstart/export/model.safetensors"
+    pipe = load_pipeline(p, [f"train.runs_root={other}", f"model.init_from={explicit}"])
+    assert pipe.model.init_from == str(explicit) and pipe.data.cache_dir == str(other / "cache")
     # ~ is the home folder
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert load_pipeline(p, ["data.train=~/shards"]).data.train == str(tmp_path / "home/shards")

@@ -20,10 +20,11 @@ def fail(msg: str, code: int = 2) -> typing.NoReturn:
     raise typer.Exit(code)
 
 
-def load_pipeline_or_exit(pipeline: Path, overrides: List[str]):
+def load_pipeline_or_exit(pipeline: Path, overrides: List[str], for_run: bool = True):
     """Load and validate a pipeline file with dotted overrides, and check it against the registries
     (:func:`mmtl.recipes.check_pipeline`: ``strategy.kind`` has a recipe and a strategy that accepts its
-    options); exits with code 2 and the field path on error."""
+    options; with ``for_run`` also that ``eval.sets`` names configured sets); exits with code 2 and the field
+    path on error."""
     from mmtl.config import PipelineError, load_pipeline
 
     try:
@@ -33,7 +34,7 @@ def load_pipeline_or_exit(pipeline: Path, overrides: List[str]):
     from mmtl.recipes import check_pipeline
 
     try:
-        check_pipeline(pipe)
+        check_pipeline(pipe, eval_sets=for_run)
     except ValueError as exc:
         fail(str(exc))
     return pipe

@@ -53,7 +53,7 @@ def shards_inspect(
 
     opts = CleanOptions()
     if pipeline:
-        pipe = load_pipeline_or_exit(pipeline, [])
+        pipe = load_pipeline_or_exit(pipeline, [], for_run=False)
         from mmtl.data.stream import clean_options
         from mmtl.models import build_tokenizer
 

@@ -29,8 +29,15 @@ def run_cmd(
         from mmtl.runtime import init_ray
 
         init_ray(address)
+    from mmtl.data.shardlist import ShardError
+
     try:
         summary = run_pipeline(pipe, address=address, must_resume=resume, say=say_to_console())
+    except ShardError as exc:  # missing / empty shards: bad input, found before anything is written
+        fail(str(exc), 2)
+    except KeyboardInterrupt:
+        fail("interrupted; the run keeps its last checkpoint: continue it with `mmtl run <the same pipeline and "
+             "overrides> --resume`", 130)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         fail(str(exc), 1)
     print_summary(summary)

@@ -197,8 +197,9 @@ def _rebase(path: str, written_root: Optional[str], runs_root: str) -> str:
 
 def _resolve_paths(pipe: Pipeline, base: Path, written_runs_root: Optional[str] = None) -> Pipeline:
     """Make every local path in ``pipe`` absolute against ``base`` (see the module docstring: one rule for all,
-    runs root included); paths inside ``written_runs_root`` (the runs root as the pipeline file writes it,
-    before overrides) are moved into the effective ``train.runs_root``; a relative ``sqlite:``/``file:``
+    runs root included); relative paths inside ``written_runs_root`` (the runs root as the pipeline file writes
+    it, before overrides) are moved into the effective ``train.runs_root`` (absolute, ``~`` and ``$VAR`` paths
+    are explicit locations and never moved); a relative ``sqlite:``/``file:``
     ``tracking.uri`` is made absolute the same way."""
     from mmtl.config.tracking_uri import absolute_tracking_uri
 
@@ -214,7 +215,10 @@ def _resolve_paths(pipe: Pipeline, base: Path, written_runs_root: Optional[str] 
             return None
         if isinstance(spec, list):
             return [fix(s, f"{field}[{i}]") for i, s in enumerate(spec)]
-        return _rebase(resolve_path(spec, base, field), written, runs_root)
+        resolved = resolve_path(spec, base, field)
+        if os.path.isabs(spec) or spec.startswith(("~", "$")):  # an explicit location: never moved
+            return resolved
+        return _rebase(resolved, written, runs_root)
 
     d = pipe.data
     d.train = fix(d.train, "data.train")

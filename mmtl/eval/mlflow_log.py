@@ -36,11 +36,14 @@ def log_eval_run(res, task: str, data: str, result: dict, files: list[Path], say
     try:
         params = {"task": task, "data": data, "model": res.spec, "embedding": result["embedding"],
                   "num_samples": result["num_samples"]}
-        if task == "zero-shot":
-            params.update(label_field=result["label_field"], num_classes=len(result["classes"]),
-                          classes=", ".join(result["classes"]), templates=" | ".join(result["templates"]),
-                          classes_from=result["classes_from"])
-        else:
+        # the task's own result fields, whichever it has (zero-shot: classes/templates; retrieval: ks; new tasks
+        # may have neither)
+        if result.get("classes") is not None:
+            params.update(num_classes=len(result["classes"]), classes=", ".join(result["classes"]))
+        if result.get("templates") is not None:
+            params["templates"] = " | ".join(result["templates"])
+        params.update({k: result[k] for k in ("label_field", "classes_from") if result.get(k) is not None})
+        if result.get("ks") is not None:
             params["ks"] = ",".join(map(str, result["ks"]))
         client.log_batch(rid, params=[Param(k, str(v)[: mlu.MAX_PARAM_CHARS]) for k, v in params.items()])
         mlu.log_metrics(uri, rid, {**result["metrics"], **{f"data/{k}": v for k, v in result["data_stats"].items()}})

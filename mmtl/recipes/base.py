@@ -2,7 +2,9 @@
 
 The run sequence itself (run directory, MLflow run, seed, model, strategy, training through Ray Train +
 DeepSpeed, export, metrics, registry, ``summary.json``) is written once, in :mod:`mmtl.recipes.runner`. A
-recipe is a class registered by ``strategy.kind`` (:data:`mmtl.recipes.RECIPES`) that says only:
+recipe is a class registered by name (:data:`mmtl.recipes.RECIPES`).
+The strategy of ``strategy.kind`` names its recipe (:attr:`mmtl.strategies.base.Strategy.recipe`). A recipe
+says only:
 
 * :meth:`Recipe.prepare` which in-memory arrays the workers train on (cached features / tokens), or ``None``
   to stream and decode ``data.train`` shards, and what to measure before training;
@@ -71,11 +73,11 @@ class Recipe:
     """Base recipe: trains ``train_module`` on what :meth:`prepare` returns. One instance per run.
 
     Attributes:
-        kinds: the ``strategy.kind`` values this recipe runs.
+        name: the registry key; strategies name it in their ``recipe`` attribute.
         train_module: the task-module class the engine wraps, or ``None`` for the contrastive module.
     """
 
-    kinds: ClassVar[tuple[str, ...]] = ()
+    name: ClassVar[str] = ""
     train_module: ClassVar[Optional[type]] = None
 
     def __init__(self, ctx: RunContext) -> None:

@@ -26,7 +26,7 @@ from mmtl.tracking import mlflow_utils as mlu
 class ContrastiveRecipe(Recipe):
     """See module docstring."""
 
-    kinds = ("frozen", "full", "lora")
+    name = "contrastive"
 
     def prepare(self) -> Optional[dict]:
         ctx, pipe = self.ctx, self.ctx.pipe

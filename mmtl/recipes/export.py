@@ -59,8 +59,12 @@ def export_run(run_dir: Path, out: Path, merge: bool = True, checkpoint: Optiona
     """Write an export of ``run_dir`` into ``out`` (see module docstring) and return what was written:
     ``{"out", "checkpoint", "step", "kind", "merged", "max_abs_diff"?}``.
 
+    ``out`` must be missing, empty, or an earlier export (it is replaced atomically); any other folder is
+    refused, so an export never deletes unrelated files.
+
     Raises:
-        ExportError: not a run, no such checkpoint, nothing exportable, or a failed merge check.
+        ExportError: not a run, no such checkpoint, an ``out`` folder that is not ours to replace, nothing
+            exportable, or a failed merge check.
     """
     import yaml
 
@@ -69,6 +73,7 @@ def export_run(run_dir: Path, out: Path, merge: bool = True, checkpoint: Optiona
 
     run_dir, out = Path(run_dir), Path(out)
     ckpt = find_checkpoint(run_dir, checkpoint)
+    check_export_target(out, run_dir)
     pipe = Pipeline.model_validate(yaml.safe_load((run_dir / "pipeline.yaml").read_text()))
     step = int((read_meta(ckpt) or {}).get("step", -1))
     info: dict = {"out": str(out), "checkpoint": str(ckpt), "step": step, "kind": pipe.strategy.kind, "merged": False}
@@ -93,6 +98,29 @@ def export_run(run_dir: Path, out: Path, merge: bool = True, checkpoint: Optiona
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return info
+
+
+EXPORT_ENTRIES = {"model.safetensors", "pipeline.yaml", "adapter", "prompt.safetensors", "prompt.json"}
+
+
+def check_export_target(out: Path, run_dir: Path) -> None:
+    """Refuse an ``--out`` folder whose contents an export would destroy: only a missing or empty folder, or an
+    earlier export (nothing but :data:`EXPORT_ENTRIES`), is replaced; never the run directory or a folder
+    holding it.
+
+    Raises:
+        ExportError: the message names the folder and what is in it.
+    """
+    out_r, run_r = out.resolve(), run_dir.resolve()
+    if out_r == run_r or out_r in run_r.parents:
+        raise ExportError(f"--out {out} is the run directory or holds it: choose another folder")
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out {out} exists and is not a folder")
+    if out.is_dir():
+        other = sorted(p.name for p in out.iterdir() if p.name not in EXPORT_ENTRIES)
+        if other:
+            raise ExportError(f"--out {out} is not empty and not an earlier export (it holds {other[:5]}): "
+                              "choose a new or empty folder; nothing was changed")
 
 
 def _check_reload(export_dir: Path, model) -> None:

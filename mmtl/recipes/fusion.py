@@ -78,7 +78,7 @@ def train_arrays(pipe: Pipeline, ts) -> dict[str, np.ndarray]:
 class FusionRecipe(Recipe):
     """See module docstring."""
 
-    kinds = ("cross_attention",)
+    name = "fusion"
     train_module = FusionTaskModule
 
     def prepare(self) -> Optional[dict]:

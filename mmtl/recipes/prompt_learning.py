@@ -76,7 +76,7 @@ def _templates(pipe) -> list[str]:
 class PromptLearningRecipe(Recipe):
     """See module docstring."""
 
-    kinds = ("prompt_tuning",)
+    name = "prompt_learning"
     train_module = CoOpModule
 
     def prepare(self) -> Optional[dict]:

@@ -48,7 +48,8 @@ def run_pipeline(pipe: Pipeline, *, address: Optional[str] = None, must_resume: 
 
     Raises:
         PipelineError / ValueError: bad configuration, unknown strategy kind (before anything starts).
-        MissingShardsError / EmptyDatasetError: data problems, before training.
+        MissingShardsError / EmptyDatasetError: data problems (missing shards: before anything is written).
+        FileNotFoundError: a missing ``model.init_from``, before anything is written.
         CheckpointMismatchError: resuming a checkpoint written with other settings (world size, ZeRO stage,
             precision, family, strategy, trainable set ...), before training.
         RuntimeError: training failed (the run is left resumable).
@@ -62,6 +63,7 @@ def run_pipeline(pipe: Pipeline, *, address: Optional[str] = None, must_resume: 
     check_local_devices(pipe.train, address)  # GPUs / CPUs the local Ray instance will have, before anything runs
     recipe_cls = recipe_for(pipe.strategy.kind)
     specs = eval_specs(pipe)
+    check_inputs_exist(pipe, specs)  # before a run folder or an MLflow run exists
     run_dir, resuming = select_run_dir(pipe.train.runs_root, pipe.train.name, pipe.train.resume, must_resume)
     run_dir.mkdir(parents=True, exist_ok=True)
     if resuming:
@@ -91,6 +93,24 @@ def run_pipeline(pipe: Pipeline, *, address: Optional[str] = None, must_resume: 
         raise
     mlu.end_run(uri, run_id, "FINISHED")
     return summary
+
+
+def check_inputs_exist(pipe: Pipeline, specs: dict) -> None:
+    """Fail before anything is written when an input is missing: every shard of ``data.train``, ``data.val``
+    and the eval sets (local and remote), and a local ``model.init_from``.
+
+    Raises:
+        MissingShardsError: a shard is missing (names it); FileNotFoundError: ``model.init_from`` is missing.
+    """
+    from mmtl.data.shardlist import resolve_shards
+
+    for spec in [pipe.data.train, pipe.data.val, *specs.values()]:
+        if spec:
+            resolve_shards(spec)
+    init = pipe.model.init_from
+    if init and "://" not in init and not Path(init).expanduser().exists():
+        raise FileNotFoundError(f"model.init_from={init!r}: not found (train the model it points to first, e.g. "
+                                "the quickstart for the emoji-coop pipeline)")
 
 
 class RunStepError(RuntimeError):

@@ -2,9 +2,9 @@
 :class:`~mmtl.strategies.base.Strategy` object with hooks, registered in :data:`STRATEGIES` by
 ``strategy.kind``.
 
-To add one: write ``mmtl/strategies/<kind>.py`` with a ``Strategy`` subclass (``kind = "<kind>"``) and add it
-to the table below. A strategy that trains something other than the contrastive objective also needs a
-recipe (:mod:`mmtl.recipes`).
+To add one: write ``mmtl/strategies/<kind>.py`` with a ``Strategy`` subclass (``kind = "<kind>"``, the hooks
+it needs) and add it to the table below; it is trained by the contrastive recipe unless it names another
+(``recipe = "<name>"``, :mod:`mmtl.recipes`).
 """
 from __future__ import annotations
 

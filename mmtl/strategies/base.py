@@ -33,9 +33,12 @@ class Strategy:
 
     Attributes:
         kind: the ``strategy.kind`` value it is registered under.
+        recipe: the name of the recipe that runs it (:data:`mmtl.recipes.RECIPES`); ``"contrastive"`` trains
+            the model's towers/heads with the CLIP/SigLIP loss.
     """
 
     kind: ClassVar[str] = ""
+    recipe: ClassVar[str] = "contrastive"
 
     def check(self, cfg: StrategyConfig, zero_stage: Optional[int] = None) -> None:
         """Raise ValueError naming the field for options this strategy cannot train."""

@@ -25,6 +25,7 @@ class CrossAttentionStrategy(Strategy):
     """Frozen model; the fusion module and head are added by the train module."""
 
     kind = "cross_attention"
+    recipe = "fusion"
 
     def check(self, cfg: StrategyConfig, zero_stage: Optional[int] = None) -> None:
         """Raise ValueError naming the field for options this strategy does not support."""

@@ -20,6 +20,7 @@ class PromptTuningStrategy(Strategy):
     """Everything in the model frozen; the train module adds the learned context."""
 
     kind = "prompt_tuning"
+    recipe = "prompt_learning"
 
     def apply(self, model, cfg: StrategyConfig, zero_stage: Optional[int] = None) -> None:
         """Freeze every parameter of ``model`` (the context vectors are added by the train module).

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -75,10 +76,14 @@ def fit(pipe: Pipeline, run_dir: Path, arrays: Optional[dict], uri: str, run_id:
     )
     say(f"training: {t.num_workers} workers, ZeRO-{t.zero_stage}, {t.precision}, global batch "
         f"{t.effective_global_batch}, {t.max_steps} steps")
+    sigint = signal.getsignal(signal.SIGINT)  # Ray Train installs its own Ctrl-C handler and leaves it behind
     try:
         result = trainer.fit()
     except Exception as exc:  # Ray Train raises TrainingFailedError when workers fail past max_failures
         raise RuntimeError(training_failure(exc, run_dir)) from exc
+    finally:
+        if signal.getsignal(signal.SIGINT) is not sigint:
+            signal.signal(signal.SIGINT, sigint)
     if result.error:
         raise RuntimeError(f"training failed: {result.error}") from result.error
     return result

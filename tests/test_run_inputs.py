@@ -1,0 +1,68 @@
+"""Inputs are checked before anything is written, and ``mmtl export`` never deletes what is not an export."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import tiny_pipeline
+from mmtl.config import build_pipeline
+
+
+def test_missing_shards_fail_before_a_run_folder_or_mlflow_run_exists(tiny_shards, tmp_path):
+    from mmtl.data.shardlist import MissingShardsError
+    from mmtl.recipes import run_pipeline
+
+    shards = {**tiny_shards, "train": str(tmp_path / "nope" / "shard-{000000..000001}.tar")}
+    raw = tiny_pipeline(shards, tmp_path / "runs")
+    with pytest.raises(MissingShardsError, match="missing"):
+        run_pipeline(build_pipeline(raw), say=lambda m: None)
+    assert not (tmp_path / "runs").exists() or list((tmp_path / "runs").iterdir()) == []
+
+
+def test_missing_init_from_fails_before_anything_is_written(tiny_shards, tmp_path):
+    from mmtl.recipes import run_pipeline
+
+    raw = tiny_pipeline(tiny_shards, tmp_path / "runs")
+    raw["model"]["init_from"] = str(tmp_path / "runs" / "quickstart" / "export" / "model.safetensors")
+    with pytest.raises(FileNotFoundError, match=r"model.init_from=.*not found \(train the model it points to"):
+        run_pipeline(build_pipeline(raw), say=lambda m: None)
+    assert not (tmp_path / "runs" / "tiny").exists()
+
+
+def test_cli_missing_data_exits_2_with_a_message_not_a_traceback(tiny_shards, tmp_path):
+    import yaml
+    from typer.testing import CliRunner
+
+    from mmtl.cli import app
+
+    raw = tiny_pipeline({**tiny_shards, "train": str(tmp_path / "absent")}, tmp_path / "runs")
+    p = tmp_path / "p.yaml"
+    p.write_text(yaml.safe_dump(raw))
+    res = CliRunner().invoke(app, ["run", str(p)])
+    assert res.exit_code == 2, res.output
+    assert "absent" in res.output and "Traceback" not in res.output
+
+
+def test_export_refuses_a_folder_that_is_not_an_earlier_export(tmp_path):
+    from mmtl.recipes.export import ExportError, check_export_target
+
+    run_dir = tmp_path / "runs" / "tiny"
+    (run_dir / "train").mkdir(parents=True)
+    keep = tmp_path / "mine"
+    keep.mkdir()
+    (keep / "important.txt").write_text("keep")
+    with pytest.raises(ExportError, match=r"not empty and not an earlier export .*important.txt"):
+        check_export_target(keep, run_dir)
+    assert (keep / "important.txt").read_text() == "keep"
+    for target in (run_dir, run_dir.parent):
+        with pytest.raises(ExportError, match="is the run directory or holds it"):
+            check_export_target(target, run_dir)
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    for f in ("model.safetensors", "pipeline.yaml"):
+        (earlier / f).write_text("x")
+    check_export_target(earlier, run_dir)  # an earlier export is replaced
+    check_export_target(tmp_path / "new", run_dir)  # a new folder is fine
+    (tmp_path / "empty").mkdir()
+    check_export_target(tmp_path / "empty", run_dir)
