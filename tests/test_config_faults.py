@@ -173,15 +173,29 @@ def test_case24_fp16_on_cpu_workers_refused_before_ray(tmp_path):
 
 
 @needs_cases
+def _tiny_model_and_batches(pipe, n: int):
+    """The pipeline's model (seed 0, strategy applied for ZeRO-2) and ``n`` seeded random micro-batches of 4."""
+    import torch
+
+    from mmtl.models import build_model
+    from mmtl.strategies import apply_strategy
+    from mmtl.train.loop import seed_everything
+
+    seed_everything(0)
+    model = build_model(pipe.model)
+    apply_strategy(model, pipe.strategy, zero_stage=2)
+    g = torch.Generator().manual_seed(0)
+    return model, ({"image": torch.randn(4, 3, 32, 32, generator=g), **model.tokenize(["a red box", "b", "c", "d"])}
+                   for _ in range(n))
+
+
 def test_case23_optimizer_offload_on_cpu_trains(tmp_path):
     """The documented option works: ZeRO-Offload with mmtl's client AdamW gets zero_force_ds_cpu_optimizer=false
     and trains 3 steps on a CPU worker (one process, gloo)."""
     import torch
 
-    from mmtl.models import build_model
-    from mmtl.strategies import apply_strategy
     from mmtl.train.ds_config import deepspeed_config
-    from mmtl.train.loop import run_training, seed_everything, single_process_group
+    from mmtl.train.loop import run_training, single_process_group
 
     out = make_case("23", tmp_path / "c23")
     pipe = load_pipeline(out / "pipeline.yaml", ["train.max_steps=3", "train.micro_batch_size=4",
@@ -190,12 +204,7 @@ def test_case23_optimizer_offload_on_cpu_trains(tmp_path):
     ds = deepspeed_config(pipe.train)
     assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert ds["zero_force_ds_cpu_optimizer"] is False
-    seed_everything(0)
-    model = build_model(pipe.model)
-    apply_strategy(model, pipe.strategy, zero_stage=2)
-    g = torch.Generator().manual_seed(0)
-    batches = ({"image": torch.randn(4, 3, 32, 32, generator=g), **model.tokenize(["a red box", "b", "c", "d"])}
-               for _ in range(10))
+    model, batches = _tiny_model_and_batches(pipe, 10)
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     with single_process_group():
         m = run_training(pipe, model, batches, report=lambda metrics, d: None)
@@ -400,20 +409,12 @@ def test_worker_refuses_a_checkpoint_with_another_trainable_set(tmp_path):
     """The trainable set recorded by a real DeepSpeed checkpoint is checked before loading it (one process)."""
     import shutil
 
-    import torch
 
-    from mmtl.models import build_model
-    from mmtl.strategies import apply_strategy
-    from mmtl.train.loop import run_training, seed_everything, single_process_group
+    from mmtl.train.loop import run_training, single_process_group
 
     def train(strategy, resume_dir=None, keep=None):
         pipe = build_pipeline(tiny_raw(strategy=strategy, train={"max_steps": 2, "lr": 0.01}))
-        seed_everything(0)
-        model = build_model(pipe.model)
-        apply_strategy(model, pipe.strategy, zero_stage=2)
-        g = torch.Generator().manual_seed(0)
-        batches = ({"image": torch.randn(4, 3, 32, 32, generator=g), **model.tokenize(["a", "b", "c", "d"])}
-                   for _ in range(4))
+        model, batches = _tiny_model_and_batches(pipe, 4)
 
         def report(metrics, d):
             if d is not None and keep is not None:

@@ -14,7 +14,7 @@ from PIL import Image
 from mmtl.config import ModelConfig, StrategyConfig
 from mmtl.models import (WeightsError, build_image_transform, build_model, build_tokenizer, tiny_hf_clip_config,
                          tiny_open_clip_config)
-from mmtl.models.hf_clip import to_hf_state_dict
+from mmtl.models.hf_keys import to_hf_state_dict
 from mmtl.models.open_clip_family import to_open_clip_state_dict
 
 open_clip = pytest.importorskip("open_clip")

@@ -1,7 +1,6 @@
 """Inputs are checked before anything is written, and ``mmtl export`` never deletes what is not an export."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 

@@ -10,7 +10,7 @@ Supports:
     :class:`HFTextTower` (``text_model`` + ``text_projection``; SigLIP: ``text_model`` with its ``head``),
     heads ``nn.Identity`` (towers already project), ``logit_scale`` a (1,) parameter initialised from the
     model's (CLIP's is 0-dim in transformers; DeepSpeed cannot broadcast those). The model's own
-    ``logit_scale`` / ``logit_bias`` parameters are not kept: :func:`to_hf_state_dict` writes them back.
+    ``logit_scale`` / ``logit_bias`` parameters are not kept: :func:`mmtl.models.hf_keys.to_hf_state_dict` writes them back.
   * Tokenizer: ``model.text.tokenizer_path`` if set, else the model dir's tokenizer; for ``config`` the
     MiniLM package tokenizer (BERT vocab; ``text_config.vocab_size`` / ``eos``/``pad``/``bos_token_id``
     default to the tokenizer's, and ``vocab_size`` must cover it). Right padding to ``context_length``.
@@ -175,37 +175,6 @@ class HFTextTower(nn.Module):
         mask = attention_mask if self.use_mask else None
         x = self.text_model(input_ids=input_ids, attention_mask=mask).pooler_output
         return self.text_projection(x) if self.text_projection is not None else x
-
-
-# ---- export -------------------------------------------------------------------------------------------
-def to_hf_state_dict(sd: dict) -> dict:
-    """Map an mmtl ``MultimodalModel.state_dict()`` of the hf family to ``CLIPModel`` / ``SiglipModel`` keys.
-
-    ``image_tower.X`` -> ``X`` (``vision_model.*``, ``visual_projection.*``), ``text_tower.X`` -> ``X``,
-    ``logit_scale`` -> 0-dim for CLIP (detected by ``visual_projection``), (1,) for SigLIP; ``logit_bias``
-    (the SigLIP loss's, if saved) is kept for SigLIP and dropped for CLIP; Identity heads have no keys.
-    A SigLIP state dict without ``logit_bias`` needs ``load_state_dict(..., strict=False)``.
-
-    Raises:
-        ValueError: a key that belongs to no known part.
-    """
-    is_clip = any(k.startswith("image_tower.visual_projection.") for k in sd)
-    out: dict = {}
-    for k, v in sd.items():
-        if k.startswith("image_tower."):
-            out[k[len("image_tower."):]] = v
-        elif k.startswith("text_tower."):
-            out[k[len("text_tower."):]] = v
-        elif k == "logit_scale":
-            out[k] = v.reshape(()) if is_clip else v.reshape(1)
-        elif k == "logit_bias":
-            if not is_clip:
-                out[k] = v.reshape(1)
-        elif k.startswith(("image_head.", "text_head.")):
-            continue
-        else:
-            raise ValueError(f"to_hf_state_dict: unexpected key {k!r} (not an hf-family state dict)")
-    return out
 
 
 # ---- the model ----------------------------------------------------------------------------------------
