@@ -24,6 +24,21 @@ __all__ = ["app", "main", "print_summary"]
 
 app = typer.Typer(help="Multimodal (image-text) transfer learning on Ray.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
+
+
+@app.callback()
+def _options(ctx: typer.Context,
+             verbose: bool = typer.Option(False, "--verbose", "-v",
+                                          help="Show the full output of Ray, DeepSpeed and MLflow (also MMTL_VERBOSE=1); "
+                                               "by default their known noise is kept out of the terminal "
+                                               "(a run still writes everything to <run_dir>/console.log).")) -> None:
+    """Multimodal (image-text) transfer learning on Ray."""
+    from mmtl.cli import console_log
+
+    console_log.start(verbose)
+    ctx.call_on_close(console_log.stop)
+
+
 app.add_typer(shards_app, name="shards")
 app.add_typer(datasets_app, name="datasets")
 app.add_typer(bench_app, name="bench")

@@ -20,8 +20,13 @@ def run_cmd(
     address: Optional[str] = typer.Option(
         None, help="Ray address to join; default: $RAY_ADDRESS or a `ray start` cluster on this machine, else a new "
                    "local instance on 127.0.0.1."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Ray's, DeepSpeed's and MLflow's full output."),
 ) -> None:
-    """Train, evaluate and register one pipeline; writes <runs_root>/<name>/summary.json."""
+    """Train, evaluate and register one pipeline; writes <runs_root>/<name>/summary.json and the full console
+    output to <runs_root>/<name>/console.log."""
+    from mmtl.cli import console_log
+
+    log = console_log.start(verbose)
     pipe = load_pipeline_or_exit(pipeline, overrides or [])
     from mmtl.recipes import run_pipeline
 
@@ -32,7 +37,8 @@ def run_cmd(
     from mmtl.data.shardlist import ShardError
 
     try:
-        summary = run_pipeline(pipe, address=address, must_resume=resume, say=say_to_console())
+        summary = run_pipeline(pipe, address=address, must_resume=resume, say=say_to_console(),
+                               on_run_dir=lambda d: log.attach(d / "console.log"))
     except ShardError as exc:  # missing / empty shards: bad input, found before anything is written
         fail(str(exc), 2)
     except KeyboardInterrupt:
@@ -55,15 +61,18 @@ def print_summary(summary: dict) -> None:
         table.add_row(k, fmt(m.get(f"before/{k}")), fmt(m[k]), fmt(m.get(f"ridge/{k}")))
     for k in sorted(x for x in m if x.startswith("train/")):
         table.add_row(k, "", fmt(m[k]), "")
-    Console().print(table)
+    out = Console()
+    if not out.is_terminal:  # a log file or a pipe: wide enough that no metric name is cut
+        out = Console(width=max(out.width, max((len(k) for k in m), default=20) + 45))
+    out.print(table)
     reg = summary.get("registered_model") or {}
     model_line = (f"registered: {reg['name']} version {reg['version']} (models:/{reg['name']}/{reg['version']})"
                   if reg.get("name") else f"MLflow model: {reg['uri']} (not registered: tracking.model_name is null)"
                   if reg.get("uri") else "MLflow model: not logged")
-    Console().print(
+    out.print(
         f"run dir: {summary['run_dir']}\nMLflow run: {summary['mlflow_run_id']}\nexport: {summary['export_path']}\n"
         f"{model_line}\nopen the UI: {summary['mlflow_ui']}",
-        highlight=False,
+        highlight=False, soft_wrap=True,  # commands meant for copying stay on one line
     )
 
 
