@@ -25,6 +25,8 @@ NOISY = [
     "filesystem=local, path=/tmp/qs/train/checkpoint_2026-11-30_09-57-51.910937), metrics={'steps': 100}",
     f"{CYAN}(SplitCoordinator pid=29571){RESET} Progress bars disabled. To enable, set "
     "`ray.data.DataContext.get_current().enable_progress_bars = True`.",
+    f"{CYAN}(SplitCoordinator pid=4464){RESET} \u2714\ufe0f  Dataset train_0356VK3u59EZlCv3nPSysf_0 execution finished "
+    "in 2.24 seconds",
     "2026/11/30 09:54:17 INFO mlflow.store.db.utils: Creating initial MLflow database tables...",
     "Registered model 'mmtl-quickstart' already exists. Creating a new version of this model...",
     "Created version '1' of model 'mmtl-quickstart'.",

@@ -41,6 +41,8 @@ NOISE: tuple[tuple[str, str], ...] = (
      "Ray Train's repr of every checkpoint report; mmtl prints the step lines"),
     (r"Progress bars disabled\. To enable",
      "Ray Data, where mmtl turns its progress bars off on purpose"),
+    (r"Dataset \S+ execution finished in [0-9.]+ seconds",
+     "Ray Data's per-dataset completion line inside the training loop; mmtl prints the step lines"),
     (r"mlflow\.store\.db\.utils: (Creating initial MLflow database tables|Updating database tables)",
      "MLflow creating its local sqlite store"),
     (r"Registered model '.*' already exists\. Creating a new version",
