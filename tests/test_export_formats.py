@@ -218,6 +218,9 @@ def test_lora_two_tower_adapter_loads_with_peft_on_the_mmtl_model(tmp_path):
     extra = load_file(str(adapter / "mmtl_extra.safetensors"))
     assert any(k.startswith("image_head.") for k in extra) and "logit_scale" in extra
     base.load_state_dict(extra, strict=False)
+    with torch.no_grad():
+        heads_only = base(images, tok["input_ids"], tok["attention_mask"])
+    assert (heads_only[0] - want[0]).abs().max() > 1e-3  # the LoRA weights matter beyond the heads
     pm = peft.PeftModel.from_pretrained(base, str(adapter)).eval()
     with torch.no_grad():
         got = pm(images, tok["input_ids"], tok["attention_mask"])
@@ -257,3 +260,28 @@ def test_old_adapter_folders_still_load(tmp_path):
     (old / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
     with pytest.raises(ValueError, match="not an mmtl LoRA adapter.*PeftModel.from_pretrained"):
         load_adapter(build_model(pipe.model), old)
+
+
+def test_lora_hf_adapter_loads_with_peft_on_transformers_clip(tmp_path):
+    from transformers import CLIPConfig, CLIPModel
+
+    from mmtl.models import tiny_hf_clip_config
+    from mmtl.models.hf_keys import to_hf_state_dict
+
+    run, adapter, adapted, base, pipe = _lora_run(tmp_path, tiny_hf_clip_config().model_dump(mode="json"))
+    images, tok = _images(), adapted.tokenize(TEXTS)
+    with torch.no_grad():
+        want_img, want_txt = adapted(images, tok["input_ids"], tok["attention_mask"])
+    conf = json.loads((adapter / "adapter_config.json").read_text())
+    assert conf["base_model_name_or_path"].startswith("transformers CLIPModel")
+    # documented base: the transformers CLIPModel with the base weights (here: the tiny random init's)
+    vc, tc = base.image_tower.vision_model.config, base.text_tower.text_model.config
+    hf = CLIPModel(CLIPConfig(text_config=tc.to_dict(), vision_config=vc.to_dict(), projection_dim=16)).eval()
+    hf.load_state_dict(to_hf_state_dict(base.state_dict()), strict=True)
+    pm = peft.PeftModel.from_pretrained(hf, str(adapter)).eval()
+    with torch.no_grad():
+        img = pm.get_image_features(pixel_values=images)
+        txt = pm.get_text_features(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"])
+    img, txt = (getattr(x, "pooler_output", x) for x in (img, txt))
+    torch.testing.assert_close(torch.nn.functional.normalize(img, dim=-1), want_img, atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.nn.functional.normalize(txt, dim=-1), want_txt, atol=1e-5, rtol=0)
