@@ -187,6 +187,8 @@ def test_lora_open_clip_run_adapter_is_a_peft_adapter_and_exports_to_open_clip(t
     with torch.no_grad():
         torch.testing.assert_close(pm.encode_image(images, normalize=True), want_img, atol=1e-5, rtol=0)
         torch.testing.assert_close(pm.encode_text(tok["input_ids"], normalize=True), want_txt, atol=1e-5, rtol=0)
+        merged_by_peft = pm.merge_and_unload()  # PEFT's own merge (nn.MultiheadAttention included)
+        torch.testing.assert_close(merged_by_peft.encode_image(images, normalize=True), want_img, atol=1e-5, rtol=0)
 
     # mmtl export --merge --format open_clip: merged, and open_clip loads the folder to the same outputs
     out = tmp_path / "merged"

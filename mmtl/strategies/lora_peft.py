@@ -18,7 +18,7 @@ The PEFT base model (``peft.PeftModel.from_pretrained(BASE, adapter_dir)``), per
 * ``open_clip``: open_clip's own ``CLIP`` / ``CustomTextCLIP`` with the run's base weights (what
   ``open_clip.create_model(ARCH, pretrained=model.weights)`` builds); mmtl names ``image_tower.X`` ->
   ``visual.X``, ``text_tower.X`` -> ``X``. Its heads are Identity, so base + adapter = the merged export.
-* ``hf``: the transformers ``CLIPModel`` / ``SiglipModel`` of ``model.path``; ``image_tower.X`` / ``text_tower.X``
+* ``hf``: the transformers ``CLIPModel`` / ``SiglipModel`` of ``model.weights`` (a local dir); ``image_tower.X`` / ``text_tower.X``
   -> ``X``.
 * otherwise (``two_tower``): mmtl's own ``MultimodalModel`` (``mmtl.models.build_model(pipe.model)``) with
   ``mmtl_extra.safetensors`` loaded (``load_state_dict(..., strict=False)``: the trained heads); names unchanged.
@@ -47,7 +47,7 @@ PEFT_BASES: dict[str, dict[str, Any]] = {
                   "describe": "open_clip CLIP model (open_clip.create_model(arch or model_cfg, pretrained=base "
                               "weights)): {what}"},
     "hf": {"kind": "transformers", "prefixes": {"image_tower.": "", "text_tower.": ""},
-           "describe": "transformers CLIPModel/SiglipModel (from_pretrained(model.path)): {what}"},
+           "describe": "transformers CLIPModel/SiglipModel (from_pretrained(model.weights)): {what}"},
 }
 MMTL_BASE: dict[str, Any] = {"kind": "mmtl", "prefixes": {"": ""},
                              "describe": "mmtl MultimodalModel (mmtl.models.build_model(pipe.model)) with "
@@ -81,11 +81,10 @@ def peft_key(mmtl_key: str, prefixes: dict[str, str], adapter_name: str = "defau
 
 def _base_description(meta: dict[str, Any], model_cfg=None) -> str:
     b = PEFT_BASES.get(meta.get("family", ""), MMTL_BASE)
-    what = "random init"
-    if model_cfg is not None:
-        what = (f"arch={model_cfg.arch}" if getattr(model_cfg, "arch", None) else "model.config") + \
-               (f", weights={model_cfg.weights}" if getattr(model_cfg, "weights", None) else "") + \
-               (f", path={model_cfg.path}" if getattr(model_cfg, "path", None) else "")
+    what = "towers as in the run's pipeline.yaml"
+    if model_cfg is not None and meta.get("family") in ("open_clip", "hf"):
+        what = (f"arch={model_cfg.arch}" if model_cfg.arch else "model.config") + \
+               (f", weights={model_cfg.weights}" if model_cfg.weights else ", random init")
     return b["describe"].format(what=f"{meta.get('family')} {what}")
 
 
