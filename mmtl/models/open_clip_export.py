@@ -103,8 +103,8 @@ def open_clip_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch
 
 
 def check_fits_open_clip(mc: dict[str, Any], sd: dict[str, torch.Tensor]) -> None:
-    """Build open_clip's model of ``mc`` on the meta device (no memory) and compare key names and shapes with
-    ``sd`` exactly as a strict ``load_state_dict`` would.
+    """Build open_clip's model of ``mc`` on the meta device (no memory; on CPU if an initialiser needs real
+    values) and compare key names and shapes with ``sd`` exactly as a strict ``load_state_dict`` would.
 
     Raises:
         OpenClipFormatError: missing / unexpected keys or shape mismatches (listed).
@@ -118,8 +118,12 @@ def check_fits_open_clip(mc: dict[str, Any], sd: dict[str, torch.Tensor]) -> Non
     custom = bool(cfg.pop("custom_text", False))
     if cfg["vision_cfg"].get("timm_model_name"):
         cfg["vision_cfg"]["timm_model_pretrained"] = False
-    with torch.device("meta"):
-        model = (oc.model.CustomTextCLIP if custom else oc.model.CLIP)(**cfg)
+    cls = oc.model.CustomTextCLIP if custom else oc.model.CLIP
+    try:
+        with torch.device("meta"):
+            model = cls(**cfg)
+    except (RuntimeError, NotImplementedError):  # an init that reads tensor values: build it for real
+        model = cls(**cfg)
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     have = {k: tuple(v.shape) for k, v in sd.items()}
     missing, unexpected = sorted(set(want) - set(have)), sorted(set(have) - set(want))
