@@ -40,7 +40,6 @@ PEFT_WEIGHTS = "adapter_model.safetensors"
 MMTL_META = "mmtl_adapter.json"
 MMTL_EXTRA = "mmtl_extra.safetensors"
 OLD_EXTRA = "trainable.safetensors"  # adapter folders written before the PEFT format
-ADAPTER_ENTRIES = (PEFT_CONFIG, PEFT_WEIGHTS, MMTL_META, MMTL_EXTRA, "README.md")
 
 PEFT_BASES: dict[str, dict[str, Any]] = {
     "open_clip": {"kind": "open_clip", "prefixes": {"image_tower.": "visual.", "text_tower.": ""},
