@@ -91,22 +91,26 @@ def export_cmd(
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder; default <run_dir>/export-merged or export-adapter"),
     merge: bool = typer.Option(True, "--merge/--no-merge", help="LoRA: fold the adapter into the base weights (loads without PEFT)"),
     checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="Checkpoint folder or step number; default the latest"),
+    fmt: str = typer.Option("mmtl", "--format", help="mmtl (plus open_clip's files for open_clip runs) or "
+                            "open_clip (required: an error when open_clip cannot express the run)"),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object"),
 ) -> None:
-    """Write a standalone model folder (model.safetensors + pipeline.yaml) from a run's checkpoint."""
+    """Write a standalone model folder (model.safetensors + pipeline.yaml; open_clip runs also
+    open_clip_model.safetensors + open_clip_config.json) from a run's checkpoint."""
     from mmtl.recipes.export import ExportError, export_run
 
     dest = out or run_dir / ("export-merged" if merge else "export-adapter")
     try:
-        info = export_run(run_dir, dest, merge=merge, checkpoint=checkpoint)
+        info = export_run(run_dir, dest, merge=merge, checkpoint=checkpoint, fmt=fmt)
     except (ExportError, FileNotFoundError) as exc:
         fail(str(exc))
     if as_json:
         print(json.dumps(info, indent=2))
     else:
         diff = f", max |merged - adapted| = {info['max_abs_diff']:.1e}" if "max_abs_diff" in info else ""
-        console.print(f"exported step {info['step']} ({info['kind']}, merged={info['merged']}{diff}) -> {info['out']}",
-                      highlight=False)
+        extra = f" (+ {', '.join(info['formats'])})" if info.get("formats") else ""
+        console.print(f"exported step {info['step']} ({info['kind']}, merged={info['merged']}{diff}) -> {info['out']}"
+                      f"{extra}", highlight=False)
 
 
 def retrain_cmd(
