@@ -389,6 +389,12 @@ def test_resume_settings_compared_field_by_field():
         with pytest.raises(CheckpointMismatchError) as e:
             check_compatible(meta, 1, other.train.zero_stage, other)
         assert f"set {field}={value}" in str(e.value)
+    # optimizer settings a resume restores from the checkpoint: allowed, but said not to apply
+    other = build_pipeline(tiny_raw(train={"lr": 3e-4, "weight_decay": 0.5}))
+    notes = check_compatible(json.loads(json.dumps(meta)), 1, 2, other)
+    assert len(notes) == 1 and "train.lr=0.0003 (checkpoint: 0.001)" in notes[0] and "NOT used" in notes[0]
+    assert "train.weight_decay=0.5" in notes[0]
+    assert check_compatible(meta, 1, 2, build_pipeline(tiny_raw(train={"warmup_steps": 5}))) == []  # schedule shape
     # several at once are all named
     other = build_pipeline(tiny_raw(train={"precision": "bf16", "zero_stage": 3}))
     with pytest.raises(CheckpointMismatchError, match=r"set train.zero_stage=2 train.precision=fp32"):

@@ -107,6 +107,11 @@ def trainable_signature(module: torch.nn.Module) -> dict:
             "digest": hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]}
 
 
+#: settings a resume restores from the checkpoint's optimizer and LR-schedule state (DeepSpeed loads the param
+#: groups' lr / weight decay / betas / eps and the scheduler's base LRs): a changed value is not used
+RESTORED_SETTINGS = ("train.lr", "train.tower_lr", "train.weight_decay", "train.betas", "train.eps")
+
+
 def checkpoint_meta(pipe, step: int, world_size: int, module: Optional[torch.nn.Module] = None) -> dict:
     """The :data:`META` dict of a checkpoint at optimizer step ``step``: step, world size, ZeRO stage, samples
     seen, the values of :data:`RESUME_SETTINGS`, the batch layout, and with ``module`` (the module DeepSpeed
@@ -115,6 +120,7 @@ def checkpoint_meta(pipe, step: int, world_size: int, module: Optional[torch.nn.
     meta = {"step": step, "world_size": world_size, "zero_stage": t.zero_stage,
             "samples_seen": step * t.effective_global_batch, "format": 2,
             "settings": {k: _get(pipe, k) for k in RESUME_SETTINGS},
+            "restored": {k: _get(pipe, k) for k in RESTORED_SETTINGS},
             "batch": {"micro_batch_size": t.micro_batch_size, "grad_accum_steps": t.grad_accum_steps,
                       "global_batch": t.effective_global_batch}}
     if module is not None:
@@ -203,6 +209,12 @@ def check_compatible(meta: dict, world_size: int, zero_stage: int, pipe=None) ->
         if changed:
             notes.append(f"resuming with {', '.join(changed)}: the global batch is now {t.effective_global_batch}; "
                          f"the data position skips {step} steps of the new batch size")
+        ignored = [f"{k}={_show(_get(pipe, k))} (checkpoint: {_show(was)})"
+                   for k, was in (meta.get("restored") or {}).items() if _get(pipe, k) != was]
+        if ignored:
+            notes.append(f"warning: changed since the checkpoint but NOT used: {', '.join(ignored)}; a resumed run "
+                         "continues the checkpoint's optimizer and learning-rate schedule. To train with the new "
+                         "values start a new run (train.resume=never or another train.name)")
     if diffs:
         lines = "; ".join(f"{k}: checkpoint {_show(was)}, this run {_show(now)} ({why})" for k, was, now, why in diffs)
         fix = " ".join(f"{k}={_show(was)}" for k, was, _, _ in diffs)
