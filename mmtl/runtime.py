@@ -93,7 +93,17 @@ def select_run_dir(runs_root: str, name: str, resume: str, must_resume: bool = F
 
 
 def latest_checkpoint(run_dir: Path) -> Optional[Path]:
-    """The checkpoint directory with the highest step under ``run_dir/train`` (None if none)."""
+    """The checkpoint a resume of ``run_dir`` continues from (None if none): Ray Train's registered latest
+    checkpoint (``train/checkpoint_manager_snapshot.json``, what ``ray.train.get_checkpoint()`` hands the
+    workers) when it holds mmtl's meta; else the directory with the highest step under ``run_dir/train`` (a
+    checkpoint written but never registered, e.g. a crash during the report, is not what Ray resumes)."""
+    snap = Path(run_dir) / "train" / "checkpoint_manager_snapshot.json"
+    try:
+        name = json.loads(snap.read_text())["latest_checkpoint_result"]["checkpoint_dir_name"]
+        if name and (snap.parent / name / "mmtl_meta.json").is_file():
+            return snap.parent / name
+    except (OSError, KeyError, TypeError, json.JSONDecodeError):
+        pass
     best, best_step = None, -1
     for meta in Path(run_dir).glob("train/checkpoint_*/mmtl_meta.json"):
         try:

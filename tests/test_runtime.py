@@ -29,3 +29,22 @@ def test_select_run_dir_resumes_unfinished_and_numbers_new(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="nothing|no unfinished"):
         select_run_dir(str(tmp_path), "job", "auto", must_resume=True)
+
+
+def test_latest_checkpoint_is_the_one_ray_resumes(tmp_path):
+    from mmtl.runtime import latest_checkpoint
+
+    train = tmp_path / "train"
+    for name, step in [("checkpoint_a", 100), ("checkpoint_b", 200), ("checkpoint_c", 300)]:
+        (train / name).mkdir(parents=True)
+        if name != "checkpoint_c":  # c: a folder without meta (an interrupted write)
+            (train / name / "mmtl_meta.json").write_text(json.dumps({"step": step}))
+    assert latest_checkpoint(tmp_path) == train / "checkpoint_b"  # no snapshot: highest step with meta
+    snap = train / "checkpoint_manager_snapshot.json"
+    snap.write_text(json.dumps({"latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_a"}}))
+    assert latest_checkpoint(tmp_path) == train / "checkpoint_a"  # b was written but never registered
+    for bad in ('{"latest_checkpoint_result": null}', "not json", json.dumps(
+            {"latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_c"}})):
+        snap.write_text(bad)
+        assert latest_checkpoint(tmp_path) == train / "checkpoint_b"
+    assert latest_checkpoint(tmp_path / "nothing") is None
