@@ -130,6 +130,8 @@ def test_resume_after_failure_continues_at_checkpoint(ray_local, tiny_shards, tm
     steps = [int(x) for x in Path(f"{trace}.rank0").read_text().split()]
     assert steps == [1, 2, 3, 4, 5, 6, 7, 6, 7, 8, 9, 10, 11, 12]
     assert summary["steps"] == 12 and Path(summary["run_dir"]).name == "tiny"
+    before = json.loads((Path(summary["run_dir"]) / "before_metrics.json").read_text())
+    assert summary["metrics"]["before/test/image_to_text_recall_at_1"] == before["before/test/image_to_text_recall_at_1"]
     client = _mlflow(summary)
     assert summary["mlflow_tracking_uri"] == mlflow_server
     run = client.get_run(summary["mlflow_run_id"])

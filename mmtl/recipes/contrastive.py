@@ -5,7 +5,8 @@ loss (:mod:`mmtl.train.losses`).
 * Trains on cached frozen-tower outputs (``image_feat`` / ``text_feat`` rows) when the strategy keeps both
   towers frozen and unaugmented (:func:`mmtl.strategies.uses_feature_cache`), else streams and decodes
   ``data.train`` shards through Ray Data.
-* Before training (not on resume, with ``eval.before_training``): zero-shot and retrieval of the untrained
+* Before training (with ``eval.before_training``; a resume reuses the first attempt's ``before_metrics.json``):
+  zero-shot and retrieval of the untrained
   model (``before/*``); with cached features and ``eval.ridge_baseline``: a closed-form ridge map between the
   same frozen features (``ridge/*``).
 * After training: the eval tasks of ``eval`` (retrieval recall@K both ways; zero-shot with
@@ -14,6 +15,7 @@ loss (:mod:`mmtl.train.losses`).
 """
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Optional
@@ -40,11 +42,17 @@ class ContrastiveRecipe(Recipe):
                 for k, v in fs.stats.items():
                     rejected[k] = rejected.get(k, 0) + v
             mlu.log_metrics(ctx.uri, ctx.run_id, {f"data/{k}": v for k, v in rejected.items()})
+        before_file = ctx.run_dir / "before_metrics.json"  # a resumed run reports the first attempt's numbers
         if pipe.eval.before_training and not ctx.resuming:
             from mmtl.eval.evaluate import evaluate_sets
 
             scores = evaluate_sets(ctx.model, pipe, self._embedded())
             self.before.update({f"before/{k}": v for k, v in scores.items()})
+            tmp = before_file.with_name(f".{before_file.name}.tmp")
+            tmp.write_text(json.dumps(self.before, indent=1))
+            tmp.replace(before_file)
+        elif pipe.eval.before_training and before_file.is_file():
+            self.before.update(json.loads(before_file.read_text()))
         if pipe.eval.ridge_baseline and self.feats is not None:
             self.before.update(self._ridge())
         if self.feats is None:
