@@ -36,7 +36,8 @@ def test_build_folder_then_inspect_counts(tmp_path):
     assert sum(s["samples"] for s in stats["splits"].values()) == 12
     shards = sorted((tmp_path / "out").rglob("*.tar"))
     assert len(shards) == 3
-    res, report = inspect_json(str(tmp_path / "out"))
+    assert len(list((tmp_path / "out" / "train").glob("*.tar"))) == 3  # where data.train of a pipeline points
+    res, report = inspect_json(str(tmp_path / "out" / "train"))
     assert res.exit_code == 0 and report["shards"] == 3 and report["samples_ok"] == 12
     assert report["rejected"] == {} and report["errors"] == []
 

@@ -24,11 +24,18 @@ def shards_build(
     prefix: str = typer.Option("shard", help="Shard file prefix: PREFIX-000000.tar"),
     max_samples: int = typer.Option(10_000, help="Samples per shard at most"),
     max_bytes: int = typer.Option(1 << 30, help="Bytes per shard at most"),
-    val_fraction: float = typer.Option(0.0, help="Share of samples for out/val"),
-    test_fraction: float = typer.Option(0.0, help="Share of samples for out/test"),
+    val_fraction: float = typer.Option(0.0, help="Share of samples for OUT/val"),
+    test_fraction: float = typer.Option(0.0, help="Share of samples for OUT/test"),
     seed: int = typer.Option(0, help="Split seed"),
 ) -> None:
-    """Write WebDataset shards (img2dataset layout) and a stats.json."""
+    """Write WebDataset shards (img2dataset layout) into OUT/train (and OUT/val, OUT/test) and OUT/stats.json.
+
+    No usable image-caption pair in SRC is an error (exit 2) that gives the skip counts.
+
+    Example:
+
+        mmtl shards build ./products.csv --out ./shards --image-col path --caption-col title --val-fraction 0.05 --test-fraction 0.1
+    """
     from mmtl.data.build import build_shards
 
     try:
@@ -38,6 +45,11 @@ def shards_build(
     except (ValueError, FileNotFoundError) as exc:
         fail(str(exc))
     print(json.dumps(stats, indent=2))
+    where = ", ".join(f"{n}: {s['samples']} in {out / s['dir']}" for n, s in stats["splits"].items())
+    console.print(f"wrote {stats['samples']} samples ({where}); skipped {stats['skipped'] or 'none'}. "
+                  f"Set data.train={out / 'train'}" + (f" data.val={out / 'val'}" if "val" in stats["splits"] else "")
+                  + (f" data.test={out / 'test'}" if "test" in stats["splits"] else "") + " in your pipeline.",
+                  highlight=False)
 
 
 @shards_app.command("inspect")
@@ -47,7 +59,16 @@ def shards_inspect(
     pipeline: Optional[Path] = typer.Option(None, help="Use this pipeline's tokenizer, context length, limits"),
     dump: Optional[Path] = typer.Option(None, help="Write accepted samples as {key}.png + {key}.txt here"),
 ) -> None:
-    """Count good samples and rejects by reason, reading through the training cleaning code."""
+    """Count good samples and rejects by reason, reading through the training cleaning code.
+
+    Exit 1 when a shard is missing or unreadable, or no sample is usable at all (e.g. a file that is not a tar).
+
+    Example:
+
+        mmtl shards inspect ./shards/train --pipeline pipelines/quickstart.yaml --dump ./look
+    """
+    import logging
+
     from mmtl.data.inspect import inspect_shards
     from mmtl.data.samples import CleanOptions
 
@@ -59,7 +80,15 @@ def shards_inspect(
 
         opts = clean_options(pipe, count_tokens=build_tokenizer(pipe.model).count)
     spec = paths[0] if len(paths) == 1 else list(paths)
-    report = inspect_shards(spec, opts, dump_dir=str(dump) if dump else None)
+    shard_log = logging.getLogger("mmtl.data")
+    level, shard_log.level = shard_log.level, logging.ERROR  # its warnings are in the report, printed once below
+    try:
+        report = inspect_shards(spec, opts, dump_dir=str(dump) if dump else None)
+    finally:
+        shard_log.setLevel(level)
+    if not report.get("errors") and report.get("samples_ok", 0) == 0:
+        report["errors"].append(f"no usable sample in {report['shards']} shard(s): rejected "
+                                f"{report.get('rejected') or 'nothing (the shards are empty)'}")
     if as_json:
         print(json.dumps(report))
     else:

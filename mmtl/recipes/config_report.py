@@ -1,5 +1,6 @@
 """``mmtl config``: the resolved pipeline followed by every path it will read or write (as ``#`` comments, so
-the output stays valid YAML), including the run folder a run would use now."""
+the output stays valid YAML), including the run folder a run would use now; :func:`missing_inputs` lists the
+local inputs that do not exist (``mmtl config`` / ``run`` / ``retrain`` refuse them before anything starts)."""
 from __future__ import annotations
 
 import os
@@ -57,6 +58,45 @@ def describe_paths(pipe: Pipeline) -> str:
     head = (f"# resolved paths: relative paths in the pipeline are relative to {pipe._project_root}"
             if pipe._project_root else "# resolved paths")
     return "\n".join([head] + [f"#   {k + ':':<{width}} {v}" for k, v in rows])
+
+
+def _inputs(pipe: Pipeline) -> list[tuple[str, object, bool]]:
+    """(field, spec, is a shard spec) of every input path of ``pipe``."""
+    d, m = pipe.data, pipe.model
+    out = [("data.train", d.train, True), ("data.val", d.val, True), ("data.test", d.test, True)]
+    out += [(f"data.extra_eval.{k}", v, True) for k, v in d.extra_eval.items()]
+    out += [(k, v, False) for k, v in (
+        ("model.weights", m.weights), ("model.vision.weights", m.vision.weights), ("model.text.path", m.text.path),
+        ("model.text.tokenizer_path", m.text.tokenizer_path), ("model.init_from", m.init_from),
+        ("strategy.fusion.answers_file", pipe.strategy.fusion.answers_file))]
+    return [(k, v, shards) for k, v, shards in out if v]
+
+
+def missing_inputs(pipe: Pipeline) -> list[str]:
+    """One line per local input of ``pipe`` that does not exist: shard specs of ``data.*`` (a folder without
+    tars, a glob or brace pattern matching nothing, a missing file), weight files / folders, ``model.init_from``
+    and the answers file, each naming its field and resolved path. URIs (``s3://``, ``gs://``) and
+    ``package:`` weights are not checked here (the run reads them before training starts)."""
+    from mmtl.data.shardlist import ShardError, resolve_shards
+
+    out = []
+    for key, spec, shards in _inputs(pipe):
+        specs = spec if isinstance(spec, list) else [spec]
+        local = [s for s in specs if not is_uri(s)]
+        if not local:
+            continue
+        if shards:
+            try:
+                resolve_shards(local if isinstance(spec, list) else local[0])
+            except ShardError as exc:
+                out.append(f"{key}: {exc}")
+            continue
+        for one in local:
+            if not os.path.exists(one):
+                hint = (" (train the run it points to first, e.g. pipelines/quickstart.yaml for the CoOp pipelines)"
+                        if key == "model.init_from" else "")
+                out.append(f"{key}: {one} does not exist{hint}")
+    return out
 
 
 def config_report(pipe: Pipeline) -> str:
