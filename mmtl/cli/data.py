@@ -11,8 +11,8 @@ from rich.table import Table
 
 from mmtl.cli.common import console, fail, load_pipeline_or_exit
 
-shards_app = typer.Typer(help="Build and inspect WebDataset shards.", no_args_is_help=True)
-datasets_app = typer.Typer(help="Bundled and importable real datasets.", no_args_is_help=True)
+shards_app = typer.Typer(help="Build and inspect WebDataset shards.", no_args_is_help=True, rich_markup_mode=None)
+datasets_app = typer.Typer(help="Bundled and importable real datasets.", no_args_is_help=True, rich_markup_mode=None)
 
 
 @shards_app.command("build")
@@ -34,6 +34,7 @@ def shards_build(
 
     Example:
 
+    \b
         mmtl shards build ./products.csv --out ./shards --image-col path --caption-col title --val-fraction 0.05 --test-fraction 0.1
     """
     from mmtl.data.build import build_shards
@@ -65,6 +66,7 @@ def shards_inspect(
 
     Example:
 
+    \b
         mmtl shards inspect ./shards/train --pipeline pipelines/quickstart.yaml --dump ./look
     """
     import logging
@@ -110,10 +112,16 @@ def shards_inspect(
 
 @datasets_app.command("emoji")
 def datasets_emoji(
-    out: Path = typer.Option(Path("mmtl/assets/emoji"), help="Output folder"),
+    out: Path = typer.Option(Path("mmtl/assets/emoji"), "--out", help="Output folder"),
     npm_dir: Optional[Path] = typer.Option(None, help="Folder with node_modules already installed"),
 ) -> None:
-    """Rebuild the bundled emoji image-text shards from the npm packages (needs npm + rsvg-convert)."""
+    """Rebuild the bundled emoji image-text shards from the npm packages (needs npm + rsvg-convert).
+
+    Example:
+
+    \b
+        mmtl datasets emoji --out mmtl/assets/emoji
+    """
     from mmtl.datasets.emoji import build_emoji_dataset
 
     print(json.dumps(build_emoji_dataset(str(out), str(npm_dir) if npm_dir else None), indent=2))
@@ -128,7 +136,13 @@ def datasets_diagrams(
     test_percent: int = typer.Option(20, "--test-percent", help="Share of layouts assigned to test"),
     seed: int = typer.Option(0, "--seed", help="Generator seed"),
 ) -> None:
-    """Render a diagram VQA set offline (shapes, labelled boxes and arrows; count/colour/position/relation)."""
+    """Render a diagram VQA set offline (shapes, labelled boxes and arrows; count/colour/position/relation).
+
+    Example:
+
+    \b
+        mmtl datasets diagrams --out data/diagrams --train-images 3000 --test-images 1000
+    """
     from mmtl.datasets.diagrams import build_diagrams
 
     try:
@@ -150,7 +164,13 @@ def datasets_fashion_mnist(
     split: Optional[List[str]] = typer.Option(None, "--split", help="train and/or test; repeatable (default both)"),
     max_samples: int = typer.Option(5000, "--max-samples", help="Samples per shard at most"),
 ) -> None:
-    """Import Fashion-MNIST (IDX files) into WebDataset shards with class-name captions."""
+    """Import Fashion-MNIST (IDX files) into WebDataset shards with class-name captions.
+
+    Example:
+
+    \b
+        mmtl datasets fashion-mnist --out data/fashion-mnist --shots-per-class 16
+    """
     from mmtl.datasets.fashion_mnist import import_fashion_mnist
 
     try:

@@ -54,6 +54,7 @@ def submit_cmd(
 
     Example:
 
+    \b
         mmtl submit pipelines/quickstart.yaml --dashboard http://127.0.0.1:8265 train.runs_root=/mnt/runs tracking.uri=http://mlflow:5000
     """
     from mmtl.config import PipelineError
@@ -84,6 +85,7 @@ def status_cmd(job_id: str = typer.Argument(...), dashboard: Optional[str] = _da
 
     Example:
 
+    \b
         mmtl status raysubmit_XYZ --dashboard http://127.0.0.1:8265
     """
     from mmtl.jobs import submit as jobs
@@ -102,6 +104,7 @@ def logs_cmd(job_id: str = typer.Argument(...), dashboard: Optional[str] = _dash
 
     Example:
 
+    \b
         mmtl logs raysubmit_XYZ --dashboard http://127.0.0.1:8265 --follow
     """
     from mmtl.jobs import submit as jobs
@@ -118,6 +121,7 @@ def stop_cmd(job_id: str = typer.Argument(...), dashboard: Optional[str] = _dash
 
     Example:
 
+    \b
         mmtl stop raysubmit_XYZ --dashboard http://127.0.0.1:8265
     """
     from mmtl.jobs import submit as jobs

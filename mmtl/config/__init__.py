@@ -29,7 +29,8 @@ from __future__ import annotations
 __all__ = ["PipelineError", "Pipeline", "DataConfig", "ModelConfig", "VisionTowerConfig", "TextTowerConfig",
            "StrategyConfig", "LoraConfig", "CrossAttentionConfig", "PromptTuningConfig", "TrainConfig",
            "EvalConfig", "ZeroShotConfig", "TrackingConfig", "RetrainConfig", "build_pipeline", "load_pipeline",
-           "apply_overrides", "parse_override", "pipeline_problems", "did_you_mean", "resolve_path", "project_root_for", "is_uri"]
+           "apply_overrides", "parse_override", "pipeline_problems", "did_you_mean", "resolve_path",
+           "project_root_for", "is_uri"]
 
 import os
 import re
