@@ -121,8 +121,10 @@ def bench_strategies_cmd(
     from mmtl.bench.strategies import bench_strategies, format_markdown
     from mmtl.config import PipelineError, parse_override
 
-    settings = {"image_size": 128, "steps": 150, "micro_batch": 32, "tower_lr": 1e-5, "context_length": 32,
-                "runs_root": "runs/bench-strategies"}
+    import inspect
+
+    defaults = inspect.signature(bench_strategies).parameters  # one place for the defaults (the help repeats them)
+    settings = {name: defaults[name].default for name in STRATEGY_SETTINGS.values()}
     old = {"image_size": image_size, "steps": steps, "micro_batch": micro_batch, "tower_lr": tower_lr,
            "context_length": context_length, "runs_root": runs_root}
     for name, value in old.items():

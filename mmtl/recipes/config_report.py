@@ -64,7 +64,7 @@ def _inputs(pipe: Pipeline) -> list[tuple[str, object, bool]]:
     """(field, spec, is a shard spec) of every input path of ``pipe``."""
     d, m = pipe.data, pipe.model
     out = [("data.train", d.train, True), ("data.val", d.val, True), ("data.test", d.test, True)]
-    out += [(f"data.extra_eval.{k}", v, True) for k, v in d.extra_eval.items()]
+    out += [(f"data.extra_eval.{k}", v, True) for k, v in d.extra_eval.items() if k in pipe.eval.sets]
     out += [(k, v, False) for k, v in (
         ("model.weights", m.weights), ("model.vision.weights", m.vision.weights), ("model.text.path", m.text.path),
         ("model.text.tokenizer_path", m.text.tokenizer_path), ("model.init_from", m.init_from),
@@ -74,7 +74,8 @@ def _inputs(pipe: Pipeline) -> list[tuple[str, object, bool]]:
 
 def missing_inputs(pipe: Pipeline) -> list[str]:
     """One line per local input of ``pipe`` that does not exist: shard specs of ``data.*`` (a folder without
-    tars, a glob or brace pattern matching nothing, a missing file), weight files / folders, ``model.init_from``
+    tars, a glob or brace pattern matching nothing, a missing file; ``data.extra_eval`` sets only when
+    ``eval.sets`` names them, as only those are read), weight files / folders, ``model.init_from``
     and the answers file, each naming its field and resolved path. URIs (``s3://``, ``gs://``) and
     ``package:`` weights are not checked here (the run reads them before training starts)."""
     from mmtl.data.shardlist import ShardError, resolve_shards
