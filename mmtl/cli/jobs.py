@@ -79,7 +79,8 @@ def submit_cmd(
 
 
 def status_cmd(job_id: str = typer.Argument(...), dashboard: Optional[str] = _dashboard_option(),
-               verbose: bool = typer.Option(False, "--verbose", help="Print the job's info as JSON (secrets redacted)"),
+               as_json: bool = typer.Option(False, "--json", "--verbose",
+                                            help="Print the job's info as one JSON object (secrets redacted)"),
                address: Optional[str] = _old_address_option()) -> None:
     """Print a submitted job's status (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED).
 
@@ -92,7 +93,7 @@ def status_cmd(job_id: str = typer.Argument(...), dashboard: Optional[str] = _da
 
     url = _dashboard(dashboard, address)
     try:
-        print(json.dumps(jobs.job_info(job_id, url), indent=2, default=str) if verbose else jobs.status(job_id, url))
+        print(json.dumps(jobs.job_info(job_id, url), indent=2, default=str) if as_json else jobs.status(job_id, url))
     except (ConnectionError, RuntimeError, ValueError) as exc:
         fail(str(exc), 1)
 
