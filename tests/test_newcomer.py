@@ -64,6 +64,9 @@ def test_config_and_run_refuse_missing_inputs_before_anything_starts(tmp_path, t
     assert "2 input path(s) do not exist" in err and f"{tmp_path / 'missing' / 'test'}" in err
     assert f"model.weights: {tmp_path / 'w.safetensors'} does not exist" in err
     assert cli("config", p, "--allow-missing").exit_code == 0
+    res = cli("config", p, "model.weights=null", f"data.test={tiny_shards['test']}",
+              "model.vision.weights=package:no-such-weights-dist")
+    assert res.exit_code == 2 and "package:no-such-weights-dist: distribution not installed" in res.output
     res = cli("run", p, f"data.test={tiny_shards['test']}")
     assert res.exit_code == 2 and "model.weights" in res.output and not (tmp_path / "runs").exists()
     res = cli("run", p, "--resume", "--fresh")
@@ -105,6 +108,14 @@ def test_pipelines_copy_is_standalone_and_keeps_comments(tmp_path, monkeypatch):
     assert res.exit_code == 2 and "quickstart" in res.output and not (tmp_path / "x.yaml").exists()
     res = cli("pipelines", "copy", "quickstart", tmp_path / "y.yaml", "train.lrr=1")
     assert res.exit_code == 2 and "did you mean train.lr" in res.output and not (tmp_path / "y.yaml").exists()
+
+
+def test_a_hand_copied_pipeline_is_pointed_at_the_bundled_data(tmp_path):
+    (tmp_path / "q.yaml").write_text((REPO / "pipelines" / "quickstart.yaml").read_text())
+    res = cli("config", tmp_path / "q.yaml")
+    assert res.exit_code == 2
+    assert f"the bundled data is at {REPO / 'mmtl' / 'assets' / 'emoji' / 'train'}" in res.output
+    assert "mmtl pipelines copy NAME DEST" in res.output
 
 
 def test_pipelines_copy_keeps_run_outputs_relative(tmp_path):

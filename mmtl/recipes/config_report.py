@@ -72,17 +72,44 @@ def _inputs(pipe: Pipeline) -> list[tuple[str, object, bool]]:
     return [(k, v, shards) for k, v, shards in out if v]
 
 
+def _bundled_hint(pipe: Pipeline, paths: list[str]) -> str:
+    """For ``<root>/mmtl/assets/...`` paths that exist in the installed mmtl (a bundled pipeline copied by hand):
+    where the files are, and the command that copies a pipeline with its paths fixed."""
+    import mmtl
+
+    pkg_root = Path(mmtl.__file__).resolve().parent.parent
+    root = Path(pipe._project_root or ".")
+    for p in paths:
+        try:
+            rel = Path(p).relative_to(root)
+        except ValueError:
+            continue
+        if rel.parts[:2] == ("mmtl", "assets") and (pkg_root / rel).exists() and pkg_root != root:
+            return (f" (the bundled data is at {pkg_root / rel}; `mmtl pipelines copy NAME DEST` copies a bundled "
+                    "pipeline with its paths made absolute)")
+    return ""
+
+
 def missing_inputs(pipe: Pipeline) -> list[str]:
     """One line per local input of ``pipe`` that does not exist: shard specs of ``data.*`` (a folder without
     tars, a glob or brace pattern matching nothing, a missing file; ``data.extra_eval`` sets only when
     ``eval.sets`` names them, as only those are read), weight files / folders, ``model.init_from``
-    and the answers file, each naming its field and resolved path. URIs (``s3://``, ``gs://``) and
-    ``package:`` weights are not checked here (the run reads them before training starts)."""
+    and the answers file, each naming its field and resolved path; ``package:<dist>`` weights must name an
+    installed distribution. URIs (``s3://``, ``gs://``) are not checked here (the run reads them before
+    training starts)."""
     from mmtl.data.shardlist import ShardError, resolve_shards
+
+    import importlib.metadata as md
 
     out = []
     for key, spec, shards in _inputs(pipe):
         specs = spec if isinstance(spec, list) else [spec]
+        for one in specs:
+            if one.startswith("package:"):  # cheap: is the distribution installed?
+                try:
+                    md.distribution(one[len("package:"):].strip())
+                except md.PackageNotFoundError:
+                    out.append(f"{key}: {one}: distribution not installed (pip install {one[len('package:'):]})")
         local = [s for s in specs if not is_uri(s)]
         if not local:
             continue
@@ -90,7 +117,7 @@ def missing_inputs(pipe: Pipeline) -> list[str]:
             try:
                 resolve_shards(local if isinstance(spec, list) else local[0])
             except ShardError as exc:
-                out.append(f"{key}: {exc}")
+                out.append(f"{key}: {exc}{_bundled_hint(pipe, local)}")
             continue
         for one in local:
             if not os.path.exists(one):
