@@ -101,8 +101,8 @@ def evaluate_tokens(module, pipe, ts: TokenSet) -> dict:
 def run_fusion_eval(spec: str, task: str, data: str, batch_size: Optional[int] = None, out_dir: Optional[str] = None,
                     log_to_mlflow: bool = True, tracking_uri: Optional[str] = None, say=None) -> dict:
     """``mmtl eval MODEL --task vqa|itm --data SHARDS``: resolve MODEL, compute the frozen towers' tokens of
-    the set (``batch_size`` images per forward pass; None: the model pipeline's ``eval.batch_size``), score it; writes ``<out_dir>/eval.json`` and logs a
-    nested MLflow run like the other tasks. Returns the JSON-serialisable report.
+    the set (``batch_size`` images per forward pass; None: the model pipeline's ``eval.batch_size``), score it;
+    writes ``<out_dir>/eval.json`` and logs a nested MLflow run like the other tasks. Returns the JSON-serialisable report.
 
     Raises:
         EvalError: ``task`` differs from the model's ``strategy.fusion.task``; ModelSpecError: bad MODEL; see
