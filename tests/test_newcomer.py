@@ -54,6 +54,15 @@ def test_inspect_of_a_file_that_is_not_a_tar_fails_once(tmp_path):
     assert res.output.count("is not a tar file") == 1
 
 
+def test_a_value_after_a_flag_is_explained(tmp_path):
+    res = cli("shards", "inspect", tmp_path, "--json", "true")
+    assert res.exit_code == 2 and "--json is a flag and takes no value" in res.output
+    p = tmp_path / "p.yaml"
+    p.write_text("data: {train: /x}\n")
+    res = cli("config", p, "--allow-missing", "true")
+    assert res.exit_code == 2 and "flags such as --json or --resume take no value" in res.output
+
+
 def test_config_and_run_refuse_missing_inputs_before_anything_starts(tmp_path, tiny_shards):
     p = tmp_path / "p.yaml"
     p.write_text(f"data: {{train: {tiny_shards['train']}, test: missing/test}}\nmodel: {{weights: w.safetensors}}\n"

@@ -81,6 +81,9 @@ def shards_inspect(
         from mmtl.models import build_tokenizer
 
         opts = clean_options(pipe, count_tokens=build_tokenizer(pipe.model).count)
+    flag_values = [p for p in paths if p.lower() in ("true", "false") and not Path(p).exists()]
+    if flag_values:
+        fail(f"{flag_values[0]!r} is not a shard path: --json is a flag and takes no value")
     spec = paths[0] if len(paths) == 1 else list(paths)
     shard_log = logging.getLogger("mmtl.data")
     level, shard_log.level = shard_log.level, logging.ERROR  # its warnings are in the report, printed once below

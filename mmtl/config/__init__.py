@@ -104,7 +104,8 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         PipelineError: when ``item`` has no ``=``, an empty key or a value that is not valid YAML.
     """
     if "=" not in item:
-        raise PipelineError(f"override {item!r} must look like a.b.c=value")
+        hint = " (flags such as --json or --resume take no value)" if item.lower() in ("true", "false") else ""
+        raise PipelineError(f"override {item!r} must look like a.b.c=value{hint}")
     key, raw = item.split("=", 1)
     parts = [p for p in key.strip().split(".")]
     if not all(parts):
