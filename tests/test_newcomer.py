@@ -82,6 +82,23 @@ def test_config_and_run_refuse_missing_inputs_before_anything_starts(tmp_path, t
     assert res.exit_code == 2 and "contradict" in res.output
 
 
+def test_run_fresh_never_resumes(tmp_path, tiny_shards, monkeypatch):
+    import mmtl.recipes
+
+    seen = {}
+
+    def fake_run(pipe, must_resume=False, **kw):
+        seen.update(resume=pipe.train.resume, must_resume=must_resume)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(mmtl.recipes, "run_pipeline", fake_run)
+    p = tmp_path / "p.yaml"
+    p.write_text(f"data: {{train: {tiny_shards['train']}}}\neval: {{sets: []}}\n")
+    assert cli("run", p, "--fresh").exit_code == 1 and seen == {"resume": "never", "must_resume": False}
+    assert cli("run", p).exit_code == 1 and seen == {"resume": "auto", "must_resume": False}  # plain: resumes
+    assert cli("run", p, "--resume").exit_code == 1 and seen == {"resume": "auto", "must_resume": True}
+
+
 # ---- pipelines list / copy ------------------------------------------------------------------------------------
 def test_pipelines_list_says_what_each_needs():
     res = cli("pipelines", "list", "--json")
