@@ -108,7 +108,7 @@ def _check_export_merge(run_dir: Path, trained_sd):
     sd3 = load_file(str(early / "model.safetensors"))
     assert any(not torch.equal(sd3[k], trained_sd[k]) for k in trained_sd)
     res = CliRunner().invoke(app, ["export", str(run_dir), "--no-merge", "--json"])
-    assert res.exit_code == 0 and (Path(json.loads(res.stdout)["out"]) / "adapter" / "trainable.safetensors").exists()
+    assert res.exit_code == 0 and (Path(json.loads(res.stdout)["out"]) / "adapter" / "mmtl_extra.safetensors").exists()
     res = CliRunner().invoke(app, ["export", str(run_dir), "--checkpoint", "999"])
     assert res.exit_code == 2 and "no checkpoint at step 999" in res.output
 

@@ -94,9 +94,11 @@ def test_merge_save_and_reload(family, tmp_path):
     # adapters alone: not empty, only lora_ keys, reload into a fresh base model -> same outputs
     d = save_adapter(m, tmp_path / "adapter")
     assert set(adapter_state_dict(m)) and all("lora_" in k for k in adapter_state_dict(m))
-    conf = json.loads((d / "adapter_config.json").read_text())
-    assert conf["r"] == 4 and conf["alpha"] == 8.0 and set(conf["towers"]) == {"image", "text"}
-    assert all(conf["towers"][t]["modules"] for t in ("image", "text"))
+    conf = json.loads((d / "adapter_config.json").read_text())  # PEFT's LoraConfig
+    assert conf["peft_type"] == "LORA" and conf["r"] == 4 and conf["lora_alpha"] == 8.0
+    mine = json.loads((d / "mmtl_adapter.json").read_text())  # mmtl's record beside it
+    assert mine["r"] == 4 and mine["alpha"] == 8.0 and set(mine["towers"]) == {"image", "text"}
+    assert all(mine["towers"][t]["modules"] for t in ("image", "text"))
     reloaded = load_adapter(fresh(family), d)
     assert_close(outputs(reloaded, batch), adapted)
     assert trainable(reloaded) == expected_trainable(reloaded)

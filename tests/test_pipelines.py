@@ -192,12 +192,21 @@ def test_pipeline_runs_end_to_end_tiny(name, ray_local, tiny_shards, tmp_path):
         assert any(k.startswith("ridge/test/") for k in summary["metrics"])
     sd = load_file(summary["export_path"])
     assert not any("lora_" in k for k in sd)
+    has_oc = (Path(summary["export_path"]).parent / "open_clip_model.safetensors").exists()
+    assert has_oc == (pipe.model.family == "open_clip" and pipe.strategy.kind != "cross_attention")
     seed_everything(pipe.train.seed)  # the same init as the run's
     fresh = build_model(pipe.model)
     fresh.load_state_dict({k: v for k, v in sd.items() if k != "logit_bias"}, strict=True)  # plain model
     if pipe.strategy.kind == "lora":
-        adapter = load_file(str(Path(summary["run_dir"]) / "adapter" / "adapter_model.safetensors"))
-        assert any(k.startswith("image_tower.") for k in adapter) and any(k.startswith("text_tower.") for k in adapter)
+        from mmtl.strategies.lora_peft import to_base_name
+
+        adapter_dir = Path(summary["run_dir"]) / "adapter"
+        adapter = load_file(str(adapter_dir / "adapter_model.safetensors"))  # a PEFT adapter: PEFT key names
+        meta = json.loads((adapter_dir / "mmtl_adapter.json").read_text())
+        for which, spec in meta["towers"].items():  # both towers adapted, under the PEFT base's names
+            name = to_base_name(f"{which}_tower.{spec['modules'][0]}", meta["peft_base"]["prefixes"])
+            assert any(k.startswith(f"base_model.model.{name}.lora_") for k in adapter), name
+        assert set(meta["towers"]) == {"image", "text"}
         assert any(float(v.abs().sum()) > 0 for k, v in adapter.items() if "lora_B" in k)
     else:  # frozen parts come back unchanged (up to the training precision's rounding)
         seed_everything(pipe.train.seed)

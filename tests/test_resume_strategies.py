@@ -58,7 +58,7 @@ def test_resume_matches_uninterrupted(name, tmp_path):
     full = _train(STRATEGIES[name], 4, keep=tmp_path / "ckpt2")
     assert (tmp_path / "ckpt2" / "mmtl_meta.json").exists()
     if name == "lora":
-        assert (tmp_path / "ckpt2" / "adapter" / "trainable.safetensors").exists()
+        assert (tmp_path / "ckpt2" / "adapter" / "mmtl_extra.safetensors").exists()
     resumed = _train(STRATEGIES[name], 4, resume_dir=tmp_path / "ckpt2")
     two = _train(STRATEGIES[name], 2)
     changed = [k for k in full if not torch.equal(full[k], two[k])]

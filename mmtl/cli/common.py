@@ -56,7 +56,7 @@ def fail_on_missing_inputs(pipe, pipeline: Path) -> None:
 
 def say_to_console(prefix: str = "mmtl") -> Callable[[str], None]:
     """A ``say`` callback printing ``<prefix> message`` (prefix in cyan) on stderr."""
-    return lambda m: console.print(f"[cyan]{prefix}[/] {m}", highlight=False)
+    return lambda m: console.print(f"[cyan]{prefix}[/] {m}", highlight=False, soft_wrap=True)
 
 
 def options_command(options_cls: type, body: Callable[..., None], name: str, doc: str,

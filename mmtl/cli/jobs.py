@@ -79,9 +79,10 @@ def submit_cmd(
 
 
 def status_cmd(job_id: str = typer.Argument(...), dashboard: Optional[str] = _dashboard_option(),
-               as_json: bool = typer.Option(False, "--json", "--verbose",
-                                            help="Print the job's info as one JSON object (secrets redacted)"),
-               address: Optional[str] = _old_address_option()) -> None:
+               as_json: bool = typer.Option(False, "--json", help="Print the job's info as one JSON object (secrets "
+                                            "redacted)"),
+               address: Optional[str] = _old_address_option(),
+               old_verbose: bool = typer.Option(False, "--verbose", hidden=True)) -> None:
     """Print a submitted job's status (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED).
 
     Example:
@@ -92,6 +93,9 @@ def status_cmd(job_id: str = typer.Argument(...), dashboard: Optional[str] = _da
     from mmtl.jobs import submit as jobs
 
     url = _dashboard(dashboard, address)
+    if old_verbose:  # -v / --verbose means "full library output" everywhere else
+        console.print("[yellow]note:[/] `mmtl status --verbose` is now --json", highlight=False)
+        as_json = True
     try:
         print(json.dumps(jobs.job_info(job_id, url), indent=2, default=str) if as_json else jobs.status(job_id, url))
     except (ConnectionError, RuntimeError, ValueError) as exc:

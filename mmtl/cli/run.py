@@ -26,8 +26,10 @@ def run_cmd(
     fresh: bool = typer.Option(False, "--fresh", help="Never resume: start a new run folder even if an unfinished "
                                "run exists (the same as train.resume=never)."),
     address: Optional[str] = typer.Option(None, "--address", help=RAY_ADDRESS_HELP),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Ray's, DeepSpeed's and MLflow's full output."),
 ) -> None:
-    """Train, evaluate and register one pipeline; writes <runs_root>/<name>/summary.json.
+    """Train, evaluate and register one pipeline; writes <runs_root>/<name>/summary.json and the full console
+    output to <runs_root>/<name>/console.log.
 
     The run folder is <train.runs_root>/<train.name> (name default: the pipeline file's stem), printed at the
     start as `run dir ...`. A plain run continues the newest unfinished run of that name from its last
@@ -39,8 +41,11 @@ def run_cmd(
     \b
         mmtl run pipelines/quickstart.yaml train.max_steps=500 train.name=qs-500
     """
+    from mmtl.cli import console_log
+
     if resume and fresh:
         fail("--resume and --fresh contradict each other: give one")
+    log = console_log.start(verbose)
     pipe = load_pipeline_or_exit(pipeline, (overrides or []) + (["train.resume=never"] if fresh else []),
                                  check_paths=True)
     from mmtl.recipes import run_pipeline
@@ -57,7 +62,8 @@ def run_cmd(
     from mmtl.data.shardlist import ShardError
 
     try:
-        summary = run_pipeline(pipe, address=address, must_resume=resume, say=say_to_console())
+        summary = run_pipeline(pipe, address=address, must_resume=resume, say=say_to_console(),
+                               on_run_dir=lambda d: log.attach(d / "console.log"))
     except ShardError as exc:  # missing / empty shards: bad input, found before anything is written
         fail(str(exc), 2)
     except KeyboardInterrupt:
@@ -80,15 +86,18 @@ def print_summary(summary: dict) -> None:
         table.add_row(k, fmt(m.get(f"before/{k}")), fmt(m[k]), fmt(m.get(f"ridge/{k}")))
     for k in sorted(x for x in m if x.startswith("train/")):
         table.add_row(k, "", fmt(m[k]), "")
-    Console().print(table)
+    out = Console()
+    if not out.is_terminal:  # a log file or a pipe: wide enough that no metric name is cut
+        out = Console(width=max(out.width, max((len(k) for k in m), default=20) + 45))
+    out.print(table)
     reg = summary.get("registered_model") or {}
     model_line = (f"registered: {reg['name']} version {reg['version']} (models:/{reg['name']}/{reg['version']})"
                   if reg.get("name") else f"MLflow model: {reg['uri']} (not registered: tracking.model_name is null)"
                   if reg.get("uri") else "MLflow model: not logged")
-    Console().print(
+    out.print(
         f"run dir: {summary['run_dir']}\nMLflow run: {summary['mlflow_run_id']}\nexport: {summary['export_path']}\n"
         f"{model_line}\nopen the UI: {summary['mlflow_ui']}",
-        highlight=False,
+        highlight=False, soft_wrap=True,  # commands meant for copying stay on one line
     )
 
 
@@ -120,9 +129,12 @@ def export_cmd(
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder; default <run_dir>/export-merged or export-adapter"),
     merge: bool = typer.Option(True, "--merge/--no-merge", help="LoRA: fold the adapter into the base weights (loads without PEFT)"),
     checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="Checkpoint folder or step number; default the latest"),
+    fmt: str = typer.Option("mmtl", "--format", help="mmtl (plus open_clip's files for open_clip runs) or "
+                            "open_clip (required: an error when open_clip cannot express the run)"),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object"),
 ) -> None:
-    """Write a standalone model folder (model.safetensors + pipeline.yaml) from a run's checkpoint.
+    """Write a standalone model folder (model.safetensors + pipeline.yaml; open_clip runs also
+    open_clip_model.safetensors + open_clip_config.json) from a run's checkpoint.
 
     Example:
 
@@ -133,15 +145,16 @@ def export_cmd(
 
     dest = out or run_dir / ("export-merged" if merge else "export-adapter")
     try:
-        info = export_run(run_dir, dest, merge=merge, checkpoint=checkpoint)
+        info = export_run(run_dir, dest, merge=merge, checkpoint=checkpoint, fmt=fmt)
     except (ExportError, FileNotFoundError) as exc:
         fail(str(exc))
     if as_json:
         print(json.dumps(info, indent=2))
     else:
         diff = f", max |merged - adapted| = {info['max_abs_diff']:.1e}" if "max_abs_diff" in info else ""
-        console.print(f"exported step {info['step']} ({info['kind']}, merged={info['merged']}{diff}) -> {info['out']}",
-                      highlight=False)
+        extra = f" (+ {', '.join(info['formats'])})" if info.get("formats") else ""
+        console.print(f"exported step {info['step']} ({info['kind']}, merged={info['merged']}{diff}) -> {info['out']}"
+                      f"{extra}", highlight=False)
 
 
 def retrain_cmd(

@@ -203,8 +203,9 @@ def build_pipeline(raw: dict) -> Pipeline:
 
 
 def is_uri(spec: str) -> bool:
-    """True for a URI (``scheme://...``) or a weight-package reference (``package:NAME``): not a local path."""
-    return "://" in spec or spec.startswith("package:")
+    """True for a URI (``scheme://...``), a weight-package reference (``package:NAME``) or converted weights
+    (``weights:NAME``, ``mmtl weights get``): not a local path."""
+    return "://" in spec or spec.startswith(("package:", "weights:"))
 
 
 _UNSET_VAR = re.compile(r"\$(\w+|\{[^}]*\})")

@@ -87,7 +87,8 @@ def compute_shard_features(model, url: str, opts: CleanOptions, batch_size: int 
     encoder = encoder or LocalEncoder(model)
     stats: collections.Counter = collections.Counter()
     uids, caps, metas, img_out, txt_out = [], [], [], [], []
-    bar = tqdm(desc=f"frozen features {Path(url).name}", unit="sample", leave=False, disable=not progress)
+    bar = tqdm(desc=f"frozen features {Path(url).name}", unit="sample", leave=False,
+                disable=None if progress else True)  # None: no bar when stderr is not a terminal
     for batch, (img, txt) in encoder.encode_batches(iter_shard(url, opts, stats, shard_id=shard_id),
                                                     encode_samples, batch_size, progress=bar.update):
         img_out.append(img)

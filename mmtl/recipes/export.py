@@ -1,7 +1,7 @@
 """``mmtl export RUN``: write a standalone model folder from a run's checkpoint.
 
 * The run's strategy decides first (:meth:`mmtl.strategies.base.Strategy.export_checkpoint`). LoRA runs:
-  every checkpoint holds ``adapter/`` (the PEFT adapter weights + ``trainable.safetensors`` with the heads
+  every checkpoint holds ``adapter/`` (a PEFT adapter + ``mmtl_extra.safetensors`` with the heads
   and logit scale). ``merge=True`` rebuilds the base model from the run's ``pipeline.yaml`` (base tower
   weights from their local paths, ``model.init_from`` applied), injects and loads the adapter, folds it into
   the base weights (:mod:`mmtl.strategies.lora_adapters`) and writes ``model.safetensors`` +
@@ -10,6 +10,11 @@
   the adapted model's (``allclose``, atol 1e-4); here, that the written folder reloads to the same outputs.
   ``merge=False`` writes the adapter folder + ``pipeline.yaml``.
 * Otherwise the final checkpoint's consolidated ``export/`` is copied (nothing to merge).
+* Every export with merged weights also gets its family's native format
+  (:func:`mmtl.models.exported.write_native_formats`): ``open_clip_model.safetensors`` +
+  ``open_clip_config.json`` for open_clip runs. ``fmt="open_clip"`` (``--format open_clip``) makes that format
+  required: a run open_clip cannot express (another family, a fusion model, an unmerged adapter) is an
+  :class:`ExportError` saying what cannot be expressed.
 
 Works on any checkpoint of a LoRA run (not only the last), so an interrupted run can be exported.
 """
@@ -55,28 +60,44 @@ def find_checkpoint(run_dir: Path, checkpoint: Optional[str]) -> Path:
     raise ExportError(f"--checkpoint must be a folder or a step number, got {checkpoint!r}")
 
 
-def export_run(run_dir: Path, out: Path, merge: bool = True, checkpoint: Optional[str] = None) -> dict:
+FORMATS = ("mmtl", "open_clip")
+
+
+def export_run(run_dir: Path, out: Path, merge: bool = True, checkpoint: Optional[str] = None,
+               fmt: str = "mmtl") -> dict:
     """Write an export of ``run_dir`` into ``out`` (see module docstring) and return what was written:
-    ``{"out", "checkpoint", "step", "kind", "merged", "max_abs_diff"?}``.
+    ``{"out", "checkpoint", "step", "kind", "merged", "max_abs_diff"?, "formats"}`` (``formats``: the
+    native-format files written besides mmtl's, e.g. ``open_clip_model.safetensors``).
 
     ``out`` must be missing, empty, or an earlier export (it is replaced atomically); any other folder is
     refused, so an export never deletes unrelated files.
 
     Raises:
         ExportError: not a run, no such checkpoint, an ``out`` folder that is not ours to replace, nothing
-            exportable, or a failed merge check.
+            exportable, a failed merge check, an unknown ``fmt``, or a run ``fmt`` cannot express.
     """
     import yaml
 
     from mmtl.config import Pipeline
+    from mmtl.models.exported import write_native_formats
+    from mmtl.models.open_clip_export import open_clip_blocker
     from mmtl.train.checkpoint import read_meta
 
+    if fmt not in FORMATS:
+        raise ExportError(f"--format {fmt!r} is not one of {list(FORMATS)}")
     run_dir, out = Path(run_dir), Path(out)
     ckpt = find_checkpoint(run_dir, checkpoint)
     check_export_target(out, run_dir)
     pipe = Pipeline.model_validate(yaml.safe_load((run_dir / "pipeline.yaml").read_text()))
     step = int((read_meta(ckpt) or {}).get("step", -1))
-    info: dict = {"out": str(out), "checkpoint": str(ckpt), "step": step, "kind": pipe.strategy.kind, "merged": False}
+    if fmt == "open_clip":
+        why = open_clip_blocker(pipe.model.family, pipe.strategy.kind)
+        if why is None and not merge and (ckpt / "adapter").is_dir():
+            why = "--no-merge writes the LoRA adapter alone; open_clip needs merged weights (use --merge)"
+        if why:
+            raise ExportError(f"--format open_clip: this run cannot be expressed in open_clip's format: {why}")
+    info: dict = {"out": str(out), "checkpoint": str(ckpt), "step": step, "kind": pipe.strategy.kind, "merged": False,
+                  "formats": []}
     tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=out.parent if out.parent.exists() else None))
     try:
         strategy = get_strategy(pipe.strategy.kind)
@@ -92,6 +113,11 @@ def export_run(run_dir: Path, out: Path, merge: bool = True, checkpoint: Optiona
         else:
             raise ExportError(f"{ckpt} has no export/ (only the final checkpoint of a {pipe.strategy.kind!r} run "
                               "carries one): finish the run with `mmtl run --resume`, or pick its last checkpoint")
+        if (tmp / "model.safetensors").exists():
+            try:
+                info["formats"] = write_native_formats(tmp, require=None if fmt == "mmtl" else fmt)
+            except ValueError as exc:
+                raise ExportError(str(exc)) from exc
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)  # atomic on one filesystem: a crash never leaves a half-written export
@@ -100,7 +126,8 @@ def export_run(run_dir: Path, out: Path, merge: bool = True, checkpoint: Optiona
     return info
 
 
-EXPORT_ENTRIES = {"model.safetensors", "pipeline.yaml", "adapter", "prompt.safetensors", "prompt.json"}
+EXPORT_ENTRIES = {"model.safetensors", "pipeline.yaml", "adapter", "prompt.safetensors", "prompt.json",
+                  "open_clip_model.safetensors", "open_clip_config.json"}
 
 
 def check_export_target(out: Path, run_dir: Path) -> None:

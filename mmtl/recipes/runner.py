@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from mmtl.config import Pipeline
 from mmtl.recipes import check_pipeline, recipe_for
@@ -40,11 +40,13 @@ def eval_specs(pipe: Pipeline) -> dict:
 
 
 def run_pipeline(pipe: Pipeline, *, address: Optional[str] = None, must_resume: bool = False,
-                 say: Say = print) -> dict:
+                 say: Say = print, on_run_dir: Optional[Callable[[Path], None]] = None) -> dict:
     """Run ``pipe`` end to end and return the summary (also written to ``<run_dir>/summary.json``).
 
     ``address`` is accepted for the CLI's sake (the caller joins that cluster before calling); Ray is
-    started (or joined) here only when training starts.
+    started (or joined) here only when training starts. ``on_run_dir(run_dir)`` is called once the run folder
+    exists (the CLI starts ``<run_dir>/console.log`` there); a ``console.log`` in the run folder is logged to
+    the MLflow run at the end, finished or failed.
 
     Raises:
         PipelineError / ValueError: bad configuration, unknown strategy kind (before anything starts).
@@ -66,6 +68,8 @@ def run_pipeline(pipe: Pipeline, *, address: Optional[str] = None, must_resume: 
     check_inputs_exist(pipe, specs)  # before a run folder or an MLflow run exists
     run_dir, resuming = select_run_dir(pipe.train.runs_root, pipe.train.name, pipe.train.resume, must_resume)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if on_run_dir is not None:
+        on_run_dir(run_dir)
     if resuming:
         meta = read_meta(latest_checkpoint(run_dir))
         for note in check_compatible(meta, pipe.train.num_workers, pipe.train.zero_stage, pipe):
@@ -87,12 +91,21 @@ def run_pipeline(pipe: Pipeline, *, address: Optional[str] = None, must_resume: 
         summary = run_recipe(recipe_cls(ctx))
     except BaseException:
         try:  # never leave the run RUNNING; the original error is what the user needs to see
+            _log_console(uri, run_id, run_dir)
             mlu.end_run(uri, run_id, "FAILED")
         except Exception as exc:  # noqa: BLE001
             say(f"warning: could not mark MLflow run {run_id} FAILED: {type(exc).__name__}: {exc}")
         raise
+    _log_console(uri, run_id, run_dir)
     mlu.end_run(uri, run_id, "FINISHED")
     return summary
+
+
+def _log_console(uri: str, run_id: str, run_dir: Path) -> None:
+    """Log ``<run_dir>/console.log`` (the command's full output so far) to the MLflow run, when it exists."""
+    path = run_dir / "console.log"
+    if path.is_file():
+        mlu.log_artifacts(uri, run_id, [path])
 
 
 def check_inputs_exist(pipe: Pipeline, specs: dict) -> None:

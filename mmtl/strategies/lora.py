@@ -22,7 +22,7 @@ Supports:
     the PEFT layers (the state dict then has the base model's key names: it loads into ``build_model(cfg)``
     without PEFT); ``merged_state_dict`` does the same for a state dict (e.g. the consolidated DeepSpeed
     export); ``save_adapter`` / ``load_adapter`` / ``save_adapters`` handle the adapters alone
-    (``adapter_model.safetensors`` + ``adapter_config.json``); ``export_from_adapter`` is ``mmtl export``.
+    (a PEFT adapter folder, :mod:`mmtl.strategies.lora_peft`); ``export_from_adapter`` is ``mmtl export``.
   * :class:`LoraStrategy` hooks: every checkpoint holds ``adapter/`` (adapters + the other trainable weights);
     the final ``export/`` is merged; the driver merges its copy before loading the export.
 
@@ -36,6 +36,10 @@ Limits:
     calls it: target the attention module). One adapter per tower (no multi-adapter switching), no DoRA.
   * The zero stage is only known when the caller passes it (``apply_strategy(..., zero_stage=...)``); with
     ``None`` it is assumed to be below 3.
+
+Files: the adapter folder is a PEFT adapter (``adapter_config.json`` by ``LoraConfig.save_pretrained``, PEFT key
+names) plus ``mmtl_adapter.json`` / ``mmtl_extra.safetensors``; which base model PEFT loads it on, per family:
+:mod:`mmtl.strategies.lora_peft`.
 """
 from __future__ import annotations
 
@@ -255,9 +259,21 @@ def apply(model, cfg: StrategyConfig, zero_stage: Optional[int] = None) -> None:
     """
     lc = cfg.lora
     towers = resolve_targets(model, lc, zero_stage)
-    meta = {"format": FORMAT, "version": 1, "r": int(lc.r), "alpha": float(lc.alpha), "dropout": float(lc.dropout),
-            "family": _family(model), "zero_stage": zero_stage, "towers": towers}
+    from mmtl.strategies.lora_peft import peft_base
+
+    family = _family(model)
+    meta = {"format": FORMAT, "version": 2, "r": int(lc.r), "alpha": float(lc.alpha), "dropout": float(lc.dropout),
+            "family": family, "zero_stage": zero_stage, "towers": towers, "peft_base": peft_base(family),
+            "base_fingerprints": _fingerprints(model)}
     inject_lora(model, meta)
+
+
+def _fingerprints(model) -> dict[str, str]:
+    """The base towers' fingerprints (recorded in the adapter's ``mmtl_adapter.json``), {} when unavailable."""
+    try:
+        return {w: model.fingerprint(w) for w in ("image", "text")}
+    except (AttributeError, NotImplementedError, ValueError):
+        return {}
 
 
 class LoraStrategy(Strategy):
@@ -276,10 +292,10 @@ class LoraStrategy(Strategy):
         apply(model, cfg, zero_stage)
 
     def save_extras(self, engine_module: nn.Module, ckpt_dir: Path, pipe: Pipeline) -> None:
-        """The PEFT adapter alone (+ the other trainable weights), every checkpoint, as ``adapter/``."""
+        """The PEFT adapter (+ mmtl's record and the other trainable weights), every checkpoint, as ``adapter/``."""
         from mmtl.strategies.lora_adapters import save_adapters
 
-        save_adapters(engine_module, ckpt_dir / "adapter", pipe.train.zero_stage)
+        save_adapters(engine_module, ckpt_dir / "adapter", pipe.train.zero_stage, pipe.model)
 
     def export_state_dict(self, pipe: Pipeline, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Merged into the base weights: the export loads without PEFT."""

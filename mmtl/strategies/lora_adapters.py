@@ -1,14 +1,13 @@
 """LoRA adapters as files and merged weights: merge, save/load, the per-checkpoint ``adapter/`` folder and
 ``mmtl export`` of a LoRA checkpoint. The hooks of :class:`mmtl.strategies.lora.LoraStrategy` call these.
 
-Folder layout: ``adapter_model.safetensors`` (the ``lora_*`` weights, model-level names, fp32) +
-``adapter_config.json`` (r, alpha, dropout, family, per tower the requested targets and adapted modules) +
-``trainable.safetensors`` in checkpoints (the other trainable weights: heads, logit scale, SigLIP
+Folder layout (:mod:`mmtl.strategies.lora_peft`): a PEFT adapter (``adapter_config.json`` +
+``adapter_model.safetensors``, PEFT's names) + ``mmtl_adapter.json`` (mmtl's record: targets, modules, PEFT base,
+fingerprints) + ``mmtl_extra.safetensors`` (the other trainable weights: heads, logit scale, SigLIP
 ``logit_bias``), so base model + folder is the whole trained model.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Optional
 
@@ -17,7 +16,8 @@ from torch import nn
 
 from mmtl.config import Pipeline, StrategyConfig
 from mmtl.strategies.base import ExportError
-from mmtl.strategies.lora import ADAPTER_FILE, CONFIG_FILE, FORMAT, META_ATTR, apply, inject_lora
+from mmtl.strategies.lora import META_ATTR, apply, inject_lora
+from mmtl.strategies.lora_peft import MMTL_EXTRA, read_extra, read_lora_tensors, read_meta, write_adapter_folder
 
 # ---- merge / export ----------------------------------------------------------------------------------------
 def merge_lora(model: nn.Module) -> nn.Module:
@@ -80,81 +80,82 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def adapter_meta(model: nn.Module) -> dict[str, Any]:
-    """The adapter config recorded by :func:`apply` (r, alpha, dropout, per tower targets + modules)."""
+    """The adapter record made by :func:`apply` (r, alpha, dropout, family, per tower targets + modules, PEFT
+    base, base fingerprints)."""
     meta = getattr(model, META_ATTR, None)
     if not meta:
         raise ValueError("model has no mmtl LoRA adapters (apply strategy.kind=lora first)")
     return meta
 
 
-def write_adapter(out_dir: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
-    """Write ``adapter_model.safetensors`` (``tensors``) + ``adapter_config.json`` (``meta``) into ``out_dir``."""
-    from safetensors.torch import save_file
-
-    if not tensors:
-        raise ValueError("no LoRA weights to save")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(out / ADAPTER_FILE),
-              metadata={"format": FORMAT})
-    (out / CONFIG_FILE).write_text(json.dumps(meta, indent=1))
-    return out
+def extra_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable weights besides LoRA (projection heads, ``logit_scale``), fp32 CPU copies, mmtl names."""
+    return {n: p.detach().float().cpu().clone() for n, p in model.named_parameters()
+            if p.requires_grad and "lora_" not in n}
 
 
-def save_adapter(model: nn.Module, out_dir: str | Path) -> Path:
-    """Save the adapters of ``model`` (after :func:`apply`): ``adapter_model.safetensors`` with the
-    ``lora_*`` weights and ``adapter_config.json`` with r, alpha, dropout, family and per tower the
-    requested targets and the adapted module names. Returns the folder.
+def save_adapter(model: nn.Module, out_dir: str | Path, model_cfg=None) -> Path:
+    """Save the adapters of ``model`` (after :func:`apply`) as a PEFT adapter folder
+    (:mod:`mmtl.strategies.lora_peft`: ``adapter_config.json`` + ``adapter_model.safetensors`` in PEFT's
+    format, ``mmtl_adapter.json``, ``mmtl_extra.safetensors`` with the heads and logit scale). ``model_cfg``
+    (``pipe.model``) only describes the base in ``base_model_name_or_path``. Returns the folder.
 
     Raises:
         ValueError: ``model`` has no LoRA adapters.
     """
-    return write_adapter(out_dir, adapter_state_dict(model), adapter_meta(model))
+    return write_adapter_folder(out_dir, adapter_state_dict(model), adapter_meta(model), extra_state_dict(model),
+                                model_cfg)
 
 
 def load_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
-    """Inject the adapters saved by :func:`save_adapter` into a fresh base ``model`` (same architecture and
-    base weights) and load their weights; trainable set as after :func:`apply`. Returns ``model``.
+    """Inject the adapters saved by :func:`save_adapter` (or a folder written before the PEFT format) into a
+    fresh base ``model`` (same architecture and base weights) and load their weights; trainable set as after
+    :func:`apply`. The heads / logit scale of ``mmtl_extra.safetensors`` are not loaded here
+    (:func:`load_extra`). Returns ``model``.
 
     Raises:
         FileNotFoundError: missing files; ValueError: not an mmtl adapter, or weights not matching the model.
     """
-    from safetensors.torch import load_file
-
-    d = Path(adapter_dir)
-    for f in (ADAPTER_FILE, CONFIG_FILE):
-        if not (d / f).exists():
-            raise FileNotFoundError(f"{d / f} not found: not an mmtl LoRA adapter folder")
-    meta = json.loads((d / CONFIG_FILE).read_text())
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{d / CONFIG_FILE}: format {meta.get('format')!r} is not {FORMAT!r}")
+    meta, peft_format = read_meta(adapter_dir)
     inject_lora(model, meta)
-    tensors = load_file(str(d / ADAPTER_FILE))
     expected = {k for k in model.state_dict() if "lora_" in k}
-    if set(tensors) != expected:
-        raise ValueError(f"{d / ADAPTER_FILE} does not fit the model: missing {sorted(expected - set(tensors))[:6]}, "
-                         f"unexpected {sorted(set(tensors) - expected)[:6]}")
-    model.load_state_dict(tensors, strict=False)
+    prefixes = (meta.get("peft_base") or {}).get("prefixes")
+    model.load_state_dict(read_lora_tensors(adapter_dir, expected, peft_format, prefixes), strict=False)
     return model
 
 
+def load_extra(model: nn.Module, adapter_dir: str | Path) -> Optional[torch.Tensor]:
+    """Load the folder's ``mmtl_extra.safetensors`` (heads, logit scale) into ``model``; returns the SigLIP
+    ``logit_bias`` it holds (not a model parameter) or None.
+
+    Raises:
+        ExportError: no such file (an adapter folder from before heads were saved with it), or names that are
+            not parameters of ``model``.
+    """
+    rest = read_extra(adapter_dir)
+    if rest is None:
+        raise ExportError(f"{adapter_dir} has no {MMTL_EXTRA} (nor trainable.safetensors): the heads and logit "
+                          "scale are missing; export the run's final export/ folder instead, it is already merged")
+    bias = rest.pop("logit_bias", None)
+    unknown = sorted(set(rest) - set(dict(model.named_parameters())))
+    if unknown:
+        raise ExportError(f"{adapter_dir / MMTL_EXTRA} does not fit the model: unknown {unknown[:6]}")
+    model.load_state_dict(rest, strict=False)
+    return bias
+
+
 # ---- the per-checkpoint adapter folder ------------------------------------------------------------------
-TRAINABLE_FILE = "trainable.safetensors"
-
-
-def save_adapters(engine_module, out_dir: Path, zero_stage: int) -> Optional[Path]:
+def save_adapters(engine_module, out_dir: Path, zero_stage: int, model_cfg=None) -> Optional[Path]:
     """Write the LoRA adapters of the engine's model (``engine.module``, a ContrastiveModule, or the model
-    itself) to ``out_dir`` as :func:`save_adapter` does (``adapter_model.safetensors`` in
-    fp32 + ``adapter_config.json``), plus :data:`TRAINABLE_FILE`: the other trainable weights (projection
-    heads, logit scale, and the SigLIP ``logit_bias`` of the wrapper), so that base model + this folder is the
-    whole trained model (``mmtl export RUN --merge``). Every rank must call it (under ZeRO-3 the parameters are
-    gathered); rank 0 writes and gets the folder back, other ranks get ``None``.
+    itself) to ``out_dir`` as :func:`save_adapter` does, with ``mmtl_extra.safetensors`` holding the other
+    trainable weights (projection heads, logit scale, and the SigLIP ``logit_bias`` of the wrapper), so that
+    base model + this folder is the whole trained model (``mmtl export RUN --merge``). Every rank must call it
+    (under ZeRO-3 the parameters are gathered); rank 0 writes and gets the folder back, other ranks get ``None``.
 
     Raises:
         ValueError: the model has no mmtl LoRA adapters.
     """
     import torch.distributed as dist
-    from safetensors.torch import save_file
 
     model = getattr(engine_module, "model", engine_module)
     meta = adapter_meta(model)
@@ -162,8 +163,7 @@ def save_adapters(engine_module, out_dir: Path, zero_stage: int) -> Optional[Pat
 
     def grab() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         lora = {k: v.detach().float().cpu().clone() for k, v in model.state_dict().items() if "lora_" in k}
-        rest = {n: p.detach().float().cpu().clone() for n, p in model.named_parameters()
-                if p.requires_grad and "lora_" not in n}
+        rest = extra_state_dict(model)
         bias = getattr(engine_module, "logit_bias", None)
         if bias is not None and engine_module is not model:
             rest["logit_bias"] = bias.detach().float().cpu().clone()
@@ -179,9 +179,7 @@ def save_adapters(engine_module, out_dir: Path, zero_stage: int) -> Optional[Pat
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     if rank != 0:
         return None
-    out = write_adapter(out_dir, sd, meta)
-    save_file({k: v.contiguous() for k, v in rest.items()}, str(out / TRAINABLE_FILE))
-    return out
+    return write_adapter_folder(out_dir, sd, meta, rest, model_cfg)
 
 
 # ---- mmtl export from an adapter folder ------------------------------------------------------------------------
@@ -207,24 +205,19 @@ def merged_from_adapter(pipe: Pipeline, adapter_dir: Path):
     Raises:
         ExportError: missing files, or merged outputs differ from the adapted ones (atol 1e-4).
     """
-    from safetensors.torch import load_file
-
     from mmtl.models import build_model
     from mmtl.runtime import seed_everything
 
-    if not (adapter_dir / TRAINABLE_FILE).exists():
-        raise ExportError(f"{adapter_dir} has no {TRAINABLE_FILE} (written by mmtl >= 0.2); export the run's final "
-                          "export/ folder instead, it is already merged")
+    if read_extra(adapter_dir) is None:
+        raise ExportError(f"{adapter_dir} has no {MMTL_EXTRA} (nor trainable.safetensors): the heads and logit "
+                          "scale are missing; export the run's final export/ folder instead, it is already merged")
     seed_everything(pipe.train.seed)  # as the workers do: random-init towers (tiny configs) get the same weights
     model = build_model(pipe.model)
-    load_adapter(model, adapter_dir)
-    rest = load_file(str(adapter_dir / TRAINABLE_FILE))
-    bias = rest.pop("logit_bias", None)
-    own = dict(model.named_parameters())
-    unknown = sorted(set(rest) - set(own))
-    if unknown:
-        raise ExportError(f"{adapter_dir / TRAINABLE_FILE} does not fit the model: unknown {unknown[:6]}")
-    model.load_state_dict(rest, strict=False)
+    try:
+        load_adapter(model, adapter_dir)
+    except (ValueError, FileNotFoundError) as exc:
+        raise ExportError(str(exc)) from exc
+    bias = load_extra(model, adapter_dir)
     probe = _probe(model)
     before = probe_embeddings(model, probe)
     merge_lora(model)

@@ -52,6 +52,7 @@ def predict_rows(module, pipe, images: list, texts: list[str]) -> dict[str, list
 
 try:
     import mlflow.pyfunc
+    import pandas as pd  # predict's type hint (a DataFrame hint: MLflow infers nothing, warns nothing)
 
     class MmtlFusionModel(mlflow.pyfunc.PythonModel):
         """pyfunc: DataFrame(image: bytes, text: str) -> DataFrame(answer, score) or DataFrame(match_prob)."""
@@ -61,9 +62,7 @@ try:
 
             self.module, self.pipe = load_fusion_export(Path(context.artifacts["model"]).parent)
 
-        def predict(self, context, model_input, params=None):
-            import pandas as pd
-
+        def predict(self, context, model_input: pd.DataFrame, params=None):
             from mmtl.data.samples import decode_image, to_rgb
 
             images = [to_rgb(decode_image(bytes(b), self.pipe.data.max_image_pixels)) for b in model_input["image"]]
@@ -89,4 +88,4 @@ def log_fusion_model(uri: str, run_id: str, export_dir: Path, task: str, model_n
                else [ColSpec("double", "match_prob")])
     sig = ModelSignature(inputs=Schema([ColSpec("binary", "image"), ColSpec("string", "text")]),
                          outputs=Schema(outputs))
-    return log_pyfunc(uri, run_id, export_dir, MmtlFusionModel(), sig, model_name)
+    return log_pyfunc(uri, run_id, export_dir, MmtlFusionModel, sig, model_name)

@@ -7,6 +7,7 @@ image bytes) into (N, D) float32 L2-normalised embeddings.
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -16,10 +17,6 @@ from mmtl.models.exported import architecture_config, require_export_files
 
 __all__ = ["architecture_config", "require_export_files", "model_from_export", "load_exported", "log_exported_model",
            "log_pyfunc"]
-
-PIP_REQUIREMENTS = ["torch", "torchvision", "timm", "transformers", "open_clip_torch", "safetensors", "pyyaml",
-                    "pydantic", "pillow"]
-
 
 def model_from_export(pipeline_yaml: str, state_dict: dict):
     """Rebuild an exported model from its resolved pipeline YAML and its consolidated state dict.
@@ -62,6 +59,7 @@ def load_exported(export_dir: str | Path):
 
 try:
     import mlflow.pyfunc
+    import pandas as pd  # predict's type hint (a DataFrame hint: MLflow infers nothing, warns nothing)
 
     class MmtlEmbeddingModel(mlflow.pyfunc.PythonModel):
         """pyfunc wrapper: DataFrame(text?: str, image?: bytes) -> (N, D) embeddings (image if given, else text)."""
@@ -70,7 +68,7 @@ try:
             self.model, self.pipe = load_exported(Path(context.artifacts["model"]).parent)
             self.tf = self.model.image_transform(train=False)
 
-        def predict(self, context, model_input, params=None):
+        def predict(self, context, model_input: pd.DataFrame, params=None):
             import torch
 
             from mmtl.data.samples import decode_image, to_rgb
@@ -105,29 +103,60 @@ def log_exported_model(uri: str, run_id: str, export_dir: Path, model_name: Opti
         inputs=Schema([ColSpec("string", "text", required=False), ColSpec("binary", "image", required=False)]),
         outputs=Schema([TensorSpec(np.dtype("float32"), (-1, dim))]),
     )
-    return log_pyfunc(uri, run_id, export_dir, MmtlEmbeddingModel(), sig, model_name)
+    return log_pyfunc(uri, run_id, export_dir, MmtlEmbeddingModel, sig, model_name)
 
 
-def log_pyfunc(uri: str, run_id: str, export_dir: Path, python_model, signature, model_name: Optional[str]) -> dict:
-    """Log ``python_model`` with the export's ``model.safetensors`` + ``pipeline.yaml`` as artifacts as the run's
-    MLflow model ``model``, registered under ``model_name`` when given.
+def log_pyfunc(uri: str, run_id: str, export_dir: Path, model_class: type, signature,
+               model_name: Optional[str]) -> dict:
+    """Log the pyfunc ``model_class`` (a ``PythonModel`` subclass from mmtl) with the export's ``model.safetensors``
+    + ``pipeline.yaml`` as artifacts as the run's MLflow model ``model``, registered under ``model_name`` when given.
+
+    Nothing is pickled: the model is logged as MLflow "models from code" (a two-line ``pyfunc_model.py`` that
+    imports ``model_class`` and calls ``mlflow.models.set_model``). The model stands alone
+    (:mod:`mmtl.tracking.standalone`): the ``mmtl`` source rides along as code paths and the pip requirements are
+    pinned to the running versions plus the weight packages the pipeline names, so ``mlflow models serve`` or a
+    fresh virtualenv loads it without mmtl installed. Model folders given by a local path in the pipeline are not
+    copied (logged as a warning).
 
     Returns ``{"uri"}`` plus ``{"name", "version"}`` when registered.
     """
-    import mlflow
+    import logging
+    import tempfile
 
+    import mlflow
+    import yaml
+
+    from mmtl.tracking.standalone import code_snapshot, local_model_paths, pip_requirements
+
+    model_section = yaml.safe_load((Path(export_dir) / "pipeline.yaml").read_text()).get("model") or {}
+    for path in local_model_paths(model_section):
+        logging.getLogger(__name__).warning(
+            "the MLflow model reads %s at load time (a local path in model.*): it loads only where that path exists",
+            path)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)  # register in the same store, whatever $MLFLOW_REGISTRY_URI says
-    with mlflow.start_run(run_id=run_id):
+    with tempfile.TemporaryDirectory(prefix="mmtl-code-") as tmp, mlflow.start_run(run_id=run_id), \
+            warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*input_example.*", category=UserWarning)
+        code_file = Path(tmp) / "pyfunc_model.py"
+        code_file.write_text(f"from mlflow.models import set_model\n\nfrom {model_class.__module__} import "
+                             f"{model_class.__name__}\n\nset_model({model_class.__name__}())\n")
         info = mlflow.pyfunc.log_model(
-            name="model", python_model=python_model, signature=signature, pip_requirements=PIP_REQUIREMENTS,
+            name="model", python_model=str(code_file), signature=signature,
+            pip_requirements=pip_requirements(model_section), code_paths=[str(code_snapshot(Path(tmp)))],
             artifacts={"model": str(export_dir / "model.safetensors"), "pipeline": str(export_dir / "pipeline.yaml")},
-            registered_model_name=model_name,
+            registered_model_name=model_name, metadata={"mmtl_version": _mmtl_version()},
         )
     out = {"uri": info.model_uri}
     if model_name:
         out.update(name=model_name, version=str(info.registered_model_version))
     return out
+
+
+def _mmtl_version() -> str:
+    import mmtl
+
+    return mmtl.__version__
 
 
 def _embed_dim(export_dir: Path) -> int:

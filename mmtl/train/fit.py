@@ -107,25 +107,32 @@ def report_trainable(pipe: Pipeline, counts: dict, uri: str, run_id: str, say: S
 def copy_export(ckpt_dir: Path, run_dir: Path, uri: str, run_id: str) -> Path:
     """Copy a final checkpoint's ``export/`` (and an ``adapter/`` written by the strategy, e.g. LoRA's, logged
     to MLflow) into ``run_dir``; each folder is copied beside its target and renamed into place, so a crash
-    never leaves a half-copied export. Returns ``<run_dir>/export``.
+    never leaves a half-copied export. The export copy gets the family's native format too
+    (:func:`mmtl.models.exported.write_native_formats`: open_clip's files for open_clip runs). Returns
+    ``<run_dir>/export``.
 
     Raises:
         FileNotFoundError: ``ckpt_dir`` has no ``export/`` (not a final checkpoint).
+        ValueError: the open_clip format of an open_clip run could not be written (its message says why).
     """
+    from mmtl.models.exported import write_native_formats
+
     ckpt_dir = Path(ckpt_dir)
     if not (ckpt_dir / "export").is_dir():
         raise FileNotFoundError(f"{ckpt_dir} has no export/: not the final checkpoint of a run")
-    export_dir = _replace_dir(ckpt_dir / "export", run_dir / "export")
+    export_dir = _replace_dir(ckpt_dir / "export", run_dir / "export", write_native_formats)
     if (ckpt_dir / "adapter").exists():  # e.g. LoRA: the adapter alone, as an artifact
         _replace_dir(ckpt_dir / "adapter", run_dir / "adapter")
         mlu.log_artifacts(uri, run_id, [run_dir / "adapter"], "adapter")
     return export_dir
 
 
-def _replace_dir(src: Path, dst: Path) -> Path:
+def _replace_dir(src: Path, dst: Path, finish: Optional[Callable[[Path], object]] = None) -> Path:
     tmp = dst.with_name(f".{dst.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(src, tmp)
+    if finish is not None:
+        finish(tmp)  # e.g. add the native formats before the folder appears under its name
     shutil.rmtree(dst, ignore_errors=True)
     tmp.rename(dst)
     return dst
