@@ -119,7 +119,8 @@ def test_build_from_folder(folder: Path, tmp_path: Path):
     assert stats["skipped"] == {"empty_caption": 1, "no_caption": 1, "no_image": 1, "unreadable_image": 1}
     assert stats["image_formats"] == {"bmp": 1, "jpg": 7}
     assert json.loads((out / "stats.json").read_text()) == stats
-    assert sorted(p.name for p in out.glob("*.tar")) == ["p-000000.tar", "p-000001.tar", "p-000002.tar"]
+    assert sorted(p.name for p in (out / "train").glob("*.tar")) == ["p-000000.tar", "p-000001.tar", "p-000002.tar"]
+    assert not list(out.glob("*.tar")) and stats["splits"]["train"]["dir"] == "train"  # data.train points here
     samples = _read_all(out)
     assert all(len(k) == 9 and k.isdigit() for k in samples)
     by_source = {json.loads(s["json"])["source"]: s for s in samples.values()}
@@ -225,6 +226,24 @@ def test_bad_source(tmp_path: Path):
 def test_stale_shards_removed(folder: Path, tmp_path: Path):
     out = tmp_path / "out"
     build_shards(str(folder), str(out), max_samples_per_shard=1, progress=False)
-    assert len(list(out.glob("shard-*.tar"))) == 8
+    assert len(list((out / "train").glob("shard-*.tar"))) == 8
     stats = build_shards(str(folder), str(out), max_samples_per_shard=100, progress=False)
-    assert sorted(p.name for p in out.glob("shard-*.tar")) == ["shard-000000.tar"] and stats["shards"] == 1
+    assert sorted(p.name for p in (out / "train").glob("shard-*.tar")) == ["shard-000000.tar"] and stats["shards"] == 1
+
+
+def test_empty_source_is_an_error(tmp_path: Path):
+    """A folder without images, or whose every item is skipped, is an error naming the source; no stats.json."""
+    from mmtl.data.build import EmptySourceError
+
+    empty = tmp_path / "captions_only"
+    empty.mkdir()
+    (empty / "a.txt").write_text("a caption")
+    with pytest.raises(EmptySourceError, match=r"captions_only: no images .* found \(skipped: \{'no_image': 1\}\)"):
+        build_shards(str(empty), str(tmp_path / "out"), progress=False)
+    bad = tmp_path / "all_bad"
+    bad.mkdir()
+    (bad / "x.png").write_bytes(b"not an image")
+    (bad / "x.txt").write_text("caption")
+    with pytest.raises(EmptySourceError, match=r"all 1 items were skipped \(\{'unreadable_image': 1\}\)"):
+        build_shards(str(bad), str(tmp_path / "out2"), progress=False)
+    assert not (tmp_path / "out2" / "stats.json").exists()

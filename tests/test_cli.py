@@ -36,7 +36,8 @@ def test_build_folder_then_inspect_counts(tmp_path):
     assert sum(s["samples"] for s in stats["splits"].values()) == 12
     shards = sorted((tmp_path / "out").rglob("*.tar"))
     assert len(shards) == 3
-    res, report = inspect_json(str(tmp_path / "out"))
+    assert len(list((tmp_path / "out" / "train").glob("*.tar"))) == 3  # where data.train of a pipeline points
+    res, report = inspect_json(str(tmp_path / "out" / "train"))
     assert res.exit_code == 0 and report["shards"] == 3 and report["samples_ok"] == 12
     assert report["rejected"] == {} and report["errors"] == []
 
@@ -92,8 +93,11 @@ def test_config_errors_name_the_field(tmp_path):
     p.write_text("data: {train: x, test: y}\n")
     res = runner.invoke(app, ["config", str(p), "train.zero_stage=7"])
     assert res.exit_code == 2 and "train.zero_stage" in res.output and "7" in res.output
-    res = runner.invoke(app, ["config", str(p), "train.lr=0.5"])
+    res = runner.invoke(app, ["config", str(p), "train.lr=0.5", "--allow-missing"])
     assert res.exit_code == 0 and "lr: 0.5" in res.output
+    res = runner.invoke(app, ["config", str(p), "train.lr=0.5"])  # x and y do not exist: refused, each named
+    assert res.exit_code == 2 and "lr: 0.5" in res.stdout
+    assert "2 input path(s) do not exist" in res.output and "data.train" in res.output and "data.test" in res.output
     res = runner.invoke(app, ["config", str(p), "eval.sets=[test,nope]"])  # what `mmtl run` would refuse
     assert res.exit_code == 2 and "eval.sets names ['nope']" in res.output
 

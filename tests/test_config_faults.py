@@ -581,7 +581,7 @@ def test_quickstart_then_coop_from_another_directory_agree(tmp_path, monkeypatch
 def test_mmtl_config_prints_every_resolved_path(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    res = cli("config", str(REPO / "pipelines" / "emoji-coop.yaml"))
+    res = cli("config", str(REPO / "pipelines" / "emoji-coop.yaml"), "--allow-missing")  # init_from: a quickstart run
     assert res.exit_code == 0, res.output
     paths = res.stdout.partition("# resolved paths")[2]
     assert yaml.safe_load(res.stdout)["train"]["runs_root"] == str(REPO / "runs")  # still valid YAML

@@ -328,7 +328,7 @@ def test_submit_tiny_pipeline_to_a_real_head(ray_head, tiny_shards, tmp_path):
     if "status" in names:  # wired by the CLI owner
         from typer.testing import CliRunner
 
-        res = CliRunner().invoke(cli.app, ["status", job, "--address", ray_head])
+        res = CliRunner().invoke(cli.app, ["status", job, "--dashboard", ray_head])
         assert res.exit_code == 0 and "SUCCEEDED" in res.output, res.output
 
     info = sub.job_info(job, ray_head)

@@ -77,9 +77,11 @@ def run_row(pipeline: str, name: str, common: list[str], say: Callable[[str], No
 def bench_strategies(pipeline: str = "pipelines/quickstart.yaml", rows: Sequence[str] = tuple(ROWS),
                      image_size: int = 128, steps: int = 150, micro_batch: int = 32, tower_lr: float = 1e-5,
                      context_length: int = 32, runs_root: str = "runs/bench-strategies",
-                     out: Optional[Path] = None, say: Callable[[str], None] = print) -> dict:
+                     out: Optional[Path] = None, say: Callable[[str], None] = print,
+                     extra_overrides: Sequence[str] = ()) -> dict:
     """Run ``rows`` (names from :data:`ROWS`) and return ``{"settings": ..., "rows": [...]}``; with ``out`` the
-    result is also written there as JSON after every row (a crash keeps the finished rows).
+    result is also written there as JSON after every row (a crash keeps the finished rows). ``extra_overrides``
+    (dotted ``a.b=c``) are applied to every row after the common settings.
 
     Raises:
         ValueError: unknown row name.
@@ -90,6 +92,9 @@ def bench_strategies(pipeline: str = "pipelines/quickstart.yaml", rows: Sequence
     settings = {"pipeline": pipeline, "image_size": image_size, "steps": steps, "micro_batch": micro_batch,
                 "tower_lr": tower_lr, "context_length": context_length, "cpus": os.cpu_count()}
     common = common_overrides(image_size, steps, micro_batch, str(Path(runs_root).resolve()), tower_lr, context_length)
+    common += list(extra_overrides)
+    if extra_overrides:
+        settings["overrides"] = list(extra_overrides)
     result: dict = {"settings": settings, "rows": []}
     for name in rows:
         say(f"row {name}: {ROWS[name][0]}")

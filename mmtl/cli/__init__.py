@@ -5,6 +5,7 @@ one function each. The table below is every command; the modules hold them by th
 * :mod:`mmtl.cli.jobs`: ``submit``, ``status``, ``logs``, ``stop`` (Ray Job Submission API);
 * :mod:`mmtl.cli.eval`: ``eval`` (built from :class:`mmtl.eval.options.EvalOptions`);
 * :mod:`mmtl.cli.data`: ``shards ...``, ``datasets ...``; :mod:`mmtl.cli.bench`: ``bench ...``;
+* :mod:`mmtl.cli.pipelines`: ``pipelines list``, ``pipelines copy`` (:mod:`mmtl.recipes.catalog`);
 * :mod:`mmtl.cli.weights`: ``weights list``, ``weights get`` (converted weights cache);
 * :mod:`mmtl.cli.common`: console, :func:`~mmtl.cli.common.fail`, pipeline loading.
 
@@ -19,12 +20,13 @@ from mmtl.cli import run as _run
 from mmtl.cli.bench import bench_app
 from mmtl.cli.data import datasets_app, shards_app
 from mmtl.cli.eval import eval_cmd
+from mmtl.cli.pipelines import pipelines_app
 from mmtl.cli.run import print_summary
 from mmtl.cli.weights import weights_app
 
 __all__ = ["app", "main", "print_summary"]
 
-app = typer.Typer(help="Multimodal (image-text) transfer learning on Ray.", no_args_is_help=True,
+app = typer.Typer(help="Multimodal (image-text) transfer learning on Ray.", no_args_is_help=True, rich_markup_mode=None,
                   pretty_exceptions_enable=False, add_completion=False)
 
 
@@ -41,6 +43,7 @@ def _options(ctx: typer.Context,
     ctx.call_on_close(console_log.stop)
 
 
+app.add_typer(pipelines_app, name="pipelines")
 app.add_typer(shards_app, name="shards")
 app.add_typer(datasets_app, name="datasets")
 app.add_typer(bench_app, name="bench")

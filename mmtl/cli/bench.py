@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
-from mmtl.cli.common import fail, say_to_console
+from mmtl.cli.common import console, fail, say_to_console
 
-bench_app = typer.Typer(help="Benchmarks (ratios measured side by side in one run).", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks (ratios measured side by side in one run).", no_args_is_help=True,
+                        rich_markup_mode=None)
 
 
 @bench_app.command("ingest")
@@ -24,7 +25,13 @@ def bench_ingest_cmd(
     draft: float = typer.Option(1.5, help="Also measure mmtl with data.jpeg_draft=DRAFT (0: skip that side)"),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (progress goes to stderr)"),
 ) -> None:
-    """samples/s of mmtl's Ray Data ingest vs webdataset + torch DataLoader on the same shards and transform."""
+    """samples/s of mmtl's Ray Data ingest vs webdataset + torch DataLoader on the same shards and transform.
+
+    Example:
+
+    \b
+        mmtl bench ingest --json
+    """
     import sys
 
     from mmtl.bench.ingest import PRESETS, bench_ingest
@@ -61,7 +68,13 @@ def bench_step_cmd(
     no_ray: bool = typer.Option(False, "--no-ray", help="Skip the Ray Train variant"),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (progress goes to stderr)"),
 ) -> None:
-    """Step time: mmtl loop vs a bare loop on the same DeepSpeed engine, and bare DeepSpeed vs plain torch."""
+    """Step time: mmtl loop vs a bare loop on the same DeepSpeed engine, and bare DeepSpeed vs plain torch.
+
+    Example:
+
+    \b
+        mmtl bench step --json
+    """
     import sys
 
     from mmtl.bench.step import bench_step, format_table, stdout_to_stderr, step_settings
@@ -74,26 +87,68 @@ def bench_step_cmd(
         out.write((json.dumps(r) if as_json else format_table(r)) + "\n")
 
 
+# the bench's row settings, each a pipeline setting: a dotted override of that key sets it
+STRATEGY_SETTINGS = {"model.image_size": "image_size", "train.max_steps": "steps",
+                     "train.micro_batch_size": "micro_batch", "train.tower_lr": "tower_lr",
+                     "model.context_length": "context_length", "train.runs_root": "runs_root"}
+
+
 @bench_app.command("strategies")
 def bench_strategies_cmd(
-    pipeline: str = typer.Option("pipelines/quickstart.yaml", help="Pipeline whose data and towers every row uses"),
-    rows: str = typer.Option("frozen,lit,lora_text,lora_both,full", help="Comma list of rows"),
-    image_size: int = typer.Option(128, help="Input resolution (pixels) for every row"),
-    steps: int = typer.Option(150, help="Optimizer steps per row"),
-    micro_batch: int = typer.Option(32, help="Micro-batch per worker"),
-    tower_lr: float = typer.Option(1e-5, help="LR of fine-tuned tower weights (LiT, full); heads/LoRA use train.lr"),
-    context_length: int = typer.Option(32, help="Text tokens per caption"),
-    runs_root: str = typer.Option("runs/bench-strategies", help="Where the rows' runs go"),
+    overrides: Optional[List[str]] = typer.Argument(
+        None, help="Dotted overrides for every row: model.image_size (default 128), train.max_steps (150), "
+                   "train.micro_batch_size (32), train.tower_lr (1e-5), model.context_length (32), train.runs_root "
+                   "(runs/bench-strategies); any other pipeline key is passed to every row as is"),
+    pipeline: str = typer.Option("pipelines/quickstart.yaml", "--pipeline",
+                                 help="Pipeline whose data and towers every row uses"),
+    rows: str = typer.Option("frozen,lit,lora_text,lora_both,full", "--rows", help="Comma list of rows"),
     out: Optional[Path] = typer.Option(None, "--out", help="Also write the JSON result here (updated after each row)"),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the Markdown table"),
+    image_size: Optional[int] = typer.Option(None, "--image-size", hidden=True),  # old spellings, as overrides
+    steps: Optional[int] = typer.Option(None, "--steps", hidden=True),
+    micro_batch: Optional[int] = typer.Option(None, "--micro-batch", hidden=True),
+    tower_lr: Optional[float] = typer.Option(None, "--tower-lr", hidden=True),
+    context_length: Optional[int] = typer.Option(None, "--context-length", hidden=True),
+    runs_root: Optional[str] = typer.Option(None, "--runs-root", hidden=True),
 ) -> None:
-    """Transfer strategies side by side (frozen heads, LiT, LoRA text, LoRA both, full): R@K, params, memory, time."""
-    from mmtl.bench.strategies import bench_strategies, format_markdown
+    """Transfer strategies side by side (frozen heads, LiT, LoRA text, LoRA both, full): R@K, params, memory, time.
 
+    Example:
+
+    \b
+        mmtl bench strategies train.max_steps=120 --out strategies.json
+    """
+    from mmtl.bench.strategies import bench_strategies, format_markdown
+    from mmtl.config import PipelineError, parse_override
+
+    import inspect
+
+    defaults = inspect.signature(bench_strategies).parameters  # one place for the defaults (the help repeats them)
+    settings = {name: defaults[name].default for name in STRATEGY_SETTINGS.values()}
+    old = {"image_size": image_size, "steps": steps, "micro_batch": micro_batch, "tower_lr": tower_lr,
+           "context_length": context_length, "runs_root": runs_root}
+    for name, value in old.items():
+        if value is not None:
+            key = next(k for k, v in STRATEGY_SETTINGS.items() if v == name)
+            console.print(f"[yellow]note:[/] --{name.replace('_', '-')} is now the override {key}={value}",
+                          highlight=False)
+            settings[name] = value
+    extra = []
+    for item in overrides or []:
+        try:
+            parts, value = parse_override(item)
+        except PipelineError as exc:
+            fail(str(exc))
+        key = ".".join(parts)
+        if key in STRATEGY_SETTINGS:
+            settings[STRATEGY_SETTINGS[key]] = value
+        else:
+            extra.append(item)
     try:
-        r = bench_strategies(pipeline, [x.strip() for x in rows.split(",") if x.strip()], image_size, steps,
-                             micro_batch, tower_lr, context_length, runs_root, out,
-                             say=say_to_console())
+        r = bench_strategies(pipeline, [x.strip() for x in rows.split(",") if x.strip()], settings["image_size"],
+                             settings["steps"], settings["micro_batch"], settings["tower_lr"],
+                             settings["context_length"], str(settings["runs_root"]), out, say=say_to_console(),
+                             extra_overrides=extra)
     except (ValueError, RuntimeError) as exc:
         fail(str(exc), 1)
     print(json.dumps(r, indent=1) if as_json else format_markdown(r))
@@ -108,7 +163,13 @@ def bench_features_cmd(
     batch_size: int = typer.Option(64),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (progress goes to stderr)"),
 ) -> None:
-    """images/s of frozen-feature extraction (local, Ray actors) vs the single-process torch loop, same images."""
+    """images/s of frozen-feature extraction (local, Ray actors) vs the single-process torch loop, same images.
+
+    Example:
+
+    \b
+        mmtl bench features --images 256 --runs 2 --json
+    """
     import sys
 
     from mmtl.bench.features import bench_features, format_table

@@ -11,7 +11,7 @@ from typing import Any, Callable, List, Optional
 import typer
 from rich.console import Console
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # messages keep paths and commands on one line
 
 
 def fail(msg: str, code: int = 2) -> typing.NoReturn:
@@ -20,11 +20,12 @@ def fail(msg: str, code: int = 2) -> typing.NoReturn:
     raise typer.Exit(code)
 
 
-def load_pipeline_or_exit(pipeline: Path, overrides: List[str], for_run: bool = True):
+def load_pipeline_or_exit(pipeline: Path, overrides: List[str], for_run: bool = True, check_paths: bool = False):
     """Load and validate a pipeline file with dotted overrides, and check it against the registries
     (:func:`mmtl.recipes.check_pipeline`: ``strategy.kind`` has a recipe and a strategy that accepts its
-    options; with ``for_run`` also that ``eval.sets`` names configured sets); exits with code 2 and the field
-    path on error."""
+    options; with ``for_run`` also that ``eval.sets`` names configured sets); with ``check_paths`` every local
+    input must exist (:func:`mmtl.recipes.config_report.missing_inputs`). Exits with code 2 and the file and
+    field path on error (no traceback)."""
     from mmtl.config import PipelineError, load_pipeline
 
     try:
@@ -36,8 +37,21 @@ def load_pipeline_or_exit(pipeline: Path, overrides: List[str], for_run: bool = 
     try:
         check_pipeline(pipe, eval_sets=for_run)
     except ValueError as exc:
-        fail(str(exc))
+        fail(f"{pipeline}: {exc}")
+    if check_paths:
+        fail_on_missing_inputs(pipe, pipeline)
     return pipe
+
+
+def fail_on_missing_inputs(pipe, pipeline: Path) -> None:
+    """Exit 2 listing every missing local input of ``pipe`` (file ``pipeline``), before anything starts."""
+    from mmtl.recipes.config_report import missing_inputs
+
+    missing = missing_inputs(pipe)
+    if missing:
+        fail(f"{pipeline}: {len(missing)} input path(s) do not exist (relative paths are relative to "
+             f"{pipe._project_root}):\n" + "\n".join(f"  {m}" for m in missing)
+             + "\nset them in the pipeline or as overrides, e.g. data.train=/my/shards/train")
 
 
 def say_to_console(prefix: str = "mmtl") -> Callable[[str], None]:

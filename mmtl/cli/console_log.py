@@ -103,7 +103,10 @@ class _Tee(io.TextIOBase):
 
     # what rich / tqdm / logging ask a stream
     def isatty(self) -> bool:
-        return self._term.isatty()
+        try:
+            return self._term.isatty()
+        except ValueError:  # the terminal stream was closed (e.g. colorama's atexit after a test's CliRunner)
+            return False
 
     def fileno(self) -> int:
         return self._term.fileno()

@@ -11,8 +11,8 @@ from rich.table import Table
 
 from mmtl.cli.common import console, fail, load_pipeline_or_exit
 
-shards_app = typer.Typer(help="Build and inspect WebDataset shards.", no_args_is_help=True)
-datasets_app = typer.Typer(help="Bundled and importable real datasets.", no_args_is_help=True)
+shards_app = typer.Typer(help="Build and inspect WebDataset shards.", no_args_is_help=True, rich_markup_mode=None)
+datasets_app = typer.Typer(help="Bundled and importable real datasets.", no_args_is_help=True, rich_markup_mode=None)
 
 
 @shards_app.command("build")
@@ -24,11 +24,19 @@ def shards_build(
     prefix: str = typer.Option("shard", help="Shard file prefix: PREFIX-000000.tar"),
     max_samples: int = typer.Option(10_000, help="Samples per shard at most"),
     max_bytes: int = typer.Option(1 << 30, help="Bytes per shard at most"),
-    val_fraction: float = typer.Option(0.0, help="Share of samples for out/val"),
-    test_fraction: float = typer.Option(0.0, help="Share of samples for out/test"),
+    val_fraction: float = typer.Option(0.0, help="Share of samples for OUT/val"),
+    test_fraction: float = typer.Option(0.0, help="Share of samples for OUT/test"),
     seed: int = typer.Option(0, help="Split seed"),
 ) -> None:
-    """Write WebDataset shards (img2dataset layout) and a stats.json."""
+    """Write WebDataset shards (img2dataset layout) into OUT/train (and OUT/val, OUT/test) and OUT/stats.json.
+
+    No usable image-caption pair in SRC is an error (exit 2) that gives the skip counts.
+
+    Example:
+
+    \b
+        mmtl shards build ./products.csv --out ./shards --image-col path --caption-col title --val-fraction 0.05 --test-fraction 0.1
+    """
     from mmtl.data.build import build_shards
 
     try:
@@ -38,6 +46,11 @@ def shards_build(
     except (ValueError, FileNotFoundError) as exc:
         fail(str(exc))
     print(json.dumps(stats, indent=2))
+    where = ", ".join(f"{n}: {s['samples']} in {out / s['dir']}" for n, s in stats["splits"].items())
+    console.print(f"wrote {stats['samples']} samples ({where}); skipped {stats['skipped'] or 'none'}. "
+                  f"Set data.train={out / 'train'}" + (f" data.val={out / 'val'}" if "val" in stats["splits"] else "")
+                  + (f" data.test={out / 'test'}" if "test" in stats["splits"] else "") + " in your pipeline.",
+                  highlight=False)
 
 
 @shards_app.command("inspect")
@@ -47,7 +60,17 @@ def shards_inspect(
     pipeline: Optional[Path] = typer.Option(None, help="Use this pipeline's tokenizer, context length, limits"),
     dump: Optional[Path] = typer.Option(None, help="Write accepted samples as {key}.png + {key}.txt here"),
 ) -> None:
-    """Count good samples and rejects by reason, reading through the training cleaning code."""
+    """Count good samples and rejects by reason, reading through the training cleaning code.
+
+    Exit 1 when a shard is missing or unreadable, or no sample is usable at all (e.g. a file that is not a tar).
+
+    Example:
+
+    \b
+        mmtl shards inspect ./shards/train --pipeline pipelines/quickstart.yaml --dump ./look
+    """
+    import logging
+
     from mmtl.data.inspect import inspect_shards
     from mmtl.data.samples import CleanOptions
 
@@ -58,8 +81,19 @@ def shards_inspect(
         from mmtl.models import build_tokenizer
 
         opts = clean_options(pipe, count_tokens=build_tokenizer(pipe.model).count)
+    flag_values = [p for p in paths if p.lower() in ("true", "false") and not Path(p).exists()]
+    if flag_values:
+        fail(f"{flag_values[0]!r} is not a shard path: --json is a flag and takes no value")
     spec = paths[0] if len(paths) == 1 else list(paths)
-    report = inspect_shards(spec, opts, dump_dir=str(dump) if dump else None)
+    shard_log = logging.getLogger("mmtl.data")
+    level, shard_log.level = shard_log.level, logging.ERROR  # its warnings are in the report, printed once below
+    try:
+        report = inspect_shards(spec, opts, dump_dir=str(dump) if dump else None)
+    finally:
+        shard_log.setLevel(level)
+    if not report.get("errors") and report.get("samples_ok", 0) == 0:
+        report["errors"].append(f"no usable sample in {report['shards']} shard(s): rejected "
+                                f"{report.get('rejected') or 'nothing (the shards are empty)'}")
     if as_json:
         print(json.dumps(report))
     else:
@@ -81,10 +115,16 @@ def shards_inspect(
 
 @datasets_app.command("emoji")
 def datasets_emoji(
-    out: Path = typer.Option(Path("mmtl/assets/emoji"), help="Output folder"),
+    out: Path = typer.Option(Path("mmtl/assets/emoji"), "--out", help="Output folder"),
     npm_dir: Optional[Path] = typer.Option(None, help="Folder with node_modules already installed"),
 ) -> None:
-    """Rebuild the bundled emoji image-text shards from the npm packages (needs npm + rsvg-convert)."""
+    """Rebuild the bundled emoji image-text shards from the npm packages (needs npm + rsvg-convert).
+
+    Example:
+
+    \b
+        mmtl datasets emoji --out mmtl/assets/emoji
+    """
     from mmtl.datasets.emoji import build_emoji_dataset
 
     print(json.dumps(build_emoji_dataset(str(out), str(npm_dir) if npm_dir else None), indent=2))
@@ -99,7 +139,13 @@ def datasets_diagrams(
     test_percent: int = typer.Option(20, "--test-percent", help="Share of layouts assigned to test"),
     seed: int = typer.Option(0, "--seed", help="Generator seed"),
 ) -> None:
-    """Render a diagram VQA set offline (shapes, labelled boxes and arrows; count/colour/position/relation)."""
+    """Render a diagram VQA set offline (shapes, labelled boxes and arrows; count/colour/position/relation).
+
+    Example:
+
+    \b
+        mmtl datasets diagrams --out data/diagrams --train-images 3000 --test-images 1000
+    """
     from mmtl.datasets.diagrams import build_diagrams
 
     try:
@@ -121,7 +167,13 @@ def datasets_fashion_mnist(
     split: Optional[List[str]] = typer.Option(None, "--split", help="train and/or test; repeatable (default both)"),
     max_samples: int = typer.Option(5000, "--max-samples", help="Samples per shard at most"),
 ) -> None:
-    """Import Fashion-MNIST (IDX files) into WebDataset shards with class-name captions."""
+    """Import Fashion-MNIST (IDX files) into WebDataset shards with class-name captions.
+
+    Example:
+
+    \b
+        mmtl datasets fashion-mnist --out data/fashion-mnist --shots-per-class 16
+    """
     from mmtl.datasets.fashion_mnist import import_fashion_mnist
 
     try:

@@ -11,7 +11,16 @@ from rich.table import Table
 from mmtl.cli.common import console, fail, options_command, say_to_console
 from mmtl.eval.options import EvalOptions
 
-EVAL_DOC = "Evaluate a model on a shard set: zero-shot classification, image-text retrieval, or VQA / ITM accuracy."
+EVAL_DOC = """Evaluate a model on a shard set: zero-shot classification, image-text retrieval, or VQA / ITM accuracy.
+
+Without --task the task is picked from the first samples of --data before the model loads: a --label-field
+label -> zero-shot, VQA answers -> vqa, plain captions -> retrieval.
+
+Example:
+
+\b
+    mmtl eval runs/quickstart --data mmtl/assets/emoji/test --task retrieval --json
+"""
 
 
 def _eval(opts: EvalOptions, as_json: bool) -> None:

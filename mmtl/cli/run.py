@@ -10,30 +10,55 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from mmtl.cli.common import console, fail, load_pipeline_or_exit, say_to_console
+from mmtl.cli.common import console, fail, fail_on_missing_inputs, load_pipeline_or_exit, say_to_console
+
+
+RAY_ADDRESS_HELP = ("Ray address to join (HOST:6379, ray://HOST:10001 or auto); default: $RAY_ADDRESS or a `ray start` "
+                    "cluster on this machine, else a new local instance on 127.0.0.1. To send the run to a remote "
+                    "cluster as a job use `mmtl submit --dashboard URL`.")
 
 
 def run_cmd(
     pipeline: Path = typer.Argument(..., help="Pipeline YAML, e.g. pipelines/quickstart.yaml"),
     overrides: Optional[List[str]] = typer.Argument(None, help="Dotted overrides: train.lr=1e-4 data.train=..."),
-    resume: bool = typer.Option(False, "--resume", help="Resume the newest unfinished run (error if none)."),
-    address: Optional[str] = typer.Option(
-        None, help="Ray address to join; default: $RAY_ADDRESS or a `ray start` cluster on this machine, else a new "
-                   "local instance on 127.0.0.1."),
+    resume: bool = typer.Option(False, "--resume", help="Require a resume: continue the newest unfinished run "
+                                "(error if there is none). A plain run already resumes one when it exists."),
+    fresh: bool = typer.Option(False, "--fresh", help="Never resume: start a new run folder even if an unfinished "
+                               "run exists (the same as train.resume=never)."),
+    address: Optional[str] = typer.Option(None, "--address", help=RAY_ADDRESS_HELP),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Ray's, DeepSpeed's and MLflow's full output."),
 ) -> None:
     """Train, evaluate and register one pipeline; writes <runs_root>/<name>/summary.json and the full console
-    output to <runs_root>/<name>/console.log."""
+    output to <runs_root>/<name>/console.log.
+
+    The run folder is <train.runs_root>/<train.name> (name default: the pipeline file's stem), printed at the
+    start as `run dir ...`. A plain run continues the newest unfinished run of that name from its last
+    checkpoint; a finished run is never overwritten: the next one goes to <name>-2, <name>-3, ... Give
+    train.name=NAME for a folder of your choice, --fresh to start over. `mmtl config` shows the folder first.
+
+    Example:
+
+    \b
+        mmtl run pipelines/quickstart.yaml train.max_steps=500 train.name=qs-500
+    """
     from mmtl.cli import console_log
 
+    if resume and fresh:
+        fail("--resume and --fresh contradict each other: give one")
     log = console_log.start(verbose)
-    pipe = load_pipeline_or_exit(pipeline, overrides or [])
+    pipe = load_pipeline_or_exit(pipeline, (overrides or []) + (["train.resume=never"] if fresh else []),
+                                 check_paths=True)
     from mmtl.recipes import run_pipeline
 
     if address:
         from mmtl.runtime import init_ray
 
-        init_ray(address)
+        try:
+            init_ray(address)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            fail(f"cannot join Ray at --address {address}: {exc}\n--address is the Ray (GCS) address: HOST:6379, "
+                 "ray://HOST:10001 or auto; leave it out to start a local Ray. To run on a remote cluster as a "
+                 "job: mmtl submit PIPELINE --dashboard http://HEAD:8265", 2)
     from mmtl.data.shardlist import ShardError
 
     try:
@@ -43,7 +68,7 @@ def run_cmd(
         fail(str(exc), 2)
     except KeyboardInterrupt:
         fail("interrupted; the run keeps its last checkpoint: continue it with `mmtl run <the same pipeline and "
-             "overrides> --resume`", 130)
+             "overrides>` (a plain run resumes the newest unfinished one)", 130)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         fail(str(exc), 1)
     print_summary(summary)
@@ -77,13 +102,26 @@ def print_summary(summary: dict) -> None:
 
 
 def config_cmd(
-    pipeline: Path = typer.Argument(...),
-    overrides: Optional[List[str]] = typer.Argument(None),
+    pipeline: Path = typer.Argument(..., help="Pipeline YAML"),
+    overrides: Optional[List[str]] = typer.Argument(None, help="Dotted overrides: train.zero_stage=3 ..."),
+    allow_missing: bool = typer.Option(False, "--allow-missing", help="Exit 0 even when local inputs do not exist "
+                                       "(to look at a template pipeline)"),
 ) -> None:
-    """Validate a pipeline (with overrides) and print it resolved, then every resolved path (as # comments)."""
+    """Validate a pipeline (with overrides) and print it resolved, then every resolved path (as # comments):
+    inputs, runs root, the run folder a run would use now, feature cache, MLflow store. Missing local inputs
+    (shards, weights, init_from) are an error (exit 2) listing each, as `mmtl run` would refuse them.
+
+    Example:
+
+    \b
+        mmtl config pipelines/quickstart.yaml train.zero_stage=3
+    """
     from mmtl.recipes.config_report import config_report
 
-    print(config_report(load_pipeline_or_exit(pipeline, overrides or [])))
+    pipe = load_pipeline_or_exit(pipeline, overrides or [])
+    print(config_report(pipe))
+    if not allow_missing:
+        fail_on_missing_inputs(pipe, pipeline)
 
 
 def export_cmd(
@@ -96,7 +134,13 @@ def export_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object"),
 ) -> None:
     """Write a standalone model folder (model.safetensors + pipeline.yaml; open_clip runs also
-    open_clip_model.safetensors + open_clip_config.json) from a run's checkpoint."""
+    open_clip_model.safetensors + open_clip_config.json) from a run's checkpoint.
+
+    Example:
+
+    \b
+        mmtl export runs/product-search-lora --merge
+    """
     from mmtl.recipes.export import ExportError, export_run
 
     dest = out or run_dir / ("export-merged" if merge else "export-adapter")
@@ -116,15 +160,21 @@ def export_cmd(
 def retrain_cmd(
     pipeline: Path = typer.Argument(..., help="Pipeline YAML; its tracking.model_name holds the champion/challenger"),
     overrides: Optional[List[str]] = typer.Argument(None, help="Dotted overrides: retrain.margin=0.01 data.train=..."),
-    address: Optional[str] = typer.Option(None, help="Ray address to join; default: local instance."),
+    address: Optional[str] = typer.Option(None, "--address", help=RAY_ADDRESS_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
 ) -> None:
     """Scheduled retraining: train on shards new since the last retrain (plus a replay share of old ones),
     warm-started from the `champion` model version; register the result as `challenger` and promote it to
     `champion` when it beats the champion by retrain.margin on retrain.metric.
 
-    Exit 0: retrained or nothing new; 3: another retrain holds the lock; 1: failed; 2: bad pipeline."""
-    pipe = load_pipeline_or_exit(pipeline, overrides or [])
+    Exit 0: retrained or nothing new; 3: another retrain holds the lock; 1: failed; 2: bad pipeline.
+
+    Example:
+
+    \b
+        mmtl retrain pipelines/quickstart.yaml retrain.margin=0.01 --json
+    """
+    pipe = load_pipeline_or_exit(pipeline, overrides or [], check_paths=True)
     from mlflow.exceptions import MlflowException
 
     from mmtl.data.shardio import ShardError

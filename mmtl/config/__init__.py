@@ -29,7 +29,8 @@ from __future__ import annotations
 __all__ = ["PipelineError", "Pipeline", "DataConfig", "ModelConfig", "VisionTowerConfig", "TextTowerConfig",
            "StrategyConfig", "LoraConfig", "CrossAttentionConfig", "PromptTuningConfig", "TrainConfig",
            "EvalConfig", "ZeroShotConfig", "TrackingConfig", "RetrainConfig", "build_pipeline", "load_pipeline",
-           "apply_overrides", "parse_override", "pipeline_problems", "resolve_path", "project_root_for", "is_uri"]
+           "apply_overrides", "parse_override", "pipeline_problems", "did_you_mean", "resolve_path",
+           "project_root_for", "is_uri"]
 
 import os
 import re
@@ -44,6 +45,42 @@ from mmtl.config.schema import (CrossAttentionConfig, DataConfig, EvalConfig, Lo
                                 TrackingConfig, TrainConfig, VisionTowerConfig, ZeroShotConfig)
 from mmtl.config.yaml_io import YamlError, coerce_freeform, freeform_paths, read_yaml
 
+def _section_at(loc: tuple) -> Optional[type]:
+    """The schema class of the section at ``loc`` (a pydantic error location without its last item), or None
+    when ``loc`` does not lead through sections (e.g. a free-form dict)."""
+    import typing
+
+    cls: Any = Pipeline
+    for part in loc:
+        field = getattr(cls, "model_fields", {}).get(part) if isinstance(part, str) else None
+        if field is None:
+            return None
+        ann = field.annotation
+        options = [a for a in (typing.get_args(ann) or (ann,)) if isinstance(a, type) and hasattr(a, "model_fields")]
+        if not options:
+            return None
+        cls = options[0]
+    return cls
+
+
+def did_you_mean(loc: tuple) -> str:
+    """``" (did you mean train.lr?)"`` for an unknown key at ``loc`` close to a known one (:mod:`difflib`),
+    else the known keys of that section (``" (known: a, b, ...)"``), else ``""``."""
+    import difflib
+
+    if not loc or not isinstance(loc[-1], str):
+        return ""
+    section = _section_at(tuple(loc[:-1]))
+    if section is None:
+        return ""
+    known = list(section.model_fields)
+    prefix = ".".join(str(p) for p in loc[:-1])
+    close = difflib.get_close_matches(loc[-1], known, n=2, cutoff=0.6)
+    if close:
+        return " (did you mean " + " or ".join(f"{prefix + '.' if prefix else ''}{c}" for c in close) + "?)"
+    return f" (known keys{' of ' + prefix if prefix else ''}: {', '.join(known)})"
+
+
 def _format_errors(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
@@ -52,7 +89,10 @@ def _format_errors(err: ValidationError) -> str:
         shown = repr(val) if not isinstance(val, dict) else "{...}"
         if len(shown) > 120:
             shown = shown[:117] + "..."
-        lines.append(f"  {path}: {e['msg']} (got {shown})")
+        if e.get("type") == "extra_forbidden":
+            lines.append(f"  {path}: unknown key{did_you_mean(tuple(e['loc']))} (got {shown})")
+        else:
+            lines.append(f"  {path}: {e['msg']} (got {shown})")
     return "invalid pipeline:\n" + "\n".join(lines)
 
 
@@ -64,7 +104,8 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         PipelineError: when ``item`` has no ``=``, an empty key or a value that is not valid YAML.
     """
     if "=" not in item:
-        raise PipelineError(f"override {item!r} must look like a.b.c=value")
+        hint = " (flags such as --json or --resume take no value)" if item.lower() in ("true", "false") else ""
+        raise PipelineError(f"override {item!r} must look like a.b.c=value{hint}")
     key, raw = item.split("=", 1)
     parts = [p for p in key.strip().split(".")]
     if not all(parts):
@@ -142,7 +183,8 @@ def build_pipeline(raw: dict) -> Pipeline:
         PipelineError: naming each bad field path and value.
     """
     if not isinstance(raw, dict):
-        raise PipelineError(f"pipeline must be a mapping, got {type(raw).__name__}")
+        raise PipelineError(f"pipeline must be a mapping of sections (data:, model:, strategy:, train:, eval:, "
+                            f"tracking:), got a YAML {type(raw).__name__}")
     for sec in _SECTIONS:  # `eval:` with everything commented out is None: the defaults
         if sec in raw and raw[sec] is None and sec != "data":
             raw[sec] = {}
@@ -272,11 +314,14 @@ def load_pipeline(path: str | Path, overrides: Optional[list[str]] = None) -> Pi
         train = raw.get("train") if isinstance(raw.get("train"), dict) else {}
         written_root = train.get("runs_root", TrainConfig.model_fields["runs_root"].default)
         written_root = written_root if isinstance(written_root, str) and written_root else None
-    raw = apply_overrides(raw, overrides or []) if isinstance(raw, dict) else raw
-    pipe = build_pipeline(raw)
+    try:
+        raw = apply_overrides(raw, overrides or []) if isinstance(raw, dict) else raw
+        pipe = build_pipeline(raw)
+    except PipelineError as exc:  # name the file: the error may come from it or from an override
+        raise PipelineError(f"{path}: {exc}") from None
     if pipe.train.name is None:
         pipe.train.name = names.safe_run_name(path.stem)
     try:
         return _resolve_paths(pipe, project_root_for(path), written_root)
     except ValueError as exc:
-        raise PipelineError(f"invalid pipeline:\n  {exc}") from None
+        raise PipelineError(f"{path}: invalid pipeline:\n  {exc}") from None

@@ -2,7 +2,7 @@
 
 :func:`build_shards` turns a folder of images with same-stem ``.txt`` captions, or a ``.csv`` / ``.tsv`` /
 ``.parquet`` table, into shards written by :class:`~mmtl.data.shardwriter.ShardWriter` (re-exported here),
-optionally split into ``train/``, ``val/``, ``test/``, and writes ``stats.json``. Same input -> byte-identical
+into ``train/`` (and ``val/``, ``test/`` when asked), and writes ``stats.json``. Same input -> byte-identical
 shards and stats.
 """
 from __future__ import annotations
@@ -17,11 +17,17 @@ from typing import Iterator, Optional
 from mmtl.data.shardwriter import (IMAGE_EXTS, ShardWriter, prepare_image, remove_stale_shards,
                                    sniff_image_format)
 
-__all__ = ["IMAGE_EXTS", "SOURCE_IMAGE_SUFFIXES", "ShardWriter", "build_shards", "prepare_image",
+__all__ = ["EmptySourceError", "IMAGE_EXTS", "SOURCE_IMAGE_SUFFIXES", "ShardWriter", "build_shards", "prepare_image",
            "remove_stale_shards", "sniff_image_format", "split_of"]
 
 SOURCE_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 """File suffixes (case-insensitive) that a source folder's images may have."""
+
+
+
+
+class EmptySourceError(ValueError):
+    """A shard source holds no usable image-caption pair; the message names the source and the skip counts."""
 
 
 # ----------------------------------------------------------------------------------------------- sources
@@ -112,8 +118,8 @@ def build_shards(src: str, out_dir: str, *, image_col: str = "image", caption_co
         src: a folder (images found recursively, each paired with the same-stem ``.txt`` caption; sorted by
             path), or a ``.csv``/``.tsv``/``.parquet`` table with an image-path column (relative to the
             table's folder, or absolute) and a caption column (rows kept in table order).
-        out_dir: output folder. Without a split the shards go straight into it; with ``val_fraction`` or
-            ``test_fraction`` > 0 they go into ``out_dir/train``, ``out_dir/val`` and ``out_dir/test``.
+        out_dir: output folder. The shards go into ``out_dir/train`` (what ``data.train`` of a pipeline points
+            at), and with ``val_fraction`` / ``test_fraction`` > 0 also ``out_dir/val`` and ``out_dir/test``.
             Stale ``{prefix}-NNNNNN.tar`` files left there by an earlier, larger build are removed.
         image_col, caption_col: table column names.
         prefix, max_samples_per_shard, max_bytes_per_shard: see :class:`ShardWriter`.
@@ -134,6 +140,8 @@ def build_shards(src: str, out_dir: str, *, image_col: str = "image", caption_co
     Raises:
         FileNotFoundError: ``src`` does not exist.
         ValueError: unsupported ``src`` type, missing column (naming the available ones), bad fractions.
+        EmptySourceError: no usable image-caption pair in ``src`` (nothing found, or every item skipped; the
+            message gives the skip counts). No ``stats.json`` is written then.
     """
     from tqdm import tqdm
 
@@ -154,9 +162,13 @@ def build_shards(src: str, out_dir: str, *, image_col: str = "image", caption_co
     else:
         raise ValueError(f"unsupported source {src}: expected a folder or a .csv, .tsv or .parquet file")
 
+    if not items:
+        what = (f"no images ({', '.join(SOURCE_IMAGE_SUFFIXES)}) with a same-stem .txt caption"
+                if kind == "folder" else "no rows")
+        raise EmptySourceError(f"{src}: {what} found" + (f" (skipped: {dict(skipped)})" if skipped else ""))
     split = val_fraction > 0 or test_fraction > 0
-    names = ("train", "val", "test") if split else ("all",)
-    dirs = {n: (out / n if split else out) for n in names}
+    names = ("train", "val", "test") if split else ("train",)
+    dirs = {n: out / n for n in names}
     writers = {n: ShardWriter(dirs[n], prefix, max_samples_per_shard=max_samples_per_shard,
                               max_bytes_per_shard=max_bytes_per_shard) for n in names}
     width = max(9, len(str(max(len(items) - 1, 0))))
@@ -165,7 +177,7 @@ def build_shards(src: str, out_dir: str, *, image_col: str = "image", caption_co
         bar = tqdm(_iter_samples(items, skipped), total=len(items), disable=not progress, unit="img",
                    desc=f"shards {out}")
         for idx, source, data, ext, w, h, orig, caption in bar:
-            name = split_of(source, seed, val_fraction, test_fraction) if split else "all"
+            name = split_of(source, seed, val_fraction, test_fraction) if split else "train"
             meta = {"source": source, "width": w, "height": h}
             if orig != ext:
                 meta["original_format"] = orig
@@ -179,8 +191,7 @@ def build_shards(src: str, out_dir: str, *, image_col: str = "image", caption_co
         remove_stale_shards(dirs[n], prefix, wr.shards)
     splits = {}
     for n, wr in writers.items():
-        rel = "." if not split else n
-        splits[n] = {"dir": rel, "samples": wr.samples, "bytes": wr.bytes,
+        splits[n] = {"dir": n, "samples": wr.samples, "bytes": wr.bytes,
                      "shards": [p.relative_to(out).as_posix() for p in wr.shards]}
     stats = {
         "source": str(src_path), "source_kind": kind, "splits": splits,
@@ -190,6 +201,9 @@ def build_shards(src: str, out_dir: str, *, image_col: str = "image", caption_co
         "skipped": dict(sorted(skipped.items())), "image_formats": dict(sorted(formats.items())),
         "seed": seed, "val_fraction": val_fraction, "test_fraction": test_fraction,
     }
+    if stats["samples"] == 0:
+        raise EmptySourceError(f"{src}: no sample written: all {len(items)} items were skipped "
+                               f"({dict(sorted(skipped.items()))})")
     out.mkdir(parents=True, exist_ok=True)
     (out / "stats.json").write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return stats

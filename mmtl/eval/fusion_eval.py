@@ -98,11 +98,11 @@ def evaluate_tokens(module, pipe, ts: TokenSet) -> dict:
     return evaluate_task("itm", module=module, tokens=ts)
 
 
-def run_fusion_eval(spec: str, task: str, data: str, batch_size: int = 64, out_dir: Optional[str] = None,
+def run_fusion_eval(spec: str, task: str, data: str, batch_size: Optional[int] = None, out_dir: Optional[str] = None,
                     log_to_mlflow: bool = True, tracking_uri: Optional[str] = None, say=None) -> dict:
     """``mmtl eval MODEL --task vqa|itm --data SHARDS``: resolve MODEL, compute the frozen towers' tokens of
-    the set (``batch_size`` images per forward pass), score it; writes ``<out_dir>/eval.json`` and logs a
-    nested MLflow run like the other tasks. Returns the JSON-serialisable report.
+    the set (``batch_size`` images per forward pass; None: the model pipeline's ``eval.batch_size``), score it;
+    writes ``<out_dir>/eval.json`` and logs a nested MLflow run like the other tasks. Returns the JSON-serialisable report.
 
     Raises:
         EvalError: ``task`` differs from the model's ``strategy.fusion.task``; ModelSpecError: bad MODEL; see
@@ -123,7 +123,7 @@ def run_fusion_eval(spec: str, task: str, data: str, batch_size: int = 64, out_d
         if pipe.strategy.fusion.task != task:
             raise EvalError(f"the model was trained for --task {pipe.strategy.fusion.task}, not {task}")
         opts = clean_options(pipe, count_tokens=module.model.count_tokens)
-        ts = compute_tokens(module.model, data, pipe.strategy.fusion, opts, batch_size, say)
+        ts = compute_tokens(module.model, data, pipe.strategy.fusion, opts, batch_size or pipe.eval.batch_size, say)
         metrics = evaluate_tokens(module, pipe, ts)
         result = {"task": task, "model": res.describe(), "data": str(data), "num_samples": len(ts),
                   "metrics": metrics, "data_stats": ts.stats, "files": {}, "out_dir": out_dir,

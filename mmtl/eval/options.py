@@ -52,13 +52,15 @@ class EvalOptions:
 
     model: Annotated[str, Cli(MODEL_HELP)]
     data: Annotated[str, Cli("Shard spec: folder, glob, brace pattern, .tar or URI", "--data")]
-    task: Annotated[str, Cli(task_help(), "--task")] = "zero-shot"
+    task: Annotated[Optional[str], Cli(task_help() + "; default: picked from the data (a --label-field label: "
+                                       "zero-shot, answers: vqa, else retrieval)", "--task")] = None
     classes: Annotated[Optional[str], Cli("Class names: a file (one a line) or a comma list", "--classes")] = None
     templates: Annotated[Optional[str], Cli("Prompt templates: a file (one a line, with {}) or one template",
                                             "--templates")] = None
     label_field: Annotated[str, Cli("Sample json field holding the class name", "--label-field")] = "category"
     ks: Annotated[str, Cli("Recall@K cut-offs for retrieval (comma list)", "--ks")] = "1,5,10"
-    batch_size: Annotated[int, Cli("Images per forward pass", "--batch-size")] = 64
+    batch_size: Annotated[Optional[int], Cli("Images per forward pass (the model pipeline's eval.batch_size; "
+                                             "default: its value there)", "--batch-size")] = None
     out_dir: Annotated[Optional[Path], Cli("Folder for eval.json and the CSV/PNG reports", "--out")] = None
     log_to_mlflow: Annotated[bool, Cli("Log to a run nested under the model's MLflow run",
                                        "--mlflow/--no-mlflow")] = True

@@ -100,8 +100,8 @@ def _prompt(spec: Optional[str], export_dir: Path, res=None):
         raise EvalError(str(e)) from None
 
 
-def run_eval(spec: str, task: str, data: str, classes: Optional[str] = None, templates: Optional[str] = None,
-             label_field: str = "category", ks: Sequence[int] = (1, 5, 10), batch_size: int = 64,
+def run_eval(spec: str, task: Optional[str], data: str, classes: Optional[str] = None, templates: Optional[str] = None,
+             label_field: str = "category", ks: Sequence[int] = (1, 5, 10), batch_size: Optional[int] = None,
              out_dir: Optional[str] = None, log_to_mlflow: bool = True, tracking_uri: Optional[str] = None, *,
              use_ray: Optional[bool] = None, ray_threshold: int = RAY_THRESHOLD, ray_actors: int = 2,
              ray_address: Optional[str] = None, device: str = "auto", say: Optional[Say] = None,
@@ -112,7 +112,8 @@ def run_eval(spec: str, task: str, data: str, classes: Optional[str] = None, tem
         spec: run directory, export folder, ``runs:/<id>/model``, ``models:/<name>@<alias>`` or
             ``models:/<name>/<version>`` (see :mod:`mmtl.eval.resolve`).
         task: "zero-shot", "retrieval", or "vqa" / "itm" for cross_attention models (accuracy overall and per
-            question type, see :mod:`mmtl.eval.fusion_eval`).
+            question type, see :mod:`mmtl.eval.fusion_eval`); None: picked from the first samples of ``data``
+            (:func:`mmtl.eval.autotask.choose_task`: labels -> zero-shot, answers -> vqa, else retrieval).
         data: shard spec (folder, glob, brace pattern, tar path or URI).
         classes: zero-shot class names: a file (one a line) or a comma list; default the pipeline's
             ``eval.zero_shot.classes``, else the sorted distinct ``label_field`` values of the data.
@@ -120,7 +121,7 @@ def run_eval(spec: str, task: str, data: str, classes: Optional[str] = None, tem
             pipeline's ``eval.zero_shot.templates``, else ``"a photo of a {}."``.
         label_field: json field with the class name (an int is taken as a class index).
         ks: recall@K cut-offs for retrieval (those > N are dropped and listed in ``ks_skipped``).
-        batch_size: images per forward pass.
+        batch_size: images per forward pass; None: the model pipeline's ``eval.batch_size``.
         out_dir: folder for the report files (created); None: files only go to MLflow (temporary folder).
         log_to_mlflow: log to a new run nested under the model's MLflow run, when there is one.
         tracking_uri: MLflow tracking URI for ``runs:/`` / ``models:/`` specs (default ``$MLFLOW_TRACKING_URI``);
@@ -142,7 +143,8 @@ def run_eval(spec: str, task: str, data: str, classes: Optional[str] = None, tem
 
     Raises:
         ModelSpecError: bad MODEL (see :mod:`mmtl.eval.resolve`).
-        EvalError: bad task / classes / templates / labels.
+        EvalError: bad task / classes / templates / labels (zero-shot on data without labels is refused before
+            the model loads).
         MissingShardsError / EmptyDatasetError: the data.
     """
     from mmtl.data.shardlist import resolve_shards
@@ -150,12 +152,16 @@ def run_eval(spec: str, task: str, data: str, classes: Optional[str] = None, tem
 
     say = say or (lambda m: None)
     t0 = time.time()
+    if task is None or task == "zero-shot":  # picked / checked from the first samples, before the model loads
+        from mmtl.eval.autotask import choose_task
+
+        task = choose_task(task, data, label_field, say)
     kind = get_task(task)  # UnknownTaskError (an EvalError) for an unknown name
     if kind.source == FUSION_TOKENS:  # VQA / ITM accuracy per question type of a cross_attention model
         from mmtl.eval.fusion_eval import run_fusion_eval
 
         return run_fusion_eval(spec, task, data, batch_size, out_dir, log_to_mlflow, tracking_uri, say)
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise EvalError(f"batch_size must be >= 1, got {batch_size}")
     ks = [int(k) for k in ks]
     if task == "retrieval" and (not ks or any(k < 1 for k in ks)):
@@ -169,6 +175,7 @@ def run_eval(spec: str, task: str, data: str, classes: Optional[str] = None, tem
     try:
         resolve_shards(data)  # missing data fails before the model loads
         model, pipe = _load_model(res)
+        batch_size = batch_size or pipe.eval.batch_size
         say(f"model: {res.kind} {res.export_dir}" + (f" (MLflow run {res.mlflow_run_id})" if res.mlflow_run_id else ""))
         if use_ray is None:
             n_est = count_samples(data)

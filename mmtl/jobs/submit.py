@@ -52,6 +52,13 @@ from mmtl.jobs.runtime_env import (  # noqa: F401  (re-exported: mmtl.jobs.submi
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 
+POINT_AT_CLUSTER = (
+    "Point mmtl at your cluster's job-submission API (the Ray dashboard, port 8265): --dashboard http://HEAD:8265 "
+    "or export RAY_ADDRESS=http://HEAD:8265. For a cluster started with `ray up CLUSTER.yaml`, "
+    "`ray dashboard CLUSTER.yaml` tunnels it to http://127.0.0.1:8265 (the default); on this machine "
+    "`ray start --head --dashboard-host 127.0.0.1` starts one.")
+"""How to point the job commands at a cluster: added to every "cannot reach" error."""
+
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 Say = Callable[[str], None]
@@ -133,13 +140,43 @@ def _client(address: Optional[str]):
     try:
         return JobSubmissionClient(addr, headers=headers or None)
     except ConnectionError as exc:
-        raise ConnectionError(f"cannot reach the Ray jobs API at {addr}: {exc}") from exc
+        raise ConnectionError(f"cannot reach the Ray jobs API at {addr}: {exc}\n{POINT_AT_CLUSTER}") from exc
     except RuntimeError as exc:  # HTTP errors from the version check, e.g. 401/403 from token auth
         hint = ""
         if "401" in str(exc) or "403" in str(exc) or "uthentica" in str(exc):
             hint = (" (the cluster uses Ray token auth: set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN, or put "
                     "the cluster's token in ~/.ray/auth_token)")
         raise ConnectionError(f"Ray jobs API at {addr} refused the request: {exc}{hint}") from exc
+
+
+def temporary_outputs(pipe, working_dir: str, tracking_from_env: bool = False) -> list[str]:
+    """Why a submitted run's results would be lost when the job ends (empty: they are kept): the runs root
+    (checkpoints, exports, ``summary.json``) or a file-based MLflow store inside ``working_dir``, which the
+    cluster sees as the job's temporary copy of the project.
+
+    Args:
+        pipe: the loaded pipeline (paths resolved against the local project).
+        working_dir: the folder uploaded as the job's working_dir.
+        tracking_from_env: ``MLFLOW_TRACKING_URI`` is forwarded to the job (it sets ``tracking.uri``).
+    """
+    root = Path(working_dir).resolve()
+
+    def inside(path: str) -> bool:
+        p = Path(path).resolve()
+        return p == root or root in p.parents
+
+    out = []
+    if inside(pipe.train.runs_root):
+        out.append(f"train.runs_root ({pipe.train.runs_root}) is inside the uploaded working_dir, so on the cluster "
+                   "it is in the job's temporary folder: checkpoints, exports and summary.json are lost when the job "
+                   "ends. Add train.runs_root=/mnt/runs (storage every node shares).")
+    uri = pipe.tracking.uri
+    if not tracking_from_env and (uri is None or uri.startswith(("sqlite:", "file:"))):
+        local = uri.split(":", 1)[1].lstrip("/") if uri else None
+        if uri is None and inside(pipe.train.runs_root) or (local and inside("/" + local)):
+            out.append("the MLflow store is a file in the job's temporary folder: add tracking.uri=http://MLFLOW:5000 "
+                       "(an MLflow server) or export MLFLOW_TRACKING_URI before submitting.")
+    return out
 
 
 def build_entrypoint(pipeline_rel: str, overrides: list[str], add_tracking_uri_from_env: bool = False) -> str:
@@ -199,6 +236,9 @@ def submit(pipeline_path: str, address: Optional[str], overrides: list[str], run
     rel = _relative_pipeline(pipeline_path, working_dir)
     rt = build_runtime_env(working_dir, runtime_env_file, env, pip)
     add_uri = pipe.tracking.uri is None and bool(rt["env_vars"].get("MLFLOW_TRACKING_URI"))
+    if say:
+        for warning in temporary_outputs(pipe, working_dir, add_uri):
+            say(f"warning: {warning}")
     entrypoint = build_entrypoint(rel, overrides, add_tracking_uri_from_env=add_uri)
     addr = resolve_address(address)
     if say:
@@ -298,10 +338,10 @@ def wait(job_id: str, address: Optional[str] = None, timeout_s: float = 600.0, p
 def describe_cli() -> str:
     """The commands this module backs (for the CLI's help text)."""
     return (
-        "mmtl submit PIPELINE [OVERRIDES...] --address URL [--runtime-env FILE] [--env K=V]... "
+        "mmtl submit PIPELINE [OVERRIDES...] --dashboard URL [--runtime-env FILE] [--env K=V]... "
         "[--working-dir DIR] [--pip PKG]... [--wait]\n"
-        "mmtl status JOB_ID --address URL\n"
-        "mmtl logs JOB_ID --address URL [--follow]\n"
-        "mmtl stop JOB_ID --address URL\n"
-        f"--address defaults to RAY_ADDRESS (an http(s):// dashboard address) or {DEFAULT_ADDRESS}."
+        "mmtl status JOB_ID --dashboard URL\n"
+        "mmtl logs JOB_ID --dashboard URL [--follow]\n"
+        "mmtl stop JOB_ID --dashboard URL\n"
+        f"--dashboard defaults to RAY_ADDRESS (an http(s):// dashboard address) or {DEFAULT_ADDRESS}."
     )

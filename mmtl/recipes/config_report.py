@@ -1,5 +1,6 @@
 """``mmtl config``: the resolved pipeline followed by every path it will read or write (as ``#`` comments, so
-the output stays valid YAML), including the run folder a run would use now."""
+the output stays valid YAML), including the run folder a run would use now; :func:`missing_inputs` lists the
+local inputs that do not exist (``mmtl config`` / ``run`` / ``retrain`` refuse them before anything starts)."""
 from __future__ import annotations
 
 import os
@@ -57,6 +58,73 @@ def describe_paths(pipe: Pipeline) -> str:
     head = (f"# resolved paths: relative paths in the pipeline are relative to {pipe._project_root}"
             if pipe._project_root else "# resolved paths")
     return "\n".join([head] + [f"#   {k + ':':<{width}} {v}" for k, v in rows])
+
+
+def _inputs(pipe: Pipeline) -> list[tuple[str, object, bool]]:
+    """(field, spec, is a shard spec) of every input path of ``pipe``."""
+    d, m = pipe.data, pipe.model
+    out = [("data.train", d.train, True), ("data.val", d.val, True), ("data.test", d.test, True)]
+    out += [(f"data.extra_eval.{k}", v, True) for k, v in d.extra_eval.items() if k in pipe.eval.sets]
+    out += [(k, v, False) for k, v in (
+        ("model.weights", m.weights), ("model.vision.weights", m.vision.weights), ("model.text.path", m.text.path),
+        ("model.text.tokenizer_path", m.text.tokenizer_path), ("model.init_from", m.init_from),
+        ("strategy.fusion.answers_file", pipe.strategy.fusion.answers_file))]
+    return [(k, v, shards) for k, v, shards in out if v]
+
+
+def _bundled_hint(pipe: Pipeline, paths: list[str]) -> str:
+    """For ``<root>/mmtl/assets/...`` paths that exist in the installed mmtl (a bundled pipeline copied by hand):
+    where the files are, and the command that copies a pipeline with its paths fixed."""
+    import mmtl
+
+    pkg_root = Path(mmtl.__file__).resolve().parent.parent
+    root = Path(pipe._project_root or ".")
+    for p in paths:
+        try:
+            rel = Path(p).relative_to(root)
+        except ValueError:
+            continue
+        if rel.parts[:2] == ("mmtl", "assets") and (pkg_root / rel).exists() and pkg_root != root:
+            return (f" (the bundled data is at {pkg_root / rel}; `mmtl pipelines copy NAME DEST` copies a bundled "
+                    "pipeline with its paths made absolute)")
+    return ""
+
+
+def missing_inputs(pipe: Pipeline) -> list[str]:
+    """One line per local input of ``pipe`` that does not exist: shard specs of ``data.*`` (a folder without
+    tars, a glob or brace pattern matching nothing, a missing file; ``data.extra_eval`` sets only when
+    ``eval.sets`` names them, as only those are read), weight files / folders, ``model.init_from``
+    and the answers file, each naming its field and resolved path; ``package:<dist>`` weights must name an
+    installed distribution. URIs (``s3://``, ``gs://``) are not checked here (the run reads them before
+    training starts)."""
+    from mmtl.data.shardlist import ShardError, resolve_shards
+
+    import importlib.metadata as md
+
+    out = []
+    for key, spec, shards in _inputs(pipe):
+        specs = spec if isinstance(spec, list) else [spec]
+        for one in specs:
+            if one.startswith("package:"):  # cheap: is the distribution installed?
+                try:
+                    md.distribution(one[len("package:"):].strip())
+                except md.PackageNotFoundError:
+                    out.append(f"{key}: {one}: distribution not installed (pip install {one[len('package:'):]})")
+        local = [s for s in specs if not is_uri(s)]
+        if not local:
+            continue
+        if shards:
+            try:
+                resolve_shards(local if isinstance(spec, list) else local[0])
+            except ShardError as exc:
+                out.append(f"{key}: {exc}{_bundled_hint(pipe, local)}")
+            continue
+        for one in local:
+            if not os.path.exists(one):
+                hint = (" (train the run it points to first, e.g. pipelines/quickstart.yaml for the CoOp pipelines)"
+                        if key == "model.init_from" else "")
+                out.append(f"{key}: {one} does not exist{hint}")
+    return out
 
 
 def config_report(pipe: Pipeline) -> str:
