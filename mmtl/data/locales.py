@@ -92,22 +92,41 @@ class LocaleMix:
         caps = {loc: load_locale(split_dir, loc) for loc in mix if loc != ENGLISH}
         return cls(captions=caps, mix=dict(mix), seed=seed)
 
-    def caption(self, key: str, english: str, epoch: int) -> tuple[str, str]:
-        """(caption, locale) for sample ``key`` in ``epoch``; falls back to ``en`` only when ``en`` is weighted or
-        no weighted locale has a caption (then counted as ``fallback_en``)."""
+    def pick(self, key: str, epoch: int, has) -> str | None:
+        """The locale drawn for sample ``key`` in ``epoch`` among the weighted locales for which ``has(locale)``
+        is true (others counted as ``missing:<locale>``); None when there is none."""
         options, weights = [], []
         for loc, w in self.mix.items():
             if w <= 0:
                 continue
-            text = english if loc == ENGLISH else self.captions[loc].get(key)
-            if text is None:
+            if not has(loc):
                 self.counts[f"missing:{loc}"] = self.counts.get(f"missing:{loc}", 0) + 1
                 continue
-            options.append((text, loc))
+            options.append(loc)
             weights.append(w)
         if not options:
+            return None
+        loc = random.Random(f"{self.seed}:{epoch}:{key}").choices(options, weights)[0]
+        self.counts[loc] = self.counts.get(loc, 0) + 1
+        return loc
+
+    def caption(self, key: str, english: str, epoch: int) -> tuple[str, str]:
+        """(caption, locale) for sample ``key`` in ``epoch`` (:meth:`pick`); when no weighted locale has a caption
+        the English one is used and counted as ``fallback_en``."""
+        loc = self.pick(key, epoch, lambda lc: lc == ENGLISH or key in self.captions[lc])
+        if loc is None:
             self.counts["fallback_en"] = self.counts.get("fallback_en", 0) + 1
             return english, ENGLISH
-        text, loc = random.Random(f"{self.seed}:{epoch}:{key}").choices(options, weights)[0]
-        self.counts[loc] = self.counts.get(loc, 0) + 1
-        return text, loc
+        return (english if loc == ENGLISH else self.captions[loc][key]), loc
+
+
+def caption_mix(spec, split_dir: str | Path) -> dict[str, float] | None:
+    """``data.caption_locales`` -> ``{locale: weight}``: None stays None, ``"all"`` = weight 1 for ``en`` and
+    every sidecar locale of ``split_dir``, a dict is checked against the sidecars (ValueError naming the
+    available ones)."""
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        return {loc: 1.0 for loc in resolve_locales(split_dir, spec)}
+    resolve_locales(split_dir, list(spec))
+    return {str(k): float(v) for k, v in spec.items()}
