@@ -9,8 +9,14 @@ import struct
 import numpy as np
 import pytest
 
-from mmtl.models.e5_q4 import (QK, bert_state_dict, check_tokenizer, convert_e5_q4, dequantize_q4_0,
-                               read_e5_q4)
+from mmtl.models.e5_q4 import (
+    QK,
+    bert_state_dict,
+    check_tokenizer,
+    convert_e5_q4,
+    dequantize_q4_0,
+    read_e5_q4,
+)
 from mmtl.models.weights import WeightsError
 
 PIECES = ["<s>", "<pad>", "</s>", "<unk>", "\u2581a", "\u2581b", "a", "b"]

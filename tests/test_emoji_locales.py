@@ -9,7 +9,12 @@ import pytest
 from typer.testing import CliRunner
 
 from mmtl.data.locales import LocaleMix, load_locale, resolve_locales, shard_keys
-from mmtl.datasets.emoji_locales import emoji_code, key_code, parse_locales, write_locale_captions
+from mmtl.datasets.emoji_locales import (
+    emoji_code,
+    key_code,
+    parse_locales,
+    write_locale_captions,
+)
 
 KEYS = {"train": ["1f600", "00a9", "0023-fe0f-20e3"], "test": ["2764-fe0f", "1f1ef-1f1f5"]}
 
@@ -44,7 +49,7 @@ def _shards(root: Path) -> Path:
     for split, keys in KEYS.items():
         with ShardWriter(str(root / split), prefix=f"emoji-{split}") as w:
             for i, k in enumerate(keys):
-                data, cap, meta = synthetic_pair(i)
+                data, _, meta = synthetic_pair(i)
                 w.write(k, data, "png", f"english {k}", meta)
     (root / "NOTICE").write_text("mmtl bundled emoji dataset\n", encoding="utf-8")
     return root

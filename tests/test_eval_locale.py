@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from test_eval_cli import _write, stub  # noqa: F401  (fixture)
 
 from mmtl.eval import runner
 from mmtl.eval.args import EvalError
-from test_eval_cli import _write, stub  # noqa: F401  (fixture)
 
 
 def _sidecar(folder, locale, captions):

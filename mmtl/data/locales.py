@@ -85,7 +85,7 @@ class LocaleMix:
     counts: dict[str, int] = field(default_factory=dict)
 
     @classmethod
-    def from_dir(cls, split_dir: str | Path, mix: dict[str, float], seed: int = 0) -> "LocaleMix":
+    def from_dir(cls, split_dir: str | Path, mix: dict[str, float], seed: int = 0) -> LocaleMix:
         """Load the sidecars of the weighted locales; ValueError for a locale without one or no positive weight."""
         if not mix or all(w <= 0 for w in mix.values()) or any(w < 0 for w in mix.values()):
             raise ValueError(f"locale mix {mix}: weights must be >= 0 with at least one > 0")

@@ -12,7 +12,7 @@ non-English ones ``retrieval/mean_non_en/...``.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
