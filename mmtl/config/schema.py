@@ -36,6 +36,10 @@ class DataConfig(_Section):
     jpeg_draft: Optional[float] = Field(None, gt=0, description="Decode JPEGs at the smallest libjpeg DCT scale "
                                         "keeping the shorter side >= jpeg_draft * model.image_size (off: None).")
     cache_frozen_features: bool = Field(True, description="Compute frozen, non-augmented tower outputs once.")
+    caption_locales: Optional[Union[Literal["all"], dict[str, float]]] = Field(
+        None, description="Training captions per sample and epoch drawn among locales with these weights ('en' = "
+        "the shard's caption; others from captions.<locale>.json next to data.train's shards, e.g. written by "
+        "`mmtl datasets emoji --locales`), or 'all' (equal weights); seeded by data.seed. None: English only.")
     cache_dir: Optional[str] = Field(None, description="Feature cache root; default <runs_root>/cache.")
 
 
@@ -58,6 +62,8 @@ class TextTowerConfig(_Section):
     config: Optional[dict[str, Any]] = Field(None, description="transformers config kwargs for random init.")
     tokenizer_path: Optional[str] = None
     pooling: Literal["mean", "cls"] = "mean"
+    prefix: str = Field("", description="Prepended to every text before tokenizing (captions, queries, class "
+                        "prompts), e.g. e5's 'query: ' or 'passage: ' (multilingual-e5 was trained with them).")
 
 
 class ModelConfig(_Section):

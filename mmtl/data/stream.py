@@ -89,12 +89,18 @@ def _preprocessor(model_cfg_json: str, train: bool):
 
 
 def _shard_batches(items: dict, opts: CleanOptions, buffer: int, seed: int, stats_actor: Optional[str],
-                   model_cfg_json: str, train: bool, rows_per_block: int) -> Iterator[dict]:
+                   model_cfg_json: str, train: bool, rows_per_block: int,
+                   mix: Optional[dict[str, float]] = None) -> Iterator[dict]:
     """map_batches body (a generator): each (epoch, shard) item -> clean samples -> model-ready column batches
     ``image`` (B,3,H,W) float32, ``input_ids`` / ``attention_mask`` (B,L) int64. Reject counts of the shard
-    go to the stats actor."""
+    go to the stats actor. ``mix``: per-sample, per-epoch caption locale draw (:class:`~mmtl.data.locales.LocaleMix`
+    over the sidecars next to the shard); drawn locales are counted as ``caption_locale:<loc>``."""
     import ray
     import torch
+
+    from mmtl.data.locales import LocaleMix, split_dir_of
+
+    mixes: dict[str, LocaleMix] = {}
 
     torch.set_num_threads(1)
     tf, tokenize = _preprocessor(model_cfg_json, train)
@@ -115,13 +121,21 @@ def _shard_batches(items: dict, opts: CleanOptions, buffer: int, seed: int, stat
             captions.clear()
             return out
 
+        lm = None
+        if mix:
+            d = str(split_dir_of(shard))
+            lm = mixes.setdefault(d, LocaleMix.from_dir(d, mix, seed))
+            before = dict(lm.counts)
         for s in _shuffled(iter_shard(shard, opts, stats, shard_id=shard_id), buffer, rng):
             images.append(tf(s.image))
-            captions.append(s.caption)
+            captions.append(lm.caption(s.key, s.caption, epoch)[0] if lm else s.caption)
             if len(images) >= rows_per_block:
                 yield flush()
         if images:
             yield flush()
+        if lm is not None:
+            stats.update({f"caption_locale:{k}": v - before.get(k, 0) for k, v in lm.counts.items()
+                          if v != before.get(k, 0)})
         if stats_actor:
             try:
                 ray.get_actor(stats_actor).add.remote(dict(stats))
@@ -160,10 +174,15 @@ def build_image_dataset(
                                draft_px=draft_px(pipe) if train else None)
     if processes is None:
         processes = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    mix = None
+    if train and pipe.data.caption_locales is not None:
+        from mmtl.data.locales import caption_mix, split_dir_of
+
+        mix = caption_mix(pipe.data.caption_locales, split_dir_of(shards[0]))
     fn = functools.partial(
         _shard_batches, opts=opts, buffer=pipe.data.shuffle_buffer if train else 0, seed=pipe.data.seed,
         stats_actor=stats_actor, model_cfg_json=pipe.model.model_dump_json(), train=train,
-        rows_per_block=int(rows_per_block),
+        rows_per_block=int(rows_per_block), mix=mix,
     )
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     out = ds.map_batches(fn, batch_size=1, compute=TaskPoolStrategy(size=max(1, min(int(processes), len(items)))),

@@ -20,7 +20,9 @@ OpenMoji is a real domain-shift test. Keys are lowercase code points joined by '
 ``"1f1ea-1f1ec"``).
 
 Layout of :func:`bundled_dir` (``mmtl/assets/emoji``): ``{train,val,test,openmoji_test}/emoji-{split}-000000.tar``,
-``stats.json``, ``NOTICE``.
+``stats.json``, ``NOTICE``. Per-locale captions (CLDR, ``mmtl datasets emoji --locales``) are sidecars
+``{split}/captions.<locale>.json`` written next to the shards by :mod:`mmtl.datasets.emoji_locales` (not
+bundled: generate them).
 """
 from __future__ import annotations
 

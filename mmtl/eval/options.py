@@ -71,6 +71,9 @@ class EvalOptions:
     ray_address: Annotated[Optional[str], Cli("Ray address to join for the Ray path", "--address")] = None
     device: Annotated[str, Cli("auto, cpu or cuda", "--device")] = "auto"
     prompt: Annotated[Optional[str], Cli(PROMPT_HELP, "--prompt")] = None
+    locale: Annotated[Optional[str], Cli("Retrieval per caption locale: xx, a comma list or all (en = the shards' "
+                                         "captions; others captions.<locale>.json next to the shards)",
+                                         "--locale")] = None
 
     def run(self, say: Optional[Callable[[str], None]] = None) -> dict:
         """:func:`~mmtl.eval.runner.run_eval` with these options; returns its report.
@@ -84,4 +87,4 @@ class EvalOptions:
         return run_eval(self.model, self.task, self.data, self.classes, self.templates, self.label_field, ks,
                         self.batch_size, str(self.out_dir) if self.out_dir else None, self.log_to_mlflow,
                         self.tracking_uri, use_ray=self.use_ray, ray_address=self.ray_address, device=self.device,
-                        say=say, prompt=self.prompt)
+                        say=say, prompt=self.prompt, locale=self.locale)

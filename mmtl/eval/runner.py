@@ -105,7 +105,7 @@ def run_eval(spec: str, task: Optional[str], data: str, classes: Optional[str] =
              out_dir: Optional[str] = None, log_to_mlflow: bool = True, tracking_uri: Optional[str] = None, *,
              use_ray: Optional[bool] = None, ray_threshold: int = RAY_THRESHOLD, ray_actors: int = 2,
              ray_address: Optional[str] = None, device: str = "auto", say: Optional[Say] = None,
-             prompt: Optional[str] = None) -> dict:
+             prompt: Optional[str] = None, locale: Optional[str] = None) -> dict:
     """Evaluate MODEL ``spec`` on the shard set ``data``; return a JSON-serialisable report.
 
     Args:
@@ -135,6 +135,8 @@ def run_eval(spec: str, task: Optional[str], data: str, classes: Optional[str] =
         prompt: a learned CoOp prompt (``mmtl.prompting``: a prompt_tuning run dir, its export or the
             ``prompt.safetensors`` file) used instead of templates for zero-shot, with base/new-class metrics
             (``zero_shot/base_acc1`` ...) where it has a split; default: the export's own prompt, if any.
+        locale: retrieval per caption locale (``"de"``, ``"de,fr"``, ``"all"``; :mod:`mmtl.eval.locale_eval`):
+            adds ``retrieval/<locale>/...`` and ``retrieval/mean[_non_en]/...`` metrics and a ``locales`` table.
 
     Returns ``{"task", "model" (resolution details), "data", "num_samples", "embedding" ("local"|"ray"),
     "metrics", "data_stats", "files", "out_dir", "mlflow", "seconds", ...}`` plus, for zero-shot, ``classes``,
@@ -170,6 +172,8 @@ def run_eval(spec: str, task: Optional[str], data: str, classes: Optional[str] =
     template_list = parse_templates(templates) if task == "zero-shot" else None
     if prompt is not None and task != "zero-shot":
         raise EvalError("--prompt (a learned CoOp prompt) applies to --task zero-shot only")
+    if locale is not None and task != "retrieval":
+        raise EvalError("--locale (per-locale captions) applies to --task retrieval only")
     res = _resolve(spec, tracking_uri)
     tmp_out = None
     try:
@@ -205,6 +209,13 @@ def run_eval(spec: str, task: Optional[str], data: str, classes: Optional[str] =
         part = kind.report(kind, emb=emb, model=model, pipe=pipe, classes=class_list, templates=template_list,
                            label_field=label_field, ks=ks, out=out, say=say, prompt=learned)
         result.update(part)
+        if locale is not None:
+            from mmtl.eval.locale_eval import locale_retrieval
+
+            per = locale_retrieval(model, emb, data, locale, ks, batch_size)
+            result["metrics"] = {**result["metrics"], **per["metrics"]}
+            result["locales"] = per["locales"]
+            say(f"locales: {', '.join(per['locales'])}")
         files = [Path(p) for p in part["files"].values()]
         eval_json = out / "eval.json"
         result["files"]["eval_json"] = eval_json

