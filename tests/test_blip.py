@@ -227,3 +227,17 @@ def test_caption_set_counts_and_errors(tmp_path, tiny):
     want = tiny.image_transform(False)(img)
     got = normalized_images(np.asarray(geo(img))[None], tiny.mean, tiny.std)[0]
     assert torch.allclose(want, got, atol=1e-6)
+
+
+def test_caption_loss_equals_full_logits_loss(tiny):
+    """The trimmed, targets-only loss is the cross-entropy of :meth:`forward`'s full logits."""
+    import torch.nn.functional as F
+
+    x = torch.randn(3, 3, 32, 32)
+    tok = tiny.tokenize(["red circle", "a much longer blue square caption", "x"])
+    ids, mask = tok["input_ids"], tok["attention_mask"]
+    with torch.no_grad():
+        logits = tiny(x, ids, mask)[:, :-1]
+        target = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+        want = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100)
+        assert float(tiny.caption_loss(x, ids, mask)) == pytest.approx(float(want), rel=1e-5)

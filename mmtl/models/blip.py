@@ -146,19 +146,26 @@ class BlipCaptioner(nn.Module):
                      label_smoothing: float = 0.0) -> Tensor:
         """Teacher-forced next-token cross-entropy (nats per target token, module docstring).
 
+        The batch is trimmed to its longest caption and the LM head runs only at positions with a target (the
+        same value as the full (B, L, V) logits of :meth:`forward`, at a fraction of the cost).
+
         Args:
             images: (B, 3, S, S); input_ids / attention_mask: (B, L) ``[CLS] prompt caption [SEP] [PAD]..``.
             label_smoothing: in [0, 1) (``torch.nn.functional.cross_entropy``'s).
         Raises:
             ValueError: no target token in the batch (every caption empty after the prompt).
         """
-        logits = self(images, input_ids, attention_mask)[:, :-1]
-        target = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)
+        n = max(int(attention_mask.sum(dim=1).max()), 2)  # right padding: trim the batch to its longest caption
+        ids, mask = input_ids[:, :n], attention_mask[:, :n]
+        hidden = self.text_decoder.bert(input_ids=ids, attention_mask=mask, encoder_hidden_states=self.image_embeds(
+            images), use_cache=False).last_hidden_state[:, :-1]  # (B, n-1, D_dec): position t predicts token t+1
+        target = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
         target[:, : self.prompt_length() - 1] = -100  # the prompt is given, not predicted
-        if not (target != -100).any():
+        keep = target != -100
+        if not keep.any():
             raise ValueError("caption_loss: the batch has no caption token to predict")
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1),
-                               ignore_index=-100, label_smoothing=label_smoothing)
+        logits = self.text_decoder.cls(hidden[keep])  # (T, V): the LM head only where there is a target
+        return F.cross_entropy(logits.float(), target[keep], label_smoothing=label_smoothing)
 
     @torch.no_grad()
     def generate(self, images: Tensor, prompt: Optional[str] = None, num_beams: int = 1,
