@@ -16,10 +16,16 @@ from mmtl.eval.registry import (EMBEDDINGS, FUSION_TOKENS, TASKS, UnknownTaskErr
 # ----------------------------------------------------------------------------------------- registry
 
 
-def test_registry_lists_the_four_tasks_and_what_they_need():
-    assert task_names() == ("zero-shot", "retrieval", "vqa", "itm")
+def test_registry_lists_the_tasks_and_what_they_need():
+    from mmtl.eval.registry import GENERATED
+
+    assert task_names() == ("zero-shot", "retrieval", "vqa", "itm", "captioning")
     assert {n: t.source for n, t in TASKS.items()} == {"zero-shot": EMBEDDINGS, "retrieval": EMBEDDINGS,
-                                                       "vqa": FUSION_TOKENS, "itm": FUSION_TOKENS}
+                                                       "vqa": FUSION_TOKENS, "itm": FUSION_TOKENS,
+                                                       "captioning": GENERATED}
+    assert get_task("captioning").needs == ("references", "generated")
+    same = evaluate_task("captioning", references=["a red circle here"] * 2, generated=["a red circle here"] * 2)
+    assert same["captioning/bleu4"] == pytest.approx(1.0, abs=1e-6) and same["captioning/exact_match"] == 1.0
     assert get_task("zero-shot").needs == ("image", "class_emb", "labels")
     assert get_task("retrieval").needs == ("image", "text", "ks") and get_task("retrieval").with_text
     assert not get_task("zero-shot").with_text
@@ -28,7 +34,7 @@ def test_registry_lists_the_four_tasks_and_what_they_need():
 
 
 def test_unknown_task_is_rejected_with_the_known_names():
-    with pytest.raises(UnknownTaskError, match=r"task must be one of zero-shot, retrieval, vqa, itm; got 'caption'"):
+    with pytest.raises(UnknownTaskError, match=r"task must be one of zero-shot, retrieval, vqa, itm, captioning; got 'caption'"):
         get_task("caption")
     assert issubclass(UnknownTaskError, EvalError)  # the CLI maps it to exit code 2
     with pytest.raises(UnknownTaskError, match="got None"):
@@ -166,7 +172,7 @@ MAIN_EVAL_PARAMS = [
     ("argument", ("model",), (), None, True,
      "Run dir, export folder, runs:/<run_id>/model, models:/<name>@<alias> or models:/<name>/<version>"),
     ("option", ("--data",), (), None, True, "Shard spec: folder, glob, brace pattern, .tar or URI"),
-    ("option", ("--task",), (), "zero-shot", False, "zero-shot, retrieval, or vqa / itm (cross_attention models)"),
+    ("option", ("--task",), (), "zero-shot", False, "zero-shot, retrieval, or vqa / itm (cross_attention models), or captioning (generative models)"),
     ("option", ("--classes",), (), None, False, "Class names: a file (one a line) or a comma list"),
     ("option", ("--templates",), (), None, False, "Prompt templates: a file (one a line, with {}) or one template"),
     ("option", ("--label-field",), (), "category", False, "Sample json field holding the class name"),
@@ -208,7 +214,7 @@ def test_mmtl_eval_usage_errors_exit_2_before_loading_anything(tmp_path):
     r = CliRunner().invoke(app, ["eval", str(tmp_path), "--data", str(tmp_path), "--ks", "1,x"])
     assert r.exit_code == 2 and "--ks must be a comma list of integers, got '1,x'" in r.output
     r = CliRunner().invoke(app, ["eval", str(tmp_path), "--data", str(tmp_path), "--task", "caption"])
-    assert r.exit_code == 2 and "task must be one of zero-shot, retrieval, vqa, itm; got 'caption'" in r.output
+    assert r.exit_code == 2 and "task must be one of zero-shot, retrieval, vqa, itm, captioning; got 'caption'" in " ".join(r.output.split())
 
 
 def test_eval_options_map_onto_run_eval(monkeypatch):

@@ -4,6 +4,7 @@ one function each. The table below is every command; the modules hold them by th
 * :mod:`mmtl.cli.run`: ``run``, ``config``, ``export``, ``retrain`` (and :func:`print_summary`);
 * :mod:`mmtl.cli.jobs`: ``submit``, ``status``, ``logs``, ``stop`` (Ray Job Submission API);
 * :mod:`mmtl.cli.eval`: ``eval`` (built from :class:`mmtl.eval.options.EvalOptions`);
+* :mod:`mmtl.cli.generate`: ``generate`` (captions / text from a generative model);
 * :mod:`mmtl.cli.data`: ``shards ...``, ``datasets ...``; :mod:`mmtl.cli.bench`: ``bench ...``;
 * :mod:`mmtl.cli.pipelines`: ``pipelines list``, ``pipelines copy`` (:mod:`mmtl.recipes.catalog`);
 * :mod:`mmtl.cli.weights`: ``weights list``, ``weights get`` (converted weights cache);
@@ -21,6 +22,7 @@ from mmtl.cli.bench import bench_app
 from mmtl.cli.data import datasets_app, shards_app
 from mmtl.cli.eval import eval_cmd
 from mmtl.cli.pipelines import pipelines_app
+from mmtl.cli.generate import generate_cmd
 from mmtl.cli.run import print_summary
 from mmtl.cli.weights import weights_app
 
@@ -56,6 +58,7 @@ app.command("logs")(_jobs.logs_cmd)
 app.command("stop")(_jobs.stop_cmd)
 app.command("export")(_run.export_cmd)
 app.command("eval")(eval_cmd)
+app.command("generate")(generate_cmd)
 app.command("retrain")(_run.retrain_cmd)
 
 

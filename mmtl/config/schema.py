@@ -66,13 +66,24 @@ class TextTowerConfig(_Section):
                         "prompts), e.g. e5's 'query: ' or 'passage: ' (multilingual-e5 was trained with them).")
 
 
+class DecoderConfig(_Section):
+    """``model.decoder`` (``model.family: blip``): how the text decoder (initialised from ``model.text``) reads
+    the image tower's tokens."""
+
+    image_layer: int = Field(-1, le=-1, description="Image tokens from: -1 the tower's final tokens; -k an "
+                             "earlier stage/block (as strategy.fusion.image_layer).")
+    prompt: str = Field("", description="Text put before every caption (BLIP: 'a picture of'); given, not "
+                        "predicted.")
+
+
 class ModelConfig(_Section):
-    family: Literal["two_tower", "open_clip", "hf"] = "two_tower"
+    family: Literal["two_tower", "open_clip", "hf", "blip"] = "two_tower"
     arch: Optional[str] = Field(None, description="open_clip architecture name (e.g. ViT-B-16).")
     config: Optional[dict[str, Any]] = Field(None, description="open_clip model config or hf CLIP config.")
     weights: Optional[str] = Field(None, description="Local weights file/dir for open_clip or hf.")
     vision: VisionTowerConfig = Field(default_factory=VisionTowerConfig)
     text: TextTowerConfig = Field(default_factory=TextTowerConfig)
+    decoder: DecoderConfig = Field(default_factory=DecoderConfig)
     embed_dim: int = Field(256, gt=0)
     head: Literal["linear", "mlp"] = "linear"
     head_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on tower features before the heads (train only).")
@@ -155,6 +166,22 @@ class PromptTuningConfig(_Section):
                                  "accuracy (single template and template ensemble) on the eval sets.")
 
 
+class CaptionConfig(_Section):
+    """``strategy.caption`` (generative families, recipe ``captioning``): the caption target, the loss and the
+    evaluation's decoding."""
+
+    caption_field: Optional[str] = Field(None, description="Sample json key holding the target caption (emoji: "
+                                         "'description', the CLDR name); null: the .txt caption.")
+    keywords_field: Optional[str] = Field(None, description="Sample json key holding a keyword list appended as "
+                                          "'caption: kw1, kw2' (emoji: 'keywords'); null: none.")
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    num_beams: int = Field(3, ge=1, description="Beam width of the evaluation's generation (1: greedy).")
+    max_new_tokens: int = Field(24, ge=1)
+    nn_baseline: bool = Field(True, description="Evaluate the nearest-neighbour caption baseline (Devlin et al. "
+                              "2015) on the same split.")
+    gallery: int = Field(16, ge=0, description="Images in the PNG gallery logged to MLflow (0: none).")
+
+
 class StrategyConfig(_Section):
     kind: str = Field("frozen", description="Transfer strategy, a key of mmtl.strategies.STRATEGIES (frozen, full, "
                       "lora, prompt_tuning, cross_attention); checked against the registries when the pipeline "
@@ -167,6 +194,7 @@ class StrategyConfig(_Section):
     lora: LoraConfig = Field(default_factory=LoraConfig)
     prompt: PromptTuningConfig = Field(default_factory=PromptTuningConfig)
     fusion: CrossAttentionConfig = Field(default_factory=CrossAttentionConfig)
+    caption: CaptionConfig = Field(default_factory=CaptionConfig)
 
 
 class TrainConfig(_Section):

@@ -45,7 +45,7 @@ import numpy as np
 from mmtl.eval.args import EvalError, parse_classes, parse_templates
 from mmtl.eval.batch_infer import embed_local, embed_ray
 from mmtl.eval.mlflow_log import log_eval_run
-from mmtl.eval.registry import FUSION_TOKENS, get_task
+from mmtl.eval.registry import FUSION_TOKENS, GENERATED, get_task
 from mmtl.eval.tasks import Say
 
 RAY_THRESHOLD = 5_000
@@ -163,6 +163,10 @@ def run_eval(spec: str, task: Optional[str], data: str, classes: Optional[str] =
         from mmtl.eval.fusion_eval import run_fusion_eval
 
         return run_fusion_eval(spec, task, data, batch_size, out_dir, log_to_mlflow, tracking_uri, say)
+    if kind.source == GENERATED:  # captions of a generative model: BLEU-4 / CIDEr-D + nearest-neighbour baseline
+        from mmtl.eval.caption_eval import run_caption_eval
+
+        return run_caption_eval(spec, data, out_dir, log_to_mlflow, tracking_uri, say)
     if batch_size is not None and batch_size < 1:
         raise EvalError(f"batch_size must be >= 1, got {batch_size}")
     ks = [int(k) for k in ks]

@@ -14,7 +14,9 @@ Optional capabilities, each a runtime-checkable protocol; a family has one when 
   (asked by :mod:`mmtl.models.tokens`, i.e. ``model.image_tokens(...)``, and by fusion feature extraction);
 * :class:`LoraDefaults`: ``lora_default_targets`` (:mod:`mmtl.strategies.lora`, when targets are ``null``);
 * :class:`ContextTextEncoding`: ``context_text_encoder`` (CoOp, :mod:`mmtl.prompting.coop`);
-* :class:`ExportFormat`: ``architecture_config`` (rebuilding an export, :mod:`mmtl.tracking.registry`).
+* :class:`ExportFormat`: ``architecture_config`` (rebuilding an export, :mod:`mmtl.tracking.registry`);
+* :class:`TextGeneration`: ``recipe_name``, ``new_parameters``, ``generate`` (generative families such as
+  ``blip``: the recipe that trains them, the newly initialised parameters every strategy trains, decoding).
 
 Ask with :func:`supports` (bool) or :func:`capability` (the family typed as the capability, or ``None``).
 Shapes: ``B`` batch, ``L`` tokens, ``N`` image tokens, ``D_v`` / ``D_t`` tower widths, ``D_w`` token-embedding
@@ -127,6 +129,25 @@ class ExportFormat(Protocol):
         """``cfg`` (a copy the caller owns; may be changed in place) without the family's weight-file fields
         that an export's ``model.safetensors`` replaces; fields naming folders that also hold the config or
         tokenizer are kept. Returns the config to build the architecture from."""
+        ...
+
+
+@runtime_checkable
+class TextGeneration(Protocol):
+    """A family whose models write text about an image (captioner, image -> LLM)."""
+
+    def recipe_name(self) -> str:
+        """The recipe (:data:`mmtl.recipes.RECIPES`) that trains this family's models, whatever the strategy."""
+        ...
+
+    def new_parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        """``{model-level name: parameter}`` of the newly initialised parts (projector, cross-attention, ...):
+        trained in full by every strategy (frozen towers, LoRA), since they have no pretrained values to keep."""
+        ...
+
+    def generate(self, model: nn.Module, images: Tensor, prompt: Optional[str] = None, num_beams: int = 1,
+                 max_new_tokens: int = 24) -> list[str]:
+        """(B, 3, S, S) normalised images (+ an optional prompt) -> B generated texts (greedy or beam search)."""
         ...
 
 

@@ -1,5 +1,6 @@
 """Recipes: one small class per kind of training job, registered by name; each strategy names the recipe
-that runs it (``Strategy.recipe``, default ``"contrastive"``); one runner (:mod:`mmtl.recipes.runner`) owns the
+that runs it (``Strategy.recipe``, default ``"contrastive"``), except for generative model families, whose
+own recipe runs them (``blip`` -> ``captioning``, :func:`recipe_for`); one runner (:mod:`mmtl.recipes.runner`) owns the
 run sequence for all of them.
 
 To add a kind of job: write ``mmtl/recipes/<name>.py`` with a :class:`~mmtl.recipes.base.Recipe` subclass
@@ -10,24 +11,38 @@ strategy needs no recipe change.
 from __future__ import annotations
 
 from mmtl.recipes.base import Recipe, RunContext
+from mmtl.recipes.captioning import CaptioningRecipe
 from mmtl.recipes.contrastive import ContrastiveRecipe
 from mmtl.recipes.fusion import FusionRecipe
 from mmtl.recipes.prompt_learning import PromptLearningRecipe
 
 __all__ = ["RECIPES", "Recipe", "RunContext", "check_pipeline", "recipe_for", "run_pipeline"]
 
-RECIPES: dict[str, type[Recipe]] = {r.name: r for r in (ContrastiveRecipe, PromptLearningRecipe, FusionRecipe)}
+RECIPES: dict[str, type[Recipe]] = {r.name: r for r in (ContrastiveRecipe, PromptLearningRecipe, FusionRecipe,
+                                                       CaptioningRecipe)}
 
 
-def recipe_for(kind: str) -> type[Recipe]:
-    """The recipe class that runs ``strategy.kind == kind`` (the one its strategy names).
+def recipe_for(kind: str, family: str | None = None) -> type[Recipe]:
+    """The recipe class that runs ``strategy.kind == kind`` with ``model.family == family``: a generative
+    family's own recipe (``TextGeneration.recipe_name``, e.g. ``captioning`` for ``blip``), else the one the
+    strategy names.
 
     Raises:
-        ValueError: unknown kind (the message lists the known ones), or its strategy names an unknown recipe.
+        ValueError: unknown kind (the message lists the known ones), a strategy the generative family's recipe
+            does not train, or a strategy naming an unknown recipe.
     """
+    from mmtl.models.family import TextGeneration, capability
+    from mmtl.models.registry import get_family
     from mmtl.strategies import get_strategy
 
     name = get_strategy(kind).recipe
+    gen = capability(get_family(family), TextGeneration) if family is not None else None
+    if gen is not None:
+        name = gen.recipe_name()
+        allowed = getattr(RECIPES.get(name), "strategies", ())
+        if kind not in allowed:
+            raise ValueError(f"strategy.kind={kind!r} cannot train a model.family={family!r} model (its recipe "
+                             f"{name!r} trains: {', '.join(allowed)})")
     try:
         return RECIPES[name]
     except KeyError:
@@ -46,7 +61,7 @@ def check_pipeline(pipe, eval_sets: bool = True) -> None:
     from mmtl.recipes.runner import eval_specs
     from mmtl.strategies import get_strategy
 
-    recipe_for(pipe.strategy.kind)
+    recipe_for(pipe.strategy.kind, pipe.model.family)
     get_strategy(pipe.strategy.kind).check(pipe.strategy, pipe.train.zero_stage)
     if eval_sets:
         eval_specs(pipe)

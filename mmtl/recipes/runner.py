@@ -63,7 +63,7 @@ def run_pipeline(pipe: Pipeline, *, address: Optional[str] = None, must_resume: 
     t_start = time.time()
     check_pipeline(pipe)
     check_local_devices(pipe.train, address)  # GPUs / CPUs the local Ray instance will have, before anything runs
-    recipe_cls = recipe_for(pipe.strategy.kind)
+    recipe_cls = recipe_for(pipe.strategy.kind, pipe.model.family)
     specs = eval_specs(pipe)
     check_inputs_exist(pipe, specs)  # before a run folder or an MLflow run exists
     run_dir, resuming = select_run_dir(pipe.train.runs_root, pipe.train.name, pipe.train.resume, must_resume)

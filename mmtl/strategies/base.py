@@ -91,5 +91,15 @@ def freeze(module: nn.Module, frozen: bool = True) -> None:
         p.requires_grad_(not frozen)
 
 
+def new_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The newly initialised parameters of a generative family's model (``TextGeneration.new_parameters``,
+    :mod:`mmtl.models.family`), which every strategy trains in full; ``{}`` for other families."""
+    from mmtl.models.family import TextGeneration, capability
+    from mmtl.models.registry import find_family
+
+    gen = capability(find_family(model), TextGeneration)
+    return gen.new_parameters(model) if gen is not None else {}
+
+
 class ExportError(ValueError):
     """A run or checkpoint cannot be exported as asked (the message says why and what to do)."""

@@ -5,7 +5,9 @@ Supports: ``lock: both`` (both towers frozen; their outputs are cached when not 
 trainable, same as ``full``); ``unlock_image_blocks`` / ``unlock_text_blocks`` unfreeze the last N blocks
 of a frozen tower (timm ``blocks``/``stages``, transformers ``encoder.layer``, open_clip
 ``transformer.resblocks``). Limits: a block is a top-level entry of those containers; towers without them
-cannot be partially unlocked (ValueError).
+cannot be partially unlocked (ValueError). Generative families (``blip``): the newly initialised parts
+(projection, cross-attention, LM-head transform; ``TextGeneration.new_parameters``) always train; with
+``lock: both`` they are all that trains.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from typing import Optional
 import torch.nn as nn
 
 from mmtl.config import Pipeline, StrategyConfig
-from mmtl.strategies.base import Strategy, freeze
+from mmtl.strategies.base import Strategy, freeze, new_parameters
 
 
 def tower_blocks(tower: nn.Module) -> list[nn.Module]:
@@ -52,6 +54,8 @@ class FrozenStrategy(Strategy):
             if n and locked:
                 for block in tower_blocks(tower)[-n:]:
                     freeze(block, False)
+        for p in new_parameters(model).values():  # generative families: projector, cross-attention, LM-head transform
+            p.requires_grad_(True)
 
     def uses_feature_cache(self, pipe: Pipeline) -> bool:
         """Both towers locked with no unlocked blocks: their outputs do not change during training."""

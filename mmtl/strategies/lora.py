@@ -17,7 +17,9 @@ Supports:
   * Adapted layer types: ``nn.Linear``, ``nn.Conv1d/2d/3d`` (``groups == 1``), ``nn.Embedding``,
     ``nn.MultiheadAttention`` (same q/k/v width; its ``out_proj`` is adapted with it), transformers ``Conv1D``.
   * Trainable: exactly the ``lora_*`` parameters, ``image_head``, ``text_head`` and ``logit_scale``; every
-    tower weight (tower-internal projections of open_clip / hf included) stays frozen.
+    tower weight (tower-internal projections of open_clip / hf included) stays frozen. Generative families
+    (``blip``): ``lora_*`` + the newly initialised parts (projection, cross-attention, LM-head transform), which
+    train in full; ``text`` is the decoder, whose default targets are its self-attention and MLP.
   * :mod:`mmtl.strategies.lora_adapters`: ``merge_lora`` folds the adapters into the base weights and removes
     the PEFT layers (the state dict then has the base model's key names: it loads into ``build_model(cfg)``
     without PEFT); ``merged_state_dict`` does the same for a state dict (e.g. the consolidated DeepSpeed
@@ -218,8 +220,16 @@ def has_lora(model: nn.Module) -> bool:
 
 
 def _set_trainable(model: nn.Module) -> None:
+    """``lora_*`` + the heads and logit scale of a two-tower model, or a generative model's new parameters."""
+    from mmtl.strategies.base import new_parameters
+
     for n, p in model.named_parameters():
         p.requires_grad_("lora_" in n)
+    new = new_parameters(model)
+    if new:
+        for p in new.values():
+            p.requires_grad_(True)
+        return
     for head in (model.image_head, model.text_head):
         for p in head.parameters():
             p.requires_grad_(True)

@@ -68,7 +68,8 @@ def merged_state_dict(model_cfg, strategy: StrategyConfig, state_dict: dict[str,
         raise ValueError(f"merged_state_dict: keys not in the LoRA model: {sorted(extra)[:8]}")
     model.load_state_dict({k: v for k, v in state_dict.items() if k in own}, strict=True)
     merge_lora(model)
-    out = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
+    # clone: tied weights (a decoder's LM head = its word embeddings) must not share memory in safetensors
+    out = {k: v.detach().float().contiguous().clone() for k, v in model.state_dict().items()}
     out.update(extra)
     return out
 

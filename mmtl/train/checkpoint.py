@@ -54,6 +54,7 @@ RESUME_SETTINGS: dict[str, str] = {
     "model.text.config": "the text tower is another architecture",
     "model.embed_dim": "the projection heads have other shapes",
     "model.head": "the projection heads are another kind",
+    "model.decoder.image_layer": "the image-to-decoder projection reads tokens of another width",
     "strategy.kind": "another strategy trains other parameters",
     "strategy.lock": "another set of towers is trained",
     "strategy.unlock_image_blocks": "another set of blocks is trained",

@@ -172,13 +172,14 @@ def run_training(
             with open(f"{trace}.rank{rank}", "a") as f:
                 f.write(f"{n}\n")
         _maybe_fail(n, rank)
-        scale = float(model.logit_scale.detach().float().exp().clamp(max=model.max_logit_scale))
+        ls = getattr(model, "logit_scale", None)  # contrastive models; generative ones have none
+        scale = {} if ls is None else {"train/logit_scale": float(ls.detach().float().exp().clamp(max=model.max_logit_scale))}
         task_metrics = getattr(engine.module, "metrics", None)
         metrics = {
             "steps": n,
             "train/loss": float("nan") if loss is None else loss,
             "train/lr": engine.get_lr()[0],
-            "train/logit_scale": scale,
+            **scale,
             "train/step_time_s": dt,
             "train/samples_per_s": gbatch / dt,
             "train/skipped_nonfinite_steps": skipped,

@@ -24,7 +24,8 @@ def progress_line(n: int, total: int, m: dict, t_start: float) -> str:
     eta = elapsed / max(1, n) * (total - n)
     return (
         f"[mmtl] step {n}/{total} loss {m['train/loss']:.4f} lr {m['train/lr']:.2e} "
-        f"scale {m['train/logit_scale']:.1f} {m['train/samples_per_s']:.0f} samples/s ETA {eta:.0f}s"
+        + (f"scale {m['train/logit_scale']:.1f} " if "train/logit_scale" in m else "")
+        + f"{m['train/samples_per_s']:.0f} samples/s ETA {eta:.0f}s"
     )
 
 

@@ -1,0 +1,120 @@
+"""Captioning evaluation: BLEU-4 and CIDEr-D (``pycocoevalcap``), exact-caption accuracy, the nearest-neighbour
+baseline and a PNG gallery.
+
+* :func:`caption_metrics`: ``captioning/bleu4`` (Papineni et al. 2002, corpus-level BLEU with the brevity
+  penalty, pycocoevalcap's ``Bleu(4)``), ``captioning/cider_d`` (Vedantam et al. 2015, CIDEr-D: TF-IDF n-gram
+  cosine for n = 1..4 with clipped candidate counts and a Gaussian length penalty (sigma 6), x10;
+  pycocoevalcap's ``Cider``; document frequencies come from the evaluated set's references) and
+  ``captioning/exact_match`` (normalised generated == normalised reference: on emoji, the exact CLDR name).
+  Texts are normalised as pycocoevalcap's PTB tokenizer does (lower case, punctuation tokens dropped) by
+  :func:`normalize_caption`, in Python: the PTB tokenizer, METEOR and SPICE need Java and are **not** run.
+* :func:`nearest_neighbour_captions`: Devlin et al. 2015 ("Language models for image captioning: the quirks
+  and what works"), k = 1: each test image gets the caption of the training image closest by cosine similarity
+  of frozen image-tower features (mean of the image tokens), on the same split.
+* :func:`write_gallery`: image, reference and generated caption side by side (PIL, no matplotlib needed).
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+#: pycocoevalcap's PTBTokenizer drops these tokens (``tokenizer/ptbtokenizer.py``).
+PUNCTUATION = {"''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-", "--",
+               "...", ";"}
+_TOKEN = re.compile(r"[a-z0-9]+(?:'[a-z]+)?|\.\.\.|--|[^\sa-z0-9]")
+
+
+def normalize_caption(text: str) -> str:
+    """Lower case, split into word and punctuation tokens, drop PTB punctuation, join with single spaces
+    (``"Keycap: #"`` -> ``"keycap #"``)."""
+    return " ".join(t for t in _TOKEN.findall(text.lower()) if t not in PUNCTUATION)
+
+
+def caption_metrics(references: Sequence[str], generated: Sequence[str], prefix: str = "captioning/") -> dict:
+    """Corpus metrics of ``generated`` against one reference each (same order, N >= 1).
+
+    Returns ``{prefix + "bleu4", "bleu1", "cider_d", "exact_match", "num_samples"}``; BLEU and exact match in
+    [0, 1], CIDEr-D in [0, 10].
+
+    Raises:
+        ValueError: lengths differ or are 0.
+    """
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+
+    if len(references) != len(generated) or not references:
+        raise ValueError(f"need as many generated captions as references (>= 1), got {len(generated)} and "
+                         f"{len(references)}")
+    gts = {i: [normalize_caption(r)] for i, r in enumerate(references)}
+    # an empty hypothesis breaks pycocoevalcap's BLEU (division by zero): score it as one unknown token
+    res = {i: [normalize_caption(g) or "<empty>"] for i, g in enumerate(generated)}
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    cider, _ = Cider().compute_score(gts, res)
+    exact = float(np.mean([gts[i][0] == normalize_caption(g) for i, g in enumerate(generated)]))
+    return {f"{prefix}bleu4": float(bleu[3]), f"{prefix}bleu1": float(bleu[0]), f"{prefix}cider_d": float(cider),
+            f"{prefix}exact_match": exact, f"{prefix}num_samples": float(len(references))}
+
+
+def normalized_images(pixels: np.ndarray, mean, std) -> torch.Tensor:
+    """(B, S, S, 3) uint8 -> (B, 3, S, S) float32 ``(x / 255 - mean) / std`` (the eval transform's output)."""
+    x = torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2).float().div_(255.0)
+    m = torch.tensor(mean, dtype=x.dtype).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x - m) / s
+
+
+@torch.no_grad()
+def generate_all(generate: Callable[[torch.Tensor], list[str]], pixels: np.ndarray, mean, std,
+                 batch_size: int = 32) -> list[str]:
+    """Captions of all N images ``pixels`` (N, S, S, 3) uint8, ``batch_size`` at a time."""
+    out: list[str] = []
+    for i in range(0, len(pixels), batch_size):
+        out += generate(normalized_images(pixels[i:i + batch_size], mean, std))
+    return out
+
+
+@torch.no_grad()
+def image_features(image_tokens: Callable[[torch.Tensor], torch.Tensor], pixels: np.ndarray, mean, std,
+                   batch_size: int = 64) -> torch.Tensor:
+    """(N, D) L2-normalised mean image tokens of ``pixels`` (``image_tokens``: images -> (B, N_tok, D))."""
+    feats = [image_tokens(normalized_images(pixels[i:i + batch_size], mean, std)).mean(dim=1)
+             for i in range(0, len(pixels), batch_size)]
+    return torch.nn.functional.normalize(torch.cat(feats).float(), dim=-1)
+
+
+def nearest_neighbour_captions(train_feat: torch.Tensor, train_captions: Sequence[str],
+                               query_feat: torch.Tensor) -> list[str]:
+    """Devlin et al. 2015 (k = 1): for each query (Q, D) the caption of the most cosine-similar training image
+    among (N, D) (features already L2-normalised)."""
+    best = (query_feat @ train_feat.t()).argmax(dim=1).tolist()
+    return [train_captions[j] for j in best]
+
+
+def write_gallery(path: Path, pixels: np.ndarray, references: Sequence[str], generated: Sequence[str],
+                  baseline: Optional[Sequence[str]] = None, n: int = 16, cell: int = 96) -> Path:
+    """A PNG of the first ``n`` images (evenly spaced over the set), each row: the image, its reference, the
+    generated caption (and the baseline's). Returns ``path``."""
+    from PIL import Image, ImageDraw
+
+    n = min(n, len(pixels))
+    idx = np.linspace(0, len(pixels) - 1, n).round().astype(int) if n else []
+    width, row_h = cell + 620, cell + 8
+    canvas = Image.new("RGB", (width, max(1, n) * row_h), "white")
+    draw = ImageDraw.Draw(canvas)
+    for r, i in enumerate(idx):
+        y = r * row_h + 4
+        canvas.paste(Image.fromarray(pixels[i]).resize((cell, cell)), (4, y))
+        lines = [f"ref:  {references[i]}", f"gen:  {generated[i]}"]
+        if baseline is not None:
+            lines.append(f"nn:   {baseline[i]}")
+        ok = (normalize_caption(references[i]) == normalize_caption(generated[i]))
+        for k, line in enumerate(lines):
+            colour = (0, 120, 0) if (k == 1 and ok) else (0, 0, 0)
+            draw.text((cell + 14, y + 6 + 18 * k), line[:95], fill=colour)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    return path
