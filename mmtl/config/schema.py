@@ -67,17 +67,19 @@ class TextTowerConfig(_Section):
 
 
 class DecoderConfig(_Section):
-    """``model.decoder`` (``model.family: blip``): how the text decoder (initialised from ``model.text``) reads
+    """``model.decoder`` (``model.family: blip`` / ``llava``): how the text decoder / LLM (initialised from ``model.text``) reads
     the image tower's tokens."""
 
     image_layer: int = Field(-1, le=-1, description="Image tokens from: -1 the tower's final tokens; -k an "
                              "earlier stage/block (as strategy.fusion.image_layer).")
     prompt: str = Field("", description="Text put before every caption (BLIP: 'a picture of'); given, not "
-                        "predicted.")
+                        "predicted. llava: the user's instruction after the image (e.g. 'What is this emoji called?').")
+    projector: Literal["mlp2x_gelu", "linear"] = Field(
+        "mlp2x_gelu", description="llava: image tokens -> LLM width; LLaVA-1.5's 2-layer MLP or LLaVA's linear map.")
 
 
 class ModelConfig(_Section):
-    family: Literal["two_tower", "open_clip", "hf", "blip"] = "two_tower"
+    family: Literal["two_tower", "open_clip", "hf", "blip", "llava"] = "two_tower"
     arch: Optional[str] = Field(None, description="open_clip architecture name (e.g. ViT-B-16).")
     config: Optional[dict[str, Any]] = Field(None, description="open_clip model config or hf CLIP config.")
     weights: Optional[str] = Field(None, description="Local weights file/dir for open_clip or hf.")

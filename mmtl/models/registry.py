@@ -1,6 +1,7 @@
 """The model-family registry: ``model.family`` name -> family object (:mod:`mmtl.models.family`).
 
-The built-in families are the explicit table :data:`BUILTIN_FAMILIES` (``two_tower``, ``open_clip``, ``hf``, ``blip``).
+The built-in families are the explicit table :data:`BUILTIN_FAMILIES` (``two_tower``, ``open_clip``, ``hf``, ``blip``,
+``llava``).
 :func:`get_family` looks a name up, :func:`family_of` finds the family of a built model (``model.cfg.family``),
 :func:`register_family` adds one at runtime (tests, experiments). Everything outside the family modules asks
 the family object (:func:`mmtl.models.family.capability`) instead of comparing names.
@@ -16,11 +17,12 @@ from typing import Optional
 from mmtl.models.blip import BlipFamily
 from mmtl.models.family import ModelFamily
 from mmtl.models.hf_clip import HFClipFamily
+from mmtl.models.llava import LlavaFamily
 from mmtl.models.open_clip_family import OpenClipFamily
 from mmtl.models.two_tower import TwoTowerFamily
 
 #: The built-in families, in the order they are listed in error messages.
-BUILTIN_FAMILIES: tuple[type, ...] = (TwoTowerFamily, OpenClipFamily, HFClipFamily, BlipFamily)
+BUILTIN_FAMILIES: tuple[type, ...] = (TwoTowerFamily, OpenClipFamily, HFClipFamily, BlipFamily, LlavaFamily)
 
 _REGISTRY: dict[str, ModelFamily] = {}
 
