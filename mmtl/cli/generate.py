@@ -19,7 +19,13 @@ def generate_cmd(
     tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI for runs:/ and models:/ specs."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object"),
 ) -> None:
-    """Generate text for each image with transformers' generate (KV cache), greedy or beam search."""
+    """Generate text for each image with transformers' generate (KV cache), greedy or beam search.
+
+    Example:
+
+    \b
+        mmtl generate runs/emoji-captioning-lora --image heart.png --num-beams 3
+    """
     from mmtl.data.samples import SampleRejected, decode_image, to_rgb
     from mmtl.eval.resolve import ModelSpecError, resolve_export
     from mmtl.tracking.caption_model import caption_images
