@@ -5,6 +5,7 @@ one function each. The table below is every command; the modules hold them by th
 * :mod:`mmtl.cli.jobs`: ``submit``, ``status``, ``logs``, ``stop`` (Ray Job Submission API);
 * :mod:`mmtl.cli.eval`: ``eval`` (built from :class:`mmtl.eval.options.EvalOptions`);
 * :mod:`mmtl.cli.data`: ``shards ...``, ``datasets ...``; :mod:`mmtl.cli.bench`: ``bench ...``;
+* :mod:`mmtl.cli.serve`: ``index build``, ``serve`` (:mod:`mmtl.serve`);
 * :mod:`mmtl.cli.common`: console, :func:`~mmtl.cli.common.fail`, pipeline loading.
 
 Nothing below the CLI imports it; the modules import heavy libraries inside the commands only.
@@ -19,6 +20,7 @@ from mmtl.cli.bench import bench_app
 from mmtl.cli.data import datasets_app, shards_app
 from mmtl.cli.eval import eval_cmd
 from mmtl.cli.run import print_summary
+from mmtl.cli.serve import index_app, serve_cmd
 
 __all__ = ["app", "main", "print_summary"]
 
@@ -42,6 +44,7 @@ def _options(ctx: typer.Context,
 app.add_typer(shards_app, name="shards")
 app.add_typer(datasets_app, name="datasets")
 app.add_typer(bench_app, name="bench")
+app.add_typer(index_app, name="index")
 app.command("run")(_run.run_cmd)
 app.command("config")(_run.config_cmd)
 app.command("submit")(_jobs.submit_cmd)
@@ -51,6 +54,7 @@ app.command("stop")(_jobs.stop_cmd)
 app.command("export")(_run.export_cmd)
 app.command("eval")(eval_cmd)
 app.command("retrain")(_run.retrain_cmd)
+app.command("serve")(serve_cmd)
 
 
 def main() -> None:  # pragma: no cover
