@@ -35,11 +35,20 @@ IMAGE_TYPES = ("image/", "application/octet-stream")
 _settings: dict = {"token": None, "max_body_bytes": 16 << 20}  # this replica's (one deployment per process)
 
 
+def _replica_settings() -> dict:
+    """``_settings`` of the imported module: Serve ships the ingress app to the replica by value (cloudpickle), so
+    the middleware's own globals are a copy; the replica's ``__init__`` fills the real module's dict."""
+    import importlib
+
+    return importlib.import_module("mmtl.serve.app")._settings
+
+
 @api.middleware("http")
 async def _guard(request: Request, call_next):
     """Bearer token, content type and body size, checked before FastAPI parses anything."""
     path = request.url.path
-    token = _settings["token"]
+    conf = _replica_settings()
+    token = conf["token"]
     if token and path not in OPEN_PATHS:
         got = request.headers.get("authorization", "")
         if not hmac.compare_digest(got.encode(), f"Bearer {token}".encode()):
@@ -55,8 +64,8 @@ async def _guard(request: Request, call_next):
                                            f"application/octet-stream), got {ctype or 'no content type'!r}"},
                                 status_code=415)
         length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > _settings["max_body_bytes"]):
-            return JSONResponse({"detail": f"body of {length} bytes; at most {_settings['max_body_bytes']}"},
+        if length is not None and (not length.isdigit() or int(length) > conf["max_body_bytes"]):
+            return JSONResponse({"detail": f"body of {length} bytes; at most {conf['max_body_bytes']}"},
                                 status_code=413)
     return await call_next(request)
 
@@ -92,7 +101,7 @@ class MmtlService:
         self.index = load_index(index_dir, model_info["fingerprint"]) if index_dir else None
         self.class_lists = self.index.labels() if self.index is not None else {}
         self.class_cache: dict = {}  # (classes, templates) -> (C, D) class embeddings, 16 most recent
-        _settings.update(token=token or None, max_body_bytes=self.limits["max_body_bytes"])
+        _replica_settings().update(token=token or None, max_body_bytes=self.limits["max_body_bytes"])
         b = settings["batching"]
         size = b["max_batch_size"] if b["enabled"] else 1
         for q in (self._text_batch, self._image_batch):
