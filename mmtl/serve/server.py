@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -64,23 +65,24 @@ def start(model_spec: str, *, index_dir: Optional[str] = None, host: str = "127.
         pipeline_yaml = (res.export_dir / "pipeline.yaml").read_text()
         weights = (res.export_dir / "model.safetensors").read_bytes()
         info = {"spec": model_spec, "kind": res.kind, "mlflow_run_id": res.mlflow_run_id,
-                "registered": res.registered, "fingerprint": fp}
+                "registered": res.registered, "fingerprint": fp, "deploy_id": uuid.uuid4().hex[:12]}
     finally:
         res.cleanup()
     init_ray(ray_address)
     ref = ray.put(weights)
     del weights
-    serve.start(http_options={"host": host, "port": int(port)})
+    serve.start(http_options={"host": host, "port": int(port)})  # a running Serve is joined (app redeployed)
     app = MmtlService.options(**config.deployment_options()).bind(
         pipeline_yaml, [ref], info, index_dir, config.model_dump(), token or None)
     say(f"deploying on http://{host}:{port} (model {model_spec}, index {index_dir or 'none'})")
     serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
     url = f"http://{host}:{port}"
-    _wait_ready(url, ready_timeout_s)
+    _wait_ready(url, ready_timeout_s, info["deploy_id"])
     return Running(url, info, index_dir, config.model_dump(), [ref])
 
 
-def _wait_ready(url: str, timeout_s: float) -> None:
+def _wait_ready(url: str, timeout_s: float, deploy_id: str) -> None:
+    """Poll ``/readyz`` until this deployment (``deploy_id``; not a replica of a previous one) answers."""
     import httpx
 
     deadline = time.monotonic() + timeout_s
@@ -88,7 +90,7 @@ def _wait_ready(url: str, timeout_s: float) -> None:
     while time.monotonic() < deadline:
         try:
             r = httpx.get(f"{url}/readyz", timeout=5)
-            if r.status_code == 200:
+            if r.status_code == 200 and r.json()["model"].get("deploy_id") == deploy_id:
                 return
             last = f"{r.status_code} {r.text[:200]}"
         except httpx.HTTPError as e:
@@ -98,7 +100,8 @@ def _wait_ready(url: str, timeout_s: float) -> None:
 
 
 def stop(running: Optional[Running] = None) -> None:
-    """Delete the application and shut Serve down (its controller and HTTP proxy); Ray stays up."""
+    """Delete the application and shut Serve down (its controller and HTTP proxy); Ray stays up. To change
+    settings while Serve runs, call :func:`start` again instead (the application is redeployed in place)."""
     from ray import serve
 
     try:
