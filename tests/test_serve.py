@@ -115,6 +115,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def test_embedder_trims_padding_only_when_exact(tmp_path, tiny_shards):
+    from mmtl.serve.embed import Embedder, model_fingerprint
+
+    a = _export(tmp_path / "a", tiny_shards, 0)
+    emb = Embedder.from_export(a)
+    texts = ["a red circle", "a much longer caption about a small green square on grey"]
+    assert emb.trim_padding
+    np.testing.assert_allclose(emb.encode_texts(texts, trim=True), emb.encode_texts(texts, trim=False), atol=1e-5)
+    assert emb.encode_texts(texts).shape == (2, emb.dim) and emb.encode_texts([]).shape == (0, emb.dim)
+    assert model_fingerprint(a) != model_fingerprint(_export(tmp_path / "b", tiny_shards, 1))
+    emb.model.encode_text = lambda ids, mask: torch.randn(len(ids), emb.dim) * ids.shape[1]  # length-dependent
+    assert not emb._trimming_is_exact()
+
+
 @pytest.fixture(scope="module")
 def served(ray_local, tmp_path_factory, tiny_shards):
     """Index the tiny train shards (Ray Data), append val, start the app with a token; stop Serve + Ray after."""

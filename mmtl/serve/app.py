@@ -38,9 +38,9 @@ _settings: dict = {"token": None, "max_body_bytes": 16 << 20}  # this replica's 
 def _replica_settings() -> dict:
     """``_settings`` of the imported module: Serve ships the ingress app to the replica by value (cloudpickle), so
     the middleware's own globals are a copy; the replica's ``__init__`` fills the real module's dict."""
-    import importlib
+    from mmtl.serve import app as module  # the real module, also from a by-value copy of this function
 
-    return importlib.import_module("mmtl.serve.app")._settings
+    return module._settings
 
 
 @api.middleware("http")

@@ -2,7 +2,8 @@
 
 For batching on and off (``cluster/serve.yaml``'s ``batching``; off = batches of one), the app is started
 (:func:`mmtl.serve.server.start`), warmed up, and for each route (``/search`` with text queries, ``/embed/image``
-with images) and each concurrency C a fixed number of requests is sent by C concurrent clients (closed loop: each
+with images; with batching also ``GET /healthz``, the proxy + replica overhead without the model) and each
+concurrency C a fixed number of requests is sent by C concurrent clients (closed loop: each
 client sends its next request when the previous one is answered), stopping early at a time limit. Reported per
 cell: requests done, errors, p50/p95/p99 latency (ms, client side, nearest-rank percentiles) and requests/s
 (done / wall time). Queries are the index's captions; images are the index's JPEG thumbnails.
@@ -15,6 +16,8 @@ import time
 from typing import Callable, Optional
 
 ROUTES = ("search_text", "embed_image")
+#: Baseline: the cost of a request through Serve's proxy and the replica without the model (GET /healthz).
+BASELINE = "healthz"
 
 
 def percentile(sorted_ms: list[float], q: float) -> float:
@@ -42,7 +45,7 @@ async def _drive(url: str, make: Callable[[int], dict], n: int, concurrency: int
                 next_i += 1
                 t = time.perf_counter()
                 try:
-                    r = await c.post(**make(i))
+                    r = await c.request(**{"method": "POST", **make(i)})
                     ok = r.status_code == 200
                     key = str(r.status_code)
                 except httpx.HTTPError as e:
@@ -68,6 +71,7 @@ def _requests(index_dir: str, top_k: int) -> dict[str, Callable[[int], dict]]:
     captions = [r["caption"] for r in rows]
     images = [r["thumbnail"] for r in rows[:: max(1, len(rows) // 64)]]
     return {
+        BASELINE: lambda i: {"method": "GET", "url": "/healthz"},
         "search_text": lambda i: {"url": "/search", "json": {"text": captions[(i * 7919) % len(captions)],
                                                              "top_k": top_k}},
         "embed_image": lambda i: {"url": "/embed/image", "content": images[i % len(images)],
@@ -93,12 +97,13 @@ def bench_serve(model: str, index_dir: str, *, requests: int = 200, concurrencie
     cells: list[dict] = []
     load = [round(x, 1) for x in os.getloadavg()]
     running = None
+    mean_batch: dict = {}  # batching on/off -> mean batch size of the last 1000 batches per encoder (/readyz)
     try:
         for batching in (True, False):  # one Serve instance; the app is redeployed with the other setting
             cfg = load_serve_config(config_path, {"batching": {"enabled": batching}})
             say(f"deploying the app (batching {'on' if batching else 'off'})")
             running = start(model, index_dir=index_dir, port=port, token="", config=cfg)
-            for route in ROUTES:
+            for route in ROUTES + ((BASELINE,) if batching else ()):
                 asyncio.run(_drive(running.url, makers[route], warmup, 4, time_limit_s, {}))
                 for c in concurrencies:
                     cell = asyncio.run(_drive(running.url, makers[route], requests, c, time_limit_s, {}))
@@ -107,6 +112,10 @@ def bench_serve(model: str, index_dir: str, *, requests: int = 200, concurrencie
                     say(f"batching={'on' if batching else 'off'} {route} c={c}: {cell['done']}/{requests} in "
                         f"{cell['wall_s']} s, {cell['rps']} req/s, p50 {cell['p50_ms']} p95 {cell['p95_ms']} "
                         f"p99 {cell['p99_ms']} ms, errors {cell['errors'] or 0}")
+            import httpx
+
+            mean_batch[("on" if batching else "off")] = httpx.get(f"{running.url}/readyz", timeout=30).json()[
+                "batching"]["mean_batch_size"]
     finally:
         if running is not None:
             stop(running)
@@ -121,7 +130,7 @@ def bench_serve(model: str, index_dir: str, *, requests: int = 200, concurrencie
         targets["search_text p99 at c=8 <= 100 ms (batching)"] = {"value": p99, "met": bool(p99 <= 100)}
     targets[f"search_text rps c={hi} >= 3x c={lo} (batching)"] = {"value": ratios["batching/search_text"],
                                                                    "met": ratios["batching/search_text"] >= 3}
-    return {"cells": cells, "ratios": ratios, "targets": targets,
+    return {"cells": cells, "ratios": ratios, "targets": targets, "mean_batch_size": mean_batch,
             "setup": {"model": model, "index": index_dir, "requests": requests, "time_limit_s": time_limit_s,
                       "top_k": top_k, "cpus": os.cpu_count(), "config": cfg.model_dump(),
                       "loadavg_before": load, "loadavg_after": [round(x, 1) for x in os.getloadavg()]}}
