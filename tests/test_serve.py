@@ -110,9 +110,19 @@ def _export(root: Path, shards: dict, seed: int) -> Path:
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port below the ephemeral range (Ray's many outgoing connections take ephemeral ports, so one picked
+    there can be gone by the time Serve's proxy binds it)."""
+    import random
+
+    for _ in range(100):
+        port = random.randint(20_000, 29_999)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                continue
+    raise RuntimeError("no free port in 20000-29999")
 
 
 def test_embedder_trims_padding_only_when_exact(tmp_path, tiny_shards):
@@ -149,8 +159,16 @@ def served(ray_local, tmp_path_factory, tiny_shards):
     appended = build_index(str(a), tiny_shards["val"], root / "idx", append=True, actors=1)
     print(f"append {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     cfg = load_serve_config(None, {"deployment": {"num_cpus": 0.5, "torch_threads": 1}})
-    port = _free_port()
-    running = start(str(a), index_dir=str(root / "idx"), port=port, token=TOKEN, config=cfg, ready_timeout_s=240)
+    for attempt in range(3):  # a port taken between the check and the proxy's bind: another port
+        port = _free_port()
+        try:
+            running = start(str(a), index_dir=str(root / "idx"), port=port, token=TOKEN, config=cfg,
+                            ready_timeout_s=240)
+            break
+        except Exception as e:  # noqa: BLE001
+            if "Failed to bind" not in str(e) or attempt == 2:
+                raise
+            serve.shutdown()
     print(f"serve {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     yield {"url": running.url, "a": a, "b": b, "idx": root / "idx", "built": built, "appended": appended,
            "port": port}

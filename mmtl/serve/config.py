@@ -30,7 +30,7 @@ class Deployment(_Strict):
     autoscaling_config: Optional[Autoscaling] = None
     max_ongoing_requests: int = Field(64, ge=1)
     num_cpus: float = Field(1, ge=0)
-    torch_threads: int = Field(2, ge=1)
+    torch_threads: int = Field(1, ge=1)
 
 
 class Batching(_Strict):
