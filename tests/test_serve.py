@@ -352,3 +352,23 @@ def test_search_page_in_headless_chromium(served, tmp_path):
     finally:
         br.quit()
     assert (tmp_path / "search-page.png").stat().st_size > 1000
+
+
+def test_build_app_replica_resolves_the_model_and_checks_the_index(tmp_path, tiny_shards):
+    """The RayService path (mmtl.serve.server:build_app): no weights in the init args; the replica resolves MODEL,
+    fingerprints it and refuses an index of another model. The replica class runs here, in process."""
+    from mmtl.serve.app import ServiceCore
+    from mmtl.serve.embed import model_fingerprint
+    from mmtl.serve.server import build_app
+
+    a, b = _export(tmp_path / "a", tiny_shards, 0), _export(tmp_path / "b", tiny_shards, 1)
+    write_index(tmp_path / "idx", _rows(20, dim=16), model={**MODEL, "fingerprint": model_fingerprint(a)}, shards=[])
+    app = build_app({"model": str(a), "index": str(tmp_path / "idx")})
+    args = app._bound_deployment.init_args
+    assert args[0] is None and args[1] is None and args[2]["spec"] == str(a)
+    replica = ServiceCore(*args)
+    assert replica.model_info["fingerprint"] == model_fingerprint(a) and len(replica.index) == 20
+    with pytest.raises(IndexModelMismatch):
+        ServiceCore(*build_app({"model": str(b), "index": str(tmp_path / "idx")})._bound_deployment.init_args)
+    with pytest.raises(ValueError, match="args.model"):
+        build_app({})

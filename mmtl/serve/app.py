@@ -70,15 +70,24 @@ async def _guard(request: Request, call_next):
     return await call_next(request)
 
 
+def _resolve_here(spec: str, tracking_uri: Optional[str]) -> dict:
+    """Resolve MODEL in this replica: a local copy of the export (an MLflow download is kept for the replica's
+    life) and its fingerprint; ``{"export_dir", "kind", "mlflow_run_id", "registered", "fingerprint"}``."""
+    from mmtl.eval.resolve import resolve_export
+    from mmtl.serve.embed import model_fingerprint
+
+    res = resolve_export(spec, tracking_uri)
+    return {"export_dir": res.export_dir, "kind": res.kind, "mlflow_run_id": res.mlflow_run_id,
+            "registered": res.registered, "fingerprint": model_fingerprint(res.export_dir)}
+
+
 @lru_cache(maxsize=1)
 def _page() -> str:
     return (Path(__file__).with_name("page.html")).read_text()
 
 
-@serve.deployment(name="mmtl")
-@serve.ingress(api)
-class MmtlService:
-    """One replica: the model (:class:`mmtl.serve.embed.Embedder`) and the index (:class:`LoadedIndex`) in memory.
+class ServiceCore:
+    """One replica (deployed as :data:`MmtlService`; a plain class, so it can run in process): the model (:class:`mmtl.serve.embed.Embedder`) and the index (:class:`LoadedIndex`) in memory.
 
     Args:
         pipeline_yaml, weights_box: the export (``[ObjectRef or bytes]`` of ``model.safetensors``).
@@ -87,16 +96,22 @@ class MmtlService:
         settings: :class:`mmtl.serve.config.ServeConfig` as a dict; token: bearer token or None.
     """
 
-    def __init__(self, pipeline_yaml: str, weights_box: list, model_info: dict, index_dir: Optional[str],
-                 settings: dict, token: Optional[str] = None) -> None:
+    def __init__(self, pipeline_yaml: Optional[str], weights_box: Optional[list], model_info: dict,
+                 index_dir: Optional[str], settings: dict, token: Optional[str] = None) -> None:
         import ray
 
         from mmtl.serve.embed import Embedder
         from mmtl.serve.index import load_index
 
-        ref = weights_box[0]
-        weights = ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref
-        self.emb = Embedder.from_bytes(pipeline_yaml, weights, threads=settings["deployment"]["torch_threads"])
+        threads = settings["deployment"]["torch_threads"]
+        if weights_box is None:  # built by build_app (RayService): the replica resolves MODEL itself
+            model_info = {**model_info, **_resolve_here(model_info["spec"], model_info.get("tracking_uri"))}
+            self.emb = Embedder.from_export(model_info.pop("export_dir"), threads=threads)
+            model_info.pop("temporary", None)
+        else:
+            ref = weights_box[0]
+            weights = ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref
+            self.emb = Embedder.from_bytes(pipeline_yaml, weights, threads=threads)
         self.model_info, self.limits = model_info, settings["limits"]
         self.index = load_index(index_dir, model_info["fingerprint"]) if index_dir else None
         self.class_lists = self.index.labels() if self.index is not None else {}
@@ -252,3 +267,7 @@ class MmtlService:
                 self.class_cache.pop(next(iter(self.class_cache)))
             self.class_cache[key] = self.emb.class_weights(classes, templates)
         return self.class_cache[key]
+
+
+#: The Ray Serve deployment: :class:`ServiceCore` behind the FastAPI ingress ``api``.
+MmtlService = serve.deployment(name="mmtl")(serve.ingress(api)(ServiceCore))

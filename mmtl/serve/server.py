@@ -81,6 +81,27 @@ def start(model_spec: str, *, index_dir: Optional[str] = None, host: str = "127.
     return Running(url, info, index_dir, config.model_dump(), [ref])
 
 
+def build_app(args: dict):
+    """Ray Serve application builder for ``serve run`` / ``serve deploy`` / a KubeRay RayService
+    (``import_path: mmtl.serve.server:build_app``). ``args``: ``model`` (any MODEL form; ``models:/name@alias``
+    is the usual one), optional ``index`` (a folder every replica can read), ``config`` (serve YAML path),
+    ``tracking_uri``; the token comes from ``$MMTL_SERVE_TOKEN``. Each replica resolves and loads the model
+    itself and refuses an index built with another model (it fails to start, with the reason in its log).
+
+    Raises:
+        ValueError: ``model`` missing, or a bad config.
+    """
+    from mmtl.serve.app import MmtlService
+    from mmtl.serve.config import load_serve_config
+
+    if not args.get("model"):
+        raise ValueError("build_app needs args.model (a run dir, export, runs:/ or models:/ URI)")
+    cfg = load_serve_config(args.get("config"))
+    info = {"spec": str(args["model"]), "tracking_uri": args.get("tracking_uri"), "deploy_id": uuid.uuid4().hex[:12]}
+    return MmtlService.options(**cfg.deployment_options()).bind(
+        None, None, info, args.get("index"), cfg.model_dump(), os.environ.get("MMTL_SERVE_TOKEN") or None)
+
+
 def _wait_ready(url: str, timeout_s: float, deploy_id: str) -> None:
     """Poll ``/readyz`` until this deployment (``deploy_id``; not a replica of a previous one) answers."""
     import httpx
