@@ -131,6 +131,8 @@ def bench_serve_cmd(
     port: int = typer.Option(8765, help="Port on 127.0.0.1 for the app under test"),
     config: Optional[Path] = typer.Option(None, help="Serve config (default cluster/serve.yaml)"),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object"),
+    out: Optional[Path] = typer.Option(None, "--out", help="Also write the JSON result to this file (stdout may "
+                                                          "carry Ray's log lines)"),
 ) -> None:
     """Latency (p50/p95/p99) and requests/s of /search (text) and /embed/image at each concurrency, with and
     without request batching, against the app started on 127.0.0.1 (stopped afterwards)."""
@@ -146,6 +148,8 @@ def bench_serve_cmd(
                         config_path=str(config) if config else None, say=say_to_console("bench serve"))
     except (ModelSpecError, IndexFolderError, ValueError) as exc:
         fail(str(exc))
+    if out:
+        out.write_text(json.dumps(r, indent=2))
     if as_json:
         print(json.dumps(r))
         return
