@@ -58,6 +58,10 @@ def serve_cmd(
     no_batching: bool = typer.Option(False, "--no-batching", help="Encode every request alone"),
     tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI for runs:/ and models:/"),
     address: Optional[str] = typer.Option(None, help="Ray address to join (default: local 127.0.0.1)"),
+    watch_alias: bool = typer.Option(False, "--watch-alias", help="MODEL is models:/<name>@<alias>: redeploy when "
+                                                                  "the alias moves (e.g. after `mmtl retrain`), "
+                                                                  "rebuilding --index for the new model"),
+    watch_interval: float = typer.Option(60.0, help="Seconds between registry polls with --watch-alias"),
 ) -> None:
     """Serve MODEL with Ray Serve: /embed/text, /embed/image, /search, /classify, /healthz, /readyz, docs at
     /docs and a search page at /. Runs until interrupted (Ctrl-C), then stops Serve and the Ray it started."""
@@ -70,17 +74,26 @@ def serve_cmd(
     from mmtl.serve.server import start, stop
 
     say = say_to_console()
+    watcher = None
     try:
         cfg = load_serve_config(config, {"batching": {"enabled": False}} if no_batching else None)
         running = start(model, index_dir=str(index) if index else None, host=host, port=port, token=token,
                         config=cfg, tracking_uri=tracking_uri, ray_address=address, say=say)
+        if watch_alias:
+            from mmtl.serve.watch import AliasWatcher, make_redeploy
+
+            redeploy = make_redeploy(model, str(index) if index else None, say, host=host, port=port, token=token,
+                                     config=cfg, tracking_uri=tracking_uri, ray_address=address)
+            watcher = AliasWatcher(model, tracking_uri, redeploy, say=say)
     except (ModelSpecError, IndexFolderError, ValueError) as exc:
         fail(str(exc))
-    say(f"ready: {running.url}/ (page), {running.url}/docs (API); Ctrl-C stops")
+    say(f"ready: {running.url}/ (page), {running.url}/docs (API); Ctrl-C stops"
+        + (f"; watching {model} (version {watcher.served}) every {watch_interval:.0f} s" if watcher else ""))
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     try:
-        done.wait()
+        while not done.wait(watch_interval if watcher else None):
+            watcher.poll_once()
     except KeyboardInterrupt:
         pass
     finally:

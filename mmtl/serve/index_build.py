@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import io
+import os
 import json
 import time
 from pathlib import Path
@@ -135,7 +136,8 @@ def build_index(model_spec: str, shards_spec, out: str | Path, *, kind: Optional
             check_model(read_manifest(out), fp, out)
         elif (out / "index.json").exists():
             raise IndexFolderError(f"{out} already holds an index: pass --append to add shards, or another --out")
-        shards = resolve_shards(shards_spec)
+        shards = [s if "://" in s else os.path.abspath(s) for s in resolve_shards(shards_spec)]  # for --append /
+        # a rebuild from another directory (the manifest lists them)
         pipeline_yaml = (res.export_dir / "pipeline.yaml").read_text()
         weights = (res.export_dir / "model.safetensors").read_bytes()
         model = {**{k: v for k, v in res.describe().items() if k != "export_dir"}, "fingerprint": fp}
