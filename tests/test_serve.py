@@ -372,3 +372,32 @@ def test_build_app_replica_resolves_the_model_and_checks_the_index(tmp_path, tin
         ServiceCore(*build_app({"model": str(b), "index": str(tmp_path / "idx")})._bound_deployment.init_args)
     with pytest.raises(ValueError, match="args.model"):
         build_app({})
+
+
+@pytest.mark.e2e
+def test_watch_alias_rebuilds_the_index_and_redeploys(served, tmp_path):
+    """Last in the module (it replaces the app): the alias moves from the served model (a) to b; the redeploy
+    embeds the index's shards with b into <index>-v2 and the same port then serves b with that index."""
+    from mlflow.tracking import MlflowClient
+
+    from mmtl.serve.config import load_serve_config
+    from mmtl.serve.embed import model_fingerprint
+    from mmtl.serve.watch import AliasWatcher, make_redeploy
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    reg = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    reg.create_registered_model("tiny")
+    for src in (served["a"], served["b"]):
+        reg.create_model_version("tiny", source=str(src))
+    reg.set_registered_model_alias("tiny", "champion", "1")
+    cfg = load_serve_config(None, {"deployment": {"num_cpus": 0.5, "torch_threads": 1}})
+    redeploy = make_redeploy("models:/tiny@champion", str(served["idx"]), port=served["port"], token=TOKEN,
+                             config=cfg, tracking_uri=uri)
+    w = AliasWatcher("models:/tiny@champion", uri, redeploy)
+    reg.set_registered_model_alias("tiny", "champion", "2")
+    assert w.poll_once() and w.served == "2"
+    ready = _client(served["url"]).get("/readyz").json()
+    assert ready["model"]["fingerprint"] == model_fingerprint(served["b"])
+    assert ready["index"]["folder"].endswith("idx-v2") and ready["index"]["count"] == 216
+    r = _client(served["url"]).post("/search", json={"text": "a red circle", "top_k": 3})
+    assert r.status_code == 200 and len(r.json()["results"]) == 3
