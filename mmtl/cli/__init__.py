@@ -8,6 +8,7 @@ one function each. The table below is every command; the modules hold them by th
 * :mod:`mmtl.cli.data`: ``shards ...``, ``datasets ...``; :mod:`mmtl.cli.bench`: ``bench ...``;
 * :mod:`mmtl.cli.pipelines`: ``pipelines list``, ``pipelines copy`` (:mod:`mmtl.recipes.catalog`);
 * :mod:`mmtl.cli.weights`: ``weights list``, ``weights get`` (converted weights cache);
+* :mod:`mmtl.cli.serve`: ``index build``, ``serve`` (:mod:`mmtl.serve`);
 * :mod:`mmtl.cli.common`: console, :func:`~mmtl.cli.common.fail`, pipeline loading.
 
 Nothing below the CLI imports it; the modules import heavy libraries inside the commands only.
@@ -25,6 +26,7 @@ from mmtl.cli.pipelines import pipelines_app
 from mmtl.cli.generate import generate_cmd
 from mmtl.cli.run import print_summary
 from mmtl.cli.weights import weights_app
+from mmtl.cli.serve import index_app, serve_cmd
 
 __all__ = ["app", "main", "print_summary"]
 
@@ -50,6 +52,7 @@ app.add_typer(shards_app, name="shards")
 app.add_typer(datasets_app, name="datasets")
 app.add_typer(bench_app, name="bench")
 app.add_typer(weights_app, name="weights")
+app.add_typer(index_app, name="index")
 app.command("run")(_run.run_cmd)
 app.command("config")(_run.config_cmd)
 app.command("submit")(_jobs.submit_cmd)
@@ -60,6 +63,7 @@ app.command("export")(_run.export_cmd)
 app.command("eval")(eval_cmd)
 app.command("generate")(generate_cmd)
 app.command("retrain")(_run.retrain_cmd)
+app.command("serve")(serve_cmd)
 
 
 def main() -> None:  # pragma: no cover

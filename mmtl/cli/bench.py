@@ -180,3 +180,45 @@ def bench_features_cmd(
     except (ValueError, FileNotFoundError) as exc:
         fail(str(exc), 1)
     print(json.dumps(r) if as_json else format_table(r))
+
+
+@bench_app.command("serve")
+def bench_serve_cmd(
+    model: str = typer.Argument(..., help="Run directory, export folder, runs:/ or models:/ URI"),
+    index: Path = typer.Option(..., "--index", help="Index folder from `mmtl index build` (same model)"),
+    requests: int = typer.Option(200, help="Requests per route and concurrency"),
+    concurrency: str = typer.Option("1,8,32", help="Comma list of concurrent clients"),
+    time_limit: float = typer.Option(60.0, help="Seconds at most per route and concurrency"),
+    port: int = typer.Option(8765, help="Port on 127.0.0.1 for the app under test"),
+    config: Optional[Path] = typer.Option(None, help="Serve config (default cluster/serve.yaml)"),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object"),
+    out: Optional[Path] = typer.Option(None, "--out", help="Also write the JSON result to this file (stdout may "
+                                                          "carry Ray's log lines)"),
+) -> None:
+    """Latency (p50/p95/p99) and requests/s of /search (text) and /embed/image at each concurrency, with and
+    without request batching, against the app started on 127.0.0.1 (stopped afterwards)."""
+    from mmtl.eval.resolve import ModelSpecError
+    from mmtl.runtime import init_ray
+    from mmtl.serve.index import IndexFolderError
+    from mmtl.serve.loadtest import bench_serve
+
+    try:
+        levels = tuple(int(c) for c in concurrency.split(","))
+        init_ray()
+        r = bench_serve(model, str(index), requests=requests, concurrencies=levels, time_limit_s=time_limit, port=port,
+                        config_path=str(config) if config else None, say=say_to_console("bench serve"))
+    except (ModelSpecError, IndexFolderError, ValueError) as exc:
+        fail(str(exc))
+    if out:
+        out.write_text(json.dumps(r, indent=2))
+    if as_json:
+        print(json.dumps(r))
+        return
+    print("| batching | route | clients | done | req/s | p50 ms | p95 ms | p99 ms | errors |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for x in r["cells"]:
+        print(f"| {'on' if x['batching'] else 'off'} | {x['route']} | {x['concurrency']} | {x['done']} | {x['rps']} | "
+              f"{x['p50_ms']} | {x['p95_ms']} | {x['p99_ms']} | {sum(x['errors'].values())} |")
+    print("\nthroughput ratio, most clients / 1 client: " + ", ".join(f"{k} {v}x" for k, v in r["ratios"].items()))
+    for k, v in r["targets"].items():
+        print(f"target {k}: {v['value']} -> {'met' if v['met'] else 'NOT met'}")
