@@ -196,7 +196,13 @@ def bench_serve_cmd(
                                                           "carry Ray's log lines)"),
 ) -> None:
     """Latency (p50/p95/p99) and requests/s of /search (text) and /embed/image at each concurrency, with and
-    without request batching, against the app started on 127.0.0.1 (stopped afterwards)."""
+    without request batching, against the app started on 127.0.0.1 (stopped afterwards).
+
+    Example:
+
+    \b
+        mmtl bench serve runs/quickstart --index runs/emoji-index --requests 200 --json
+    """
     from mmtl.eval.resolve import ModelSpecError
     from mmtl.runtime import init_ray
     from mmtl.serve.index import IndexFolderError

@@ -30,7 +30,14 @@ def index_build_cmd(
                                                           "(default $MLFLOW_TRACKING_URI)"),
     address: Optional[str] = typer.Option(None, help="Ray address to join (default: local 127.0.0.1)"),
 ) -> None:
-    """Embed every clean sample of SHARDS with MODEL and write faiss vectors + parquet metadata + thumbnails."""
+    """Embed every clean sample of SHARDS with MODEL and write faiss vectors + parquet metadata + thumbnails.
+
+    Example:
+
+    \b
+        mmtl index build runs/quickstart mmtl/assets/emoji/train --out runs/emoji-index
+        mmtl index build runs/quickstart mmtl/assets/emoji/test --out runs/emoji-index --append
+    """
     from mmtl.data.shardlist import ShardError
     from mmtl.eval.resolve import ModelSpecError
     from mmtl.serve.index import IndexFolderError
@@ -64,7 +71,13 @@ def serve_cmd(
     watch_interval: float = typer.Option(60.0, help="Seconds between registry polls with --watch-alias"),
 ) -> None:
     """Serve MODEL with Ray Serve: /embed/text, /embed/image, /search, /classify, /healthz, /readyz, docs at
-    /docs and a search page at /. Runs until interrupted (Ctrl-C), then stops Serve and the Ray it started."""
+    /docs and a search page at /. Runs until interrupted (Ctrl-C), then stops Serve and the Ray it started.
+
+    Example:
+
+    \b
+        mmtl serve runs/quickstart --index runs/emoji-index --port 8000
+    """
     import signal
     import threading
 
