@@ -27,7 +27,8 @@ work on the chosen workers are refused (:mod:`mmtl.config.workers`).
 from __future__ import annotations
 
 __all__ = ["PipelineError", "Pipeline", "DataConfig", "ModelConfig", "VisionTowerConfig", "TextTowerConfig",
-           "DecoderConfig", "CaptionConfig", "StrategyConfig", "LoraConfig", "CrossAttentionConfig", "PromptTuningConfig", "TrainConfig",
+           "DecoderConfig", "CaptionConfig", "StrategyConfig", "LoraConfig", "CrossAttentionConfig",
+           "PromptTuningConfig", "TrainConfig",
            "EvalConfig", "ZeroShotConfig", "TrackingConfig", "RetrainConfig", "build_pipeline", "load_pipeline",
            "apply_overrides", "parse_override", "pipeline_problems", "did_you_mean", "resolve_path",
            "project_root_for", "is_uri"]
@@ -40,8 +41,8 @@ from typing import Any, Optional
 from pydantic import ValidationError
 
 from mmtl.config import names
-from mmtl.config.schema import (CaptionConfig, CrossAttentionConfig, DataConfig, DecoderConfig, EvalConfig, LoraConfig, ModelConfig, Pipeline,
-                                PipelineError, PromptTuningConfig, RetrainConfig, StrategyConfig, TextTowerConfig,
+from mmtl.config.schema import (CaptionConfig, CrossAttentionConfig, DataConfig, DecoderConfig, EvalConfig,
+                                LoraConfig, ModelConfig, Pipeline, PipelineError, PromptTuningConfig, RetrainConfig, StrategyConfig, TextTowerConfig,
                                 TrackingConfig, TrainConfig, VisionTowerConfig, ZeroShotConfig)
 from mmtl.config.yaml_io import YamlError, coerce_freeform, freeform_paths, read_yaml
 

@@ -3,8 +3,8 @@ and by training-time evaluation (:func:`mmtl.eval.evaluate.evaluate_sets` for co
 :func:`mmtl.eval.fusion_eval.evaluate_tokens` for cross_attention models).
 
 Each :class:`EvalTask` says what its metrics need (``needs``: the keyword inputs of ``metrics``) and where
-those come from (``source``: embeddings of a shard set, a fusion module's token features, or texts a generative model wrote), and returns its
-metrics under the names ``mmtl eval`` reports (``zero_shot/acc1``, ``retrieval/image_to_text_recall_at_1``,
+those come from (``source``: embeddings of a shard set, a fusion module's token features, or texts a generative
+model wrote), and returns its metrics under the names ``mmtl eval`` reports (``zero_shot/acc1``, ``retrieval/image_to_text_recall_at_1``,
 ``vqa/overall``, ``itm/accuracy`` ...). Training runs report them per eval set: :func:`set_metric_name`.
 
 To add a task: write its metrics function (and, for ``mmtl eval`` on embeddings, a report function writing

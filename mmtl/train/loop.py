@@ -173,7 +173,8 @@ def run_training(
                 f.write(f"{n}\n")
         _maybe_fail(n, rank)
         ls = getattr(model, "logit_scale", None)  # contrastive models; generative ones have none
-        scale = {} if ls is None else {"train/logit_scale": float(ls.detach().float().exp().clamp(max=model.max_logit_scale))}
+        scale = {} if ls is None else {
+            "train/logit_scale": float(ls.detach().float().exp().clamp(max=model.max_logit_scale))}
         task_metrics = getattr(engine.module, "metrics", None)
         metrics = {
             "steps": n,
