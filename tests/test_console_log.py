@@ -103,8 +103,8 @@ def test_quiet_run_prints_mmtl_lines_and_keeps_the_full_log(tiny_shards, tmp_pat
     raw = tiny_pipeline(tiny_shards, tmp_path / "runs", train={"max_steps": 6, "checkpoint_every": 3},
                         tracking={"model_name": None})
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(raw))
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "COLUMNS": "60"}
-    env.pop("MMTL_VERBOSE", None)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "MMTL_"))}
+    env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", COLUMNS="60")
     p = subprocess.run([sys.executable, "-m", "mmtl.cli", "run", str(tmp_path / "tiny.yaml")], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=540)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -116,6 +116,8 @@ def test_quiet_run_prints_mmtl_lines_and_keeps_the_full_log(tiny_shards, tmp_pat
     run_dir = tmp_path / "runs" / "tiny"
     logged = (run_dir / "console.log").read_text()
     assert "[mmtl] step 6/6" in logged and "mmtl run dir" in logged
-    run_id = yaml.safe_load((run_dir / "run.json").read_text())["mlflow_run_id"]
-    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    state = yaml.safe_load((run_dir / "run.json").read_text())
+    run_id = state["mlflow_run_id"]
+    assert state["tracking_uri"] == f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
+    client = MlflowClient(state["tracking_uri"])
     assert "console.log" in {a.path for a in client.list_artifacts(run_id)}

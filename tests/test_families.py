@@ -19,7 +19,7 @@ from mmtl.models.family import (POINTWISE_AND_LINEAR, ContextTextEncoding, Expor
 from mmtl.models.registry import (family_names, family_of, find_family, get_family, register_family,
                                   unregister_family)
 
-BUILTIN = ("two_tower", "open_clip", "hf")
+BUILTIN = ("two_tower", "open_clip", "hf", "blip", "llava")
 LAYER = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
 
 
@@ -43,7 +43,7 @@ def models() -> dict[str, nn.Module]:
 
 # ---- registry ---------------------------------------------------------------------------------------------
 def test_builtin_families_registered_and_match_the_config_literal():
-    assert family_names()[:3] == BUILTIN
+    assert family_names()[:len(BUILTIN)] == BUILTIN
     for name in BUILTIN:
         fam = get_family(name)
         assert fam.name == name and isinstance(fam, ModelFamily)
@@ -52,7 +52,7 @@ def test_builtin_families_registered_and_match_the_config_literal():
 
 
 def test_unknown_family_error_lists_known_families():
-    with pytest.raises(ValueError, match=re.escape("model.family='nope' is unknown (two_tower, open_clip, hf)")):
+    with pytest.raises(ValueError, match=re.escape("model.family='nope' is unknown (two_tower, open_clip, hf, blip, llava)")):
         get_family("nope")
     cfg = tiny_two_tower_config().model_copy(update={"family": "nope"})  # model_copy does not validate
     for call in (lambda: build_model(cfg), lambda: build_tokenizer(cfg), lambda: build_image_transform(cfg, False)):
@@ -81,7 +81,11 @@ def test_capability_table():
                 if supports(get_family(n), c)} for n in BUILTIN}
     assert have == {"two_tower": {"TokenFeatures", "LoraDefaults", "ContextTextEncoding", "ExportFormat"},
                     "open_clip": {"TokenFeatures", "LoraDefaults", "ExportFormat"},
-                    "hf": {"TokenFeatures", "LoraDefaults", "ContextTextEncoding", "ExportFormat"}}
+                    "hf": {"TokenFeatures", "LoraDefaults", "ContextTextEncoding", "ExportFormat"},
+                    "blip": {"LoraDefaults", "ExportFormat"}, "llava": {"LoraDefaults", "ExportFormat"}}
+    from mmtl.models.family import TextGeneration
+
+    assert [n for n in BUILTIN if supports(get_family(n), TextGeneration)] == ["blip", "llava"]
     assert capability(get_family("open_clip"), ContextTextEncoding) is None
     assert capability(None, TokenFeatures) is None
 
@@ -266,7 +270,7 @@ def test_runtime_family_dispatch(toy, tmp_path):
 def test_no_family_name_comparisons_outside_family_modules():
     root = Path(__file__).resolve().parents[1] / "mmtl"
     allowed = {"models/registry.py", "models/family.py", "models/two_tower.py", "models/open_clip_family.py",
-               "models/hf_clip.py"}
+               "models/hf_clip.py", "models/open_clip_export.py", "models/blip.py", "models/llava.py"}
     pat = re.compile(r"family\s*[!=]=|[!=]=\s*[\"'](hf|open_clip|two_tower)[\"']")
     hits = [f"{p.relative_to(root)}:{i}" for p in root.rglob("*.py") if str(p.relative_to(root)) not in allowed
             for i, line in enumerate(p.read_text().splitlines(), 1) if pat.search(line)]

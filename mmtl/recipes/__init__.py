@@ -23,7 +23,7 @@ RECIPES: dict[str, type[Recipe]] = {r.name: r for r in (ContrastiveRecipe, Promp
 
 
 def recipe_for(kind: str, family: str | None = None) -> type[Recipe]:
-    """The recipe class that runs ``strategy.kind == kind`` with ``model.family == family``: a generative
+    """The recipe class that runs ``strategy.kind`` ``kind`` for a model of the family named ``family``: a generative
     family's own recipe (``TextGeneration.recipe_name``, e.g. ``captioning`` for ``blip``), else the one the
     strategy names.
 

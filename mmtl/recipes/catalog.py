@@ -86,7 +86,8 @@ def _use(text: str) -> str:
 
 def _weights(pipe) -> str:
     m = pipe.model
-    specs = [m.weights] if m.family != "two_tower" else [m.vision.weights, m.text.path]
+    # open_clip / hf name one weights file or dir (with an arch or config); the others build per-tower models
+    specs = [m.weights] if (m.weights or m.arch or m.config) else [m.vision.weights, m.text.path]
     kinds = {"none" if s is None else "packaged" if s.startswith("package:") else
              "converted (mmtl weights get)" if s.startswith("weights:") else "URI" if is_uri(s) else "local file"
              for s in specs}

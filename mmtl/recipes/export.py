@@ -61,6 +61,7 @@ def find_checkpoint(run_dir: Path, checkpoint: Optional[str]) -> Path:
 
 
 FORMATS = ("mmtl", "open_clip")
+MMTL_FORMAT, OPEN_CLIP_FORMAT = FORMATS
 
 
 def export_run(run_dir: Path, out: Path, merge: bool = True, checkpoint: Optional[str] = None,
@@ -90,7 +91,7 @@ def export_run(run_dir: Path, out: Path, merge: bool = True, checkpoint: Optiona
     check_export_target(out, run_dir)
     pipe = Pipeline.model_validate(yaml.safe_load((run_dir / "pipeline.yaml").read_text()))
     step = int((read_meta(ckpt) or {}).get("step", -1))
-    if fmt == "open_clip":
+    if fmt == OPEN_CLIP_FORMAT:
         why = open_clip_blocker(pipe.model.family, pipe.strategy.kind)
         if why is None and not merge and (ckpt / "adapter").is_dir():
             why = "--no-merge writes the LoRA adapter alone; open_clip needs merged weights (use --merge)"

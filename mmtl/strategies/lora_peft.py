@@ -99,7 +99,7 @@ def peft_lora_config(meta: dict[str, Any], model_cfg=None):
     cfg = LoraConfig(r=int(meta["r"]), lora_alpha=meta["alpha"], lora_dropout=float(meta["dropout"]),
                      target_modules="^(" + "|".join(re.escape(n) for n in names) + ")$", bias="none",
                      base_model_name_or_path=_base_description(meta, model_cfg), inference_mode=True)
-    if meta["peft_base"]["kind"] == "open_clip":  # as PeftModel.save_pretrained records a non-transformers base
+    if meta["peft_base"]["kind"] == PEFT_BASES["open_clip"]["kind"]:  # as PeftModel.save_pretrained records a non-transformers base
         cfg.auto_mapping = {"base_model_class": "CustomTextCLIP" if any(
             n.startswith("text.") for n in names) else "CLIP", "parent_library": "open_clip.model"}
     return cfg

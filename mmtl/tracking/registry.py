@@ -7,6 +7,8 @@ image bytes) into (N, D) float32 L2-normalised embeddings.
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -133,10 +135,8 @@ def log_pyfunc(uri: str, run_id: str, export_dir: Path, model_class: type, signa
         logging.getLogger(__name__).warning(
             "the MLflow model reads %s at load time (a local path in model.*): it loads only where that path exists",
             path)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)  # register in the same store, whatever $MLFLOW_REGISTRY_URI says
-    with tempfile.TemporaryDirectory(prefix="mmtl-code-") as tmp, mlflow.start_run(run_id=run_id), \
-            warnings.catch_warnings():
+    with mlflow_uris(uri), tempfile.TemporaryDirectory(prefix="mmtl-code-") as tmp, \
+            mlflow.start_run(run_id=run_id), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*input_example.*", category=UserWarning)
         code_file = Path(tmp) / "pyfunc_model.py"
         code_file.write_text(f"from mlflow.models import set_model\n\nfrom {model_class.__module__} import "
@@ -151,6 +151,31 @@ def log_pyfunc(uri: str, run_id: str, export_dir: Path, model_class: type, signa
     if model_name:
         out.update(name=model_name, version=str(info.registered_model_version))
     return out
+
+
+@contextlib.contextmanager
+def mlflow_uris(uri: str):
+    """Use ``uri`` as MLflow's tracking and registry URI inside the block (the fluent API needs them: register in
+    the same store, whatever ``$MLFLOW_REGISTRY_URI`` says), then put back what was there before, including the
+    ``MLFLOW_TRACKING_URI`` / ``MLFLOW_REGISTRY_URI`` environment variables MLflow sets for subprocesses (so one
+    logged model does not redirect later runs or workers of the same process)."""
+    import mlflow
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    saved = (getattr(tracking_utils, "_tracking_uri", None), getattr(registry_utils, "_registry_uri", None))
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        tracking_utils._tracking_uri, registry_utils._registry_uri = saved
+        for k, v in env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _mmtl_version() -> str:
