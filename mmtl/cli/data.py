@@ -17,7 +17,8 @@ datasets_app = typer.Typer(help="Bundled and importable real datasets.", no_args
 
 @shards_app.command("build")
 def shards_build(
-    src: str = typer.Argument(..., help="Folder of images with same-stem .txt captions, or a .csv/.tsv/.parquet"),
+    src: str = typer.Argument(..., help="Folder of images with same-stem .txt captions, or a .csv/.tsv/.parquet; "
+                              "with --modality text: a .txt file (one text a line) or a table"),
     out: Path = typer.Option(..., "--out", help="Output folder for the shards"),
     image_col: str = typer.Option("image", help="Table column with image paths"),
     caption_col: str = typer.Option("caption", help="Table column with captions"),
@@ -27,17 +28,21 @@ def shards_build(
     val_fraction: float = typer.Option(0.0, help="Share of samples for out/val"),
     test_fraction: float = typer.Option(0.0, help="Share of samples for out/test"),
     seed: int = typer.Option(0, help="Split seed"),
+    modality: str = typer.Option("pair", help="pair: image-text pairs; image: image-only samples (no captions "
+                                 "needed); text: text-only samples (texts from a .txt file or --caption-col)"),
 ) -> None:
-    """Write WebDataset shards (img2dataset layout) and a stats.json."""
+    """Write WebDataset shards (img2dataset layout) and a stats.json; --modality image|text for unpaired data."""
     from mmtl.data.build import build_shards
 
     try:
         stats = build_shards(src, str(out), image_col=image_col, caption_col=caption_col, prefix=prefix,
                              max_samples_per_shard=max_samples, max_bytes_per_shard=max_bytes,
-                             val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
+                             val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, modality=modality)
     except (ValueError, FileNotFoundError) as exc:
         fail(str(exc))
     print(json.dumps(stats, indent=2))
+    for w in stats.get("warnings", []):
+        console.print(f"[yellow]warning:[/] {w}", highlight=False)
 
 
 @shards_app.command("inspect")
@@ -46,6 +51,7 @@ def shards_inspect(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object"),
     pipeline: Optional[Path] = typer.Option(None, help="Use this pipeline's tokenizer, context length, limits"),
     dump: Optional[Path] = typer.Option(None, help="Write accepted samples as {key}.png + {key}.txt here"),
+    modality: str = typer.Option("pair", help="What a sample must hold: pair, image (image-only) or text"),
 ) -> None:
     """Count good samples and rejects by reason, reading through the training cleaning code."""
     from mmtl.data.inspect import inspect_shards
@@ -58,6 +64,11 @@ def shards_inspect(
         from mmtl.models import build_tokenizer
 
         opts = clean_options(pipe, count_tokens=build_tokenizer(pipe.model).count)
+    try:
+        opts.modality = modality
+        opts.__post_init__()
+    except ValueError as exc:
+        fail(str(exc))
     spec = paths[0] if len(paths) == 1 else list(paths)
     report = inspect_shards(spec, opts, dump_dir=str(dump) if dump else None)
     if as_json:

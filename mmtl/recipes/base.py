@@ -83,6 +83,12 @@ class Recipe:
     def __init__(self, ctx: RunContext) -> None:
         self.ctx = ctx
 
+    @classmethod
+    def data_modality(cls, pipe: Pipeline) -> str:
+        """What the recipe's shards must hold: ``"pair"`` (image-text pairs, the default), ``"image"`` or
+        ``"text"`` (unpaired samples); the runner refuses other shards before anything starts."""
+        return "pair"
+
     def prepare(self) -> Optional[dict]:
         """Before training: caches and baselines. Returns ``{name: (N, ...) array}`` rows for the workers, or
         ``None`` to stream ``data.train`` shards.

@@ -65,7 +65,7 @@ def run_pipeline(pipe: Pipeline, *, address: Optional[str] = None, must_resume: 
     check_local_devices(pipe.train, address)  # GPUs / CPUs the local Ray instance will have, before anything runs
     recipe_cls = recipe_for(pipe.strategy.kind)
     specs = eval_specs(pipe)
-    check_inputs_exist(pipe, specs)  # before a run folder or an MLflow run exists
+    check_inputs_exist(pipe, specs, recipe_cls)  # before a run folder or an MLflow run exists
     run_dir, resuming = select_run_dir(pipe.train.runs_root, pipe.train.name, pipe.train.resume, must_resume)
     run_dir.mkdir(parents=True, exist_ok=True)
     if on_run_dir is not None:
@@ -108,18 +108,24 @@ def _log_console(uri: str, run_id: str, run_dir: Path) -> None:
         mlu.log_artifacts(uri, run_id, [path])
 
 
-def check_inputs_exist(pipe: Pipeline, specs: dict) -> None:
+def check_inputs_exist(pipe: Pipeline, specs: dict, recipe_cls: Optional[type[Recipe]] = None) -> None:
     """Fail before anything is written when an input is missing: every shard of ``data.train``, ``data.val``
-    and the eval sets (local and remote), and a local ``model.init_from``.
+    and the eval sets (local and remote), and a local ``model.init_from``; with ``recipe_cls``, also when a
+    shard holds samples the recipe cannot read (image-only or text-only shards given to a paired recipe:
+    :meth:`Recipe.data_modality`, checked from tar headers).
 
     Raises:
-        MissingShardsError: a shard is missing (names it); FileNotFoundError: ``model.init_from`` is missing.
+        MissingShardsError: a shard is missing (names it); FileNotFoundError: ``model.init_from`` is missing;
+        UnpairedShardError: a shard's samples do not fit the recipe (names the shard and the recipe).
     """
+    from mmtl.data.shardio import check_shard_modality
     from mmtl.data.shardlist import resolve_shards
 
     for spec in [pipe.data.train, pipe.data.val, *specs.values()]:
         if spec:
             resolve_shards(spec)
+            if recipe_cls is not None:
+                check_shard_modality(spec, recipe_cls.data_modality(pipe), recipe_cls.name)
     init = pipe.model.init_from
     if init and "://" not in init and not Path(init).expanduser().exists():
         raise FileNotFoundError(f"model.init_from={init!r}: not found (train the model it points to first, e.g. "
