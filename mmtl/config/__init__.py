@@ -27,8 +27,8 @@ work on the chosen workers are refused (:mod:`mmtl.config.workers`).
 from __future__ import annotations
 
 __all__ = ["PipelineError", "Pipeline", "DataConfig", "ModelConfig", "VisionTowerConfig", "TextTowerConfig",
-           "StrategyConfig", "LoraConfig", "CrossAttentionConfig", "PromptTuningConfig", "TrainConfig",
-           "EvalConfig", "ZeroShotConfig", "TrackingConfig", "RetrainConfig", "build_pipeline", "load_pipeline",
+           "StrategyConfig", "LoraConfig", "CrossAttentionConfig", "PromptTuningConfig", "SelfSupervisedConfig",
+           "TrainConfig", "EvalConfig", "ZeroShotConfig", "TrackingConfig", "RetrainConfig", "build_pipeline", "load_pipeline",
            "apply_overrides", "parse_override", "pipeline_problems", "resolve_path", "project_root_for", "is_uri"]
 
 import os
@@ -40,7 +40,7 @@ from pydantic import ValidationError
 
 from mmtl.config import names
 from mmtl.config.schema import (CrossAttentionConfig, DataConfig, EvalConfig, LoraConfig, ModelConfig, Pipeline,
-                                PipelineError, PromptTuningConfig, RetrainConfig, StrategyConfig, TextTowerConfig,
+                                PipelineError, PromptTuningConfig, RetrainConfig, SelfSupervisedConfig, StrategyConfig, TextTowerConfig,
                                 TrackingConfig, TrainConfig, VisionTowerConfig, ZeroShotConfig)
 from mmtl.config.yaml_io import YamlError, coerce_freeform, freeform_paths, read_yaml
 

@@ -13,10 +13,12 @@ from mmtl.recipes.base import Recipe, RunContext
 from mmtl.recipes.contrastive import ContrastiveRecipe
 from mmtl.recipes.fusion import FusionRecipe
 from mmtl.recipes.prompt_learning import PromptLearningRecipe
+from mmtl.recipes.self_supervised import SelfSupervisedRecipe
 
 __all__ = ["RECIPES", "Recipe", "RunContext", "check_pipeline", "recipe_for", "run_pipeline"]
 
-RECIPES: dict[str, type[Recipe]] = {r.name: r for r in (ContrastiveRecipe, PromptLearningRecipe, FusionRecipe)}
+RECIPES: dict[str, type[Recipe]] = {r.name: r for r in (ContrastiveRecipe, PromptLearningRecipe, FusionRecipe,
+                                                         SelfSupervisedRecipe)}
 
 
 def recipe_for(kind: str) -> type[Recipe]:

@@ -98,6 +98,11 @@ class Recipe:
         """
         return None
 
+    def stream(self):
+        """The Ray Dataset builder of streamed training rows, ``(pipe, spec, epochs, stats_actor) -> Dataset``,
+        when :meth:`prepare` returns None; None (default): :func:`mmtl.data.stream.build_image_dataset`."""
+        return None
+
     def trains(self) -> bool:
         """False when the pipeline only evaluates (e.g. CoOp's ``zero_shot_only``)."""
         return True

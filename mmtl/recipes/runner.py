@@ -84,6 +84,10 @@ def run_pipeline(pipe: Pipeline, *, address: Optional[str] = None, must_resume: 
         run_id = mlu.start_run(uri, pipe.tracking.experiment, pipe.train.runs_root, run_dir.name,
                                pipe.model_dump(mode="json"), pipe.to_yaml())
         state_file.write_text(json.dumps({"mlflow_run_id": run_id, "tracking_uri": uri}))
+        lineage = init_lineage(pipe.model.init_from)
+        if lineage:
+            mlu.set_tags(uri, run_id, lineage)
+            say(f"warm start from run {lineage.get('mmtl.parent_run_id', '?')} ({lineage['mmtl.init_from']})")
     say(f"run dir {run_dir}  mlflow run {run_id}")
     ctx = RunContext(pipe=pipe, run_dir=run_dir, uri=uri, run_id=run_id, resuming=resuming, say=say,
                      specs=specs, t_start=t_start)
@@ -132,6 +136,36 @@ def check_inputs_exist(pipe: Pipeline, specs: dict, recipe_cls: Optional[type[Re
                                 "the quickstart for the emoji-coop pipeline)")
 
 
+def init_lineage(init_from: Optional[str]) -> dict[str, str]:
+    """MLflow tags naming where ``model.init_from`` came from: ``mmtl.init_from`` and, when it is an mmtl run
+    folder, its export, or a file inside its export (a ``run.json`` up to 3 folders above), the parent's
+    ``mmtl.parent_run_id``, ``mmtl.parent_tracking_uri``, ``mmtl.parent_run_dir``, ``mmtl.parent_strategy``
+    and ``mmtl.parent_data_train`` (the parent's train shard spec: its data manifest). ``{}`` without
+    ``init_from``; only ``mmtl.init_from`` for a URI or a folder outside any run."""
+    if not init_from:
+        return {}
+    tags = {"mmtl.init_from": str(init_from)}
+    if "://" in init_from:
+        return tags
+    p = Path(init_from).expanduser().resolve()
+    for d in [p, *list(p.parents)[:3]]:
+        if (d / "run.json").is_file():
+            try:
+                state = json.loads((d / "run.json").read_text())
+            except ValueError:
+                return tags
+            tags.update({"mmtl.parent_run_id": str(state.get("mlflow_run_id", "")),
+                         "mmtl.parent_tracking_uri": str(state.get("tracking_uri", "")), "mmtl.parent_run_dir": str(d)})
+            if (d / "pipeline.yaml").is_file():
+                import yaml
+
+                raw = yaml.safe_load((d / "pipeline.yaml").read_text()) or {}
+                tags["mmtl.parent_strategy"] = str((raw.get("strategy") or {}).get("kind", ""))
+                tags["mmtl.parent_data_train"] = json.dumps((raw.get("data") or {}).get("train"))[:5000]
+            break
+    return tags
+
+
 class RunStepError(RuntimeError):
     """A step after training failed; the checkpoint, export and a ``summary.json`` with ``status: failed`` are
     kept. Attributes: ``step`` (``export``, ``evaluate``, ``log_metrics``, ``register`` or ``summary``)."""
@@ -173,7 +207,8 @@ def run_recipe(recipe: Recipe) -> dict:
         else:
             init_ray()
             t_train = time.time()
-            result = fit(pipe, ctx.run_dir, arrays, ctx.uri, ctx.run_id, ctx.say, train_module=recipe.train_module)
+            result = fit(pipe, ctx.run_dir, arrays, ctx.uri, ctx.run_id, ctx.say, train_module=recipe.train_module,
+                         build_dataset=recipe.stream())
             base["train_time_s"] = round(time.time() - t_train, 2)
             final = result.metrics or {}
             ctx.final_train = {k: v for k, v in final.items() if k.startswith("train/")}
