@@ -7,7 +7,6 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from conftest import synthetic_pair, tiny_pipeline, write_split
 
 TEXTS = ["the heart size is normal and the lungs are clear", "no pleural effusion or pneumothorax is seen",
@@ -111,22 +110,48 @@ def test_mlm_run_then_warm_started_alignment(tmp_path, ray_local):
     assert str(text / "train") in run.data.tags["mmtl.parent_data_train"]
 
 
-def test_simclr_run_on_image_only_shards(tmp_path, ray_local):
+def test_map_stage_views_and_masks_then_simclr_steps(tmp_path, ray_local):
+    """The Ray Data map stage makes two different views per image (and masked tokens per text); SimCLR then
+    trains 3 DeepSpeed steps on those rows in one process (the image tower changes, the text tower does not)."""
     from mmtl.config import Pipeline
     from mmtl.data.build import ShardWriter
-    from mmtl.recipes import run_pipeline
+    from mmtl.data.unpaired import build_unpaired_dataset
+    from mmtl.models import build_model
+    from mmtl.strategies import apply_strategy
+    from mmtl.train.loop import run_training, single_process_group
+    from mmtl.train.selfsup import SelfSupervisedModule, SimCLRModule
 
-    for split, n, start in (("train", 32, 0), ("test", 12, 900)):
-        with ShardWriter(tmp_path / split, "img") as w:
-            for i in range(start, start + n):
-                w.write(f"{i:06d}", synthetic_pair(i)[0], "png", None)
-    raw = tiny_pipeline({"train": str(tmp_path / "train"), "val": None, "test": str(tmp_path / "test")},
-                        tmp_path / "runs", strategy={"kind": "self_supervised",
-                                                     "self_supervised": {"tower": "image", "method": "simclr"}},
-                        train={"name": "simclr", "max_steps": 3, "checkpoint_every": 3, "micro_batch_size": 4})
-    raw["eval"] = {"sets": ["test"], "batch_size": 6}
-    out = run_pipeline(Pipeline.model_validate(raw), say=lambda s: None)
-    m = out["metrics"]
-    assert out["steps"] == 3 and np.isfinite(m["train/ntxent_loss"]) and 0 <= m["train/ntxent_top1"] <= 1
-    # 12 held-out images in batches of 6: 11 candidates per view, chance loss ~ log(11)
-    assert m["test/images"] == 12 and 0 < m["test/ntxent_loss_before"] < 2 * math.log(11)
+    with ShardWriter(tmp_path / "img", "img") as w:
+        for i in range(16):
+            w.write(f"{i:06d}", synthetic_pair(i)[0], "png", None)
+    ssl = {"tower": "image", "method": "simclr", "temperature": 0.5}
+    raw = tiny_pipeline({"train": str(tmp_path / "img"), "val": None, "test": None}, tmp_path / "runs",
+                        strategy={"kind": "self_supervised", "self_supervised": ssl},
+                        train={"num_workers": 1, "max_steps": 3, "checkpoint_every": 3, "micro_batch_size": 4,
+                               "zero_stage": 2})
+    pipe = Pipeline.model_validate(raw)
+    rows = build_unpaired_dataset(pipe, pipe.data.train, epochs=1, processes=1).take_all()
+    assert len(rows) == 16 and rows[0]["view1"].shape == (3, 32, 32)
+    assert all(not np.allclose(r["view1"], r["view2"]) for r in rows)  # two random views of each image
+
+    model = build_model(pipe.model)
+    apply_strategy(model, pipe.strategy)
+    assert isinstance(SelfSupervisedModule.from_pipeline(pipe, model), SimCLRModule)
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    batches = ({"view1": torch.from_numpy(np.stack([r["view1"] for r in rows[j:j + 4]])),
+                "view2": torch.from_numpy(np.stack([r["view2"] for r in rows[j:j + 4]]))} for j in range(0, 16, 4))
+    with single_process_group():
+        m = run_training(pipe, model, batches, train_module=SelfSupervisedModule)
+    assert m["steps"] == 3 and math.isfinite(m["train/ntxent_loss"]) and 0 <= m["train/ntxent_top1"] <= 1
+    changed = {k.split(".")[0] for k, v in model.state_dict().items() if not torch.equal(before[k], v)}
+    assert changed == {"image_tower"}
+
+    # text-only rows: masked ids, labels only at masked positions
+    text = _text_shards(tmp_path)
+    tp = Pipeline.model_validate(tiny_pipeline({"train": str(text / "train"), "val": None, "test": None}, tmp_path,
+                                               strategy={"kind": "self_supervised"}))
+    trows = build_unpaired_dataset(tp, tp.data.train, epochs=1, processes=1).take_all()
+    labels = np.stack([r["labels"] for r in trows])
+    ids = np.stack([r["input_ids"] for r in trows])
+    assert trows and min(int(r["attention_mask"].sum()) for r in trows) >= 7 + 2  # "ok" (1 token) was skipped
+    assert (labels != -100).sum() > 0 and (ids[labels != -100] != labels[labels != -100]).mean() > 0.5

@@ -121,6 +121,25 @@ def datasets_diagrams(
     print(json.dumps(stats, indent=2))
 
 
+@datasets_app.command("iu-xray-reports")
+def datasets_iu_xray_reports(
+    out: Path = typer.Option(Path("data/iu-xray-reports"), "--out", help="Output folder (train/, test/, reports.jsonl)"),
+    src: Optional[Path] = typer.Option(None, "--src", help="torchxrayvision wheel (pip download --no-deps "
+                                       "torchxrayvision -d DIR), package folder or NLMCXR_reports.tgz; default: "
+                                       "the installed package"),
+    test_fraction: float = typer.Option(0.2, "--test-fraction", help="Share of reports held out (split by report)"),
+    seed: int = typer.Option(0, "--seed", help="Split seed"),
+) -> None:
+    """Indiana University chest X-ray reports (from the torchxrayvision package) as text-only shards."""
+    from mmtl.datasets.iu_xray import build_iu_xray_reports
+
+    try:
+        stats = build_iu_xray_reports(out, src, test_fraction=test_fraction, seed=seed)
+    except (FileNotFoundError, ValueError) as exc:
+        fail(str(exc), 1)
+    print(json.dumps(stats, indent=2))
+
+
 @datasets_app.command("fashion-mnist")
 def datasets_fashion_mnist(
     out: Path = typer.Option(Path("data/fashion-mnist"), "--out", help="Output folder (train/, test/, classes.txt)"),
