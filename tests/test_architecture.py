@@ -49,10 +49,11 @@ def test_strategy_and_recipe_registries_cover_every_kind():
     from mmtl.recipes import RECIPES, recipe_for
     from mmtl.strategies import STRATEGIES
 
-    assert set(STRATEGIES) == {"frozen", "full", "lora", "prompt_tuning", "cross_attention"}
-    assert set(RECIPES) == {"contrastive", "prompt_learning", "fusion"}
+    assert set(STRATEGIES) == {"frozen", "full", "lora", "prompt_tuning", "cross_attention", "self_supervised"}
+    assert set(RECIPES) == {"contrastive", "prompt_learning", "fusion", "self_supervised"}
     assert {s.recipe for s in STRATEGIES.values()} == set(RECIPES)
     assert recipe_for("lora").__name__ == "ContrastiveRecipe" and recipe_for("cross_attention").__name__ == "FusionRecipe"
+    assert recipe_for("self_supervised").__name__ == "SelfSupervisedRecipe"
 
 
 def test_unknown_strategy_kind_is_refused_with_the_known_ones():
