@@ -26,8 +26,6 @@ import random
 import zlib
 from typing import Iterator, Optional
 
-import numpy as np
-
 from mmtl.config import Pipeline, SelfSupervisedConfig
 from mmtl.data.shardio import iter_shard, resolve_shards
 from mmtl.data.stream import _shuffled, clean_options, epoch_items
@@ -83,23 +81,31 @@ def seed_of(seed: int, epoch: int, shard: str) -> int:
     return zlib.crc32(f"{seed}:{epoch}:{shard}".encode()) & 0x7FFFFFFF
 
 
+def simclr_views(model_cfg, scfg: SelfSupervisedConfig) -> SimCLRViews:
+    """:class:`SimCLRViews` at ``model.image_size`` with the image tower's normalisation (``two_tower``: the
+    timm tower's mean/std, :func:`mmtl.models.two_tower.vision_mean_std`).
+
+    Raises:
+        ValueError: ``model.family`` is not ``two_tower`` (SimCLR views are defined for timm image towers).
+    """
+    if model_cfg.family != "two_tower":
+        raise ValueError(f"strategy.self_supervised.method=simclr needs model.family two_tower (a timm image "
+                         f"tower), got {model_cfg.family!r}")
+    from mmtl.models.two_tower import vision_mean_std
+
+    mean, std = vision_mean_std(model_cfg.vision)
+    return SimCLRViews(model_cfg.image_size, mean, std, scfg)
+
+
 @functools.lru_cache(maxsize=4)
 def _prep(model_cfg_json: str, ssl_json: str):
-    """(tokenizer wrapper, SimCLRViews) built once per Ray worker process."""
+    """(tokenizer wrapper, SimCLRViews or None) built once per Ray worker process."""
     from mmtl.config import ModelConfig
     from mmtl.models import build_tokenizer
 
     cfg = ModelConfig.model_validate_json(model_cfg_json)
     scfg = SelfSupervisedConfig.model_validate_json(ssl_json)
-    tok = build_tokenizer(cfg)
-    views = None
-    if scfg.tower == "image":
-        from mmtl.models.two_tower import vision_mean_std
-
-        mean, std = (vision_mean_std(cfg.vision) if cfg.family == "two_tower"
-                     else ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)))
-        views = SimCLRViews(cfg.image_size, mean, std, scfg)
-    return tok, views
+    return build_tokenizer(cfg), (simclr_views(cfg, scfg) if scfg.tower == "image" else None)
 
 
 def _unpaired_batches(items: dict, opts, buffer: int, seed: int, stats_actor: Optional[str], model_cfg_json: str,
@@ -187,7 +193,3 @@ def build_unpaired_dataset(pipe: Pipeline, spec, epochs: int, stats_actor: Optio
     out.context.target_max_block_size = int(rows_per_block) * row
     return out
 
-
-def masked_token_counts(labels: np.ndarray) -> int:
-    """Number of positions of ``labels`` (any shape) that carry an MLM target (label != -100)."""
-    return int((np.asarray(labels) != -100).sum())

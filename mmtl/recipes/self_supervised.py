@@ -75,10 +75,10 @@ class SelfSupervisedRecipe(Recipe):
         """Duplicate check, held-out sets, before-training measures; returns None (rows are streamed).
 
         Raises:
-            ValueError: the text tower cannot take an MLM head (not BERT-style), or an eval set has no usable
-                sample.
+            ValueError: the text tower cannot take an MLM head (not BERT-style), SimCLR on a family other than
+                two_tower, or an eval set has no usable sample.
         """
-        from mmtl.data.unpaired import MLMMasker, SimCLRViews
+        from mmtl.data.unpaired import MLMMasker, simclr_views
 
         ctx, pipe = self.ctx, self.ctx.pipe
         s = pipe.strategy.self_supervised
@@ -89,7 +89,7 @@ class SelfSupervisedRecipe(Recipe):
             ctx.say(f"trains: text tower, masked-LM ({s.mlm_probability:.0%} masking; MLM head "
                     f"{self.module.head_source}, decoder tied to the word embeddings)")
         else:
-            self.views = SimCLRViews(pipe.model.image_size, ctx.model.mean, ctx.model.std, s)
+            self.views = simclr_views(pipe.model, s)
             ctx.say(f"trains: image tower, SimCLR NT-Xent (tau {s.temperature}, projection {s.proj_hidden}->"
                     f"{s.proj_dim})")
         head, stats = self._samples(pipe.data.train, DUPLICATE_SCAN)
