@@ -86,12 +86,13 @@ class SelfSupervisedRecipe(Recipe):
         self.warnings: list[str] = []
         if s.tower == "text":
             self.masker = MLMMasker(ctx.model.tokenizer.tokenizer, s.mlm_probability)
-            ctx.say(f"trains: text tower, masked-LM ({s.mlm_probability:.0%} masking; MLM head "
+            what = "text tower + MLM head" if s.train_tower else "MLM head only (text tower frozen)"
+            ctx.say(f"trains: {what}, masked-LM ({s.mlm_probability:.0%} masking; MLM head "
                     f"{self.module.head_source}, decoder tied to the word embeddings)")
         else:
             self.views = simclr_views(pipe.model, s)
-            ctx.say(f"trains: image tower, SimCLR NT-Xent (tau {s.temperature}, projection {s.proj_hidden}->"
-                    f"{s.proj_dim})")
+            what = "image tower + projector" if s.train_tower else "projector only (image tower frozen)"
+            ctx.say(f"trains: {what}, SimCLR NT-Xent (tau {s.temperature}, projection {s.proj_hidden}->{s.proj_dim})")
         head, stats = self._samples(pipe.data.train, DUPLICATE_SCAN)
         digests = {hashlib.sha256(x.encode() if isinstance(x, str) else x.tobytes()).digest() for x in head}
         if len(head) > 1 and len(digests) == 1:
