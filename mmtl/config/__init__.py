@@ -28,8 +28,8 @@ from __future__ import annotations
 
 __all__ = ["PipelineError", "Pipeline", "DataConfig", "ModelConfig", "VisionTowerConfig", "TextTowerConfig",
            "StrategyConfig", "LoraConfig", "CrossAttentionConfig", "PromptTuningConfig", "SelfSupervisedConfig",
-           "TrainConfig", "EvalConfig", "ZeroShotConfig", "TrackingConfig", "RetrainConfig", "build_pipeline", "load_pipeline",
-           "apply_overrides", "parse_override", "pipeline_problems", "resolve_path", "project_root_for", "is_uri"]
+           "TrainConfig", "EvalConfig", "ZeroShotConfig", "TrackingConfig", "RetrainConfig", "build_pipeline",
+           "load_pipeline", "apply_overrides", "parse_override", "pipeline_problems", "resolve_path", "project_root_for", "is_uri"]
 
 import os
 import re
@@ -40,8 +40,8 @@ from pydantic import ValidationError
 
 from mmtl.config import names
 from mmtl.config.schema import (CrossAttentionConfig, DataConfig, EvalConfig, LoraConfig, ModelConfig, Pipeline,
-                                PipelineError, PromptTuningConfig, RetrainConfig, SelfSupervisedConfig, StrategyConfig, TextTowerConfig,
-                                TrackingConfig, TrainConfig, VisionTowerConfig, ZeroShotConfig)
+                                PipelineError, PromptTuningConfig, RetrainConfig, SelfSupervisedConfig, StrategyConfig,
+                                TextTowerConfig, TrackingConfig, TrainConfig, VisionTowerConfig, ZeroShotConfig)
 from mmtl.config.yaml_io import YamlError, coerce_freeform, freeform_paths, read_yaml
 
 def _format_errors(err: ValidationError) -> str:

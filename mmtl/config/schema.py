@@ -192,7 +192,8 @@ class SelfSupervisedConfig(_Section):
 
 class StrategyConfig(_Section):
     kind: str = Field("frozen", description="Transfer strategy, a key of mmtl.strategies.STRATEGIES (frozen, full, "
-                      "lora, prompt_tuning, cross_attention, self_supervised); checked against the registries when the pipeline "
+                      "lora, prompt_tuning, cross_attention, self_supervised); checked against the registries when the "
+                      "pipeline "
                       "is run or shown (mmtl.recipes.check_pipeline).")
     lock: Literal["both", "image", "text", "none"] = Field(
         "both", description="frozen: which towers stay frozen ('image' is LiT)."

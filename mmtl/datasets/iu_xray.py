@@ -78,7 +78,8 @@ def parse_report(xml: bytes) -> dict:
     for node in root.iter("AbstractText"):
         label = (node.get("Label") or "").upper()
         sections[label] = " ".join((node.text or "").split())
-    labels = sorted({(m.text or "").split("/")[0].strip().lower() for m in root.iter("major") if (m.text or "").strip()})
+    terms = [(m.text or "").strip() for m in root.iter("major")]
+    labels = sorted({t.split("/")[0].strip().lower() for t in terms if t})
     return {"id": uid.get("id") if uid is not None else "", "findings": sections.get("FINDINGS", ""),
             "impression": sections.get("IMPRESSION", ""), "labels": labels}
 
@@ -120,7 +121,8 @@ def build_iu_xray_reports(out: Union[str, Path], src: Optional[Union[str, Path]]
             r["split"] = split_of(r["id"], seed, 0.0, test_fraction)
             reports.append(r)
     n_read = len(members)
-    writers = {s: ShardWriter(out / s, "reports", max_samples_per_shard=max_samples_per_shard) for s in ("train", "test")}
+    writers = {s: ShardWriter(out / s, "reports", max_samples_per_shard=max_samples_per_shard)
+               for s in ("train", "test")}
     try:
         for i, r in enumerate(reports):
             meta = {k: r[k] for k in ("id", "labels", "findings", "impression")}

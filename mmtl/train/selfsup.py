@@ -129,7 +129,8 @@ class SimCLRModule(nn.Module):
         self.model = model
         self.temperature = float(cfg.temperature)
         d = int(model.image_dim)
-        self.ssl_head = nn.Sequential(nn.Linear(d, cfg.proj_hidden), nn.ReLU(), nn.Linear(cfg.proj_hidden, cfg.proj_dim))
+        self.ssl_head = nn.Sequential(nn.Linear(d, cfg.proj_hidden), nn.ReLU(),
+                                      nn.Linear(cfg.proj_hidden, cfg.proj_dim))
         self._last = {"ntxent_loss": float("nan"), "ntxent_top1": float("nan")}
 
     def project(self, images: Tensor) -> Tensor:
