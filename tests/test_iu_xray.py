@@ -76,3 +76,15 @@ def test_label_probe_macro_f1():
     assert bad["macro_f1"] < 0.8
     with pytest.raises(ValueError, match="no label"):
         label_probe(noise[:150], labels[:150], noise[150:], labels[150:], min_positives=1000)
+
+
+def test_fit_logistic_matches_sklearn_objective():
+    sk = pytest.importorskip("sklearn.linear_model")
+    from mmtl.eval.text_probe import fit_logistic
+
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((300, 5))
+    y = (x[:, 0] + 0.5 * rng.standard_normal(300) > 0.8).astype(int)  # imbalanced: ~25 % positives
+    w, b = fit_logistic(x, y[:, None], c=1.0)
+    ref = sk.LogisticRegression(C=1.0, class_weight="balanced", max_iter=5000, tol=1e-10).fit(x, y)
+    assert np.allclose(w[:, 0], ref.coef_[0], atol=1e-3) and abs(b[0] - ref.intercept_[0]) < 1e-3
