@@ -125,6 +125,8 @@ class SelfSupervisedRecipe(Recipe):
         from safetensors.torch import load_file
 
         sd = load_file(str(export_dir / "model.safetensors"))
+        if not any(k.startswith("ssl_head.") for k in sd):  # exports written before the head was kept
+            sd.update(_head_from_checkpoint(self.ctx.run_dir))
         sd = {k if k.startswith("ssl_head.") else f"model.{k}": v for k, v in sd.items()}
         unknown = sorted(set(sd) - set(self.module.state_dict()))
         if unknown:
@@ -149,6 +151,27 @@ class SelfSupervisedRecipe(Recipe):
                 "train_tower": s.train_tower, "warnings": self.warnings,
                 "params_trainable": self.ctx.trainable.get("params_trainable"),
                 "metrics": {**self.ctx.final_train, **metrics}}
+
+
+def _head_from_checkpoint(run_dir: Path) -> dict:
+    """``ssl_head.*`` tensors from the latest checkpoint's DeepSpeed model states (``ds/mp_rank_00_model_
+    states.pt``, key ``module``), for an export that lacks them.
+
+    Raises:
+        FileNotFoundError: no checkpoint or no head in it (the measure after training would use a fresh head)."""
+    import torch
+
+    from mmtl.runtime import latest_checkpoint
+
+    ckpt = latest_checkpoint(run_dir)
+    files = sorted(Path(ckpt).glob("ds/mp_rank_00_model_states.pt")) if ckpt else []
+    if not files:
+        raise FileNotFoundError(f"{run_dir}: the export has no ssl_head.* and no checkpoint holds one")
+    module = torch.load(files[-1], map_location="cpu", weights_only=False)["module"]
+    head = {k: v for k, v in module.items() if k.startswith("ssl_head.")}
+    if not head:
+        raise FileNotFoundError(f"{files[-1]} holds no ssl_head.* tensors")
+    return head
 
 
 def _line(m: dict) -> str:

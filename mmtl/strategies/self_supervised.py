@@ -3,7 +3,7 @@
 ``image``: SimCLR); the other tower, both heads and the temperature stay frozen. With ``train_tower: false``
 only the self-supervised head trains (the baseline run). The export holds only the adapted tower's tensors
 under the model's own names (``text_tower.*`` / ``image_tower.*``), which ``model.init_from`` of an alignment
-pipeline loads; the MLM head / projector (``ssl_head.*``) stay in the checkpoints only."""
+pipeline loads, and the MLM head / projector (``ssl_head.*``, skipped by ``model.init_from``)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -29,6 +29,7 @@ class SelfSupervisedStrategy(Strategy):
             freeze(getattr(model, f"{s.tower}_tower"), False)
 
     def export_state_dict(self, pipe: Pipeline, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Keep the adapted tower's tensors (``<tower>_tower.*``), dropping ``ssl_head.*`` and the frozen rest."""
-        prefix = f"{pipe.strategy.self_supervised.tower}_tower."
-        return {k: v for k, v in state_dict.items() if k.startswith(prefix)}
+        """Keep the adapted tower's tensors (``<tower>_tower.*``) and the head (``ssl_head.*``, which
+        ``model.init_from`` ignores), dropping the frozen rest."""
+        keep = (f"{pipe.strategy.self_supervised.tower}_tower.", "ssl_head.")
+        return {k: v for k, v in state_dict.items() if k.startswith(keep)}
