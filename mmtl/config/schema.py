@@ -184,9 +184,51 @@ class CaptionConfig(_Section):
     gallery: int = Field(16, ge=0, description="Images in the PNG gallery logged to MLflow (0: none).")
 
 
+class SelfSupervisedConfig(_Section):
+    """``strategy.self_supervised`` (``strategy.kind: self_supervised``): adapt one tower on unpaired in-domain
+    data before alignment. ``tower: text`` + ``method: mlm``: masked-language-model continued pretraining
+    (Gururangan et al. 2020, "Don't Stop Pretraining"; BERT's 80/10/10 masking via transformers'
+    ``DataCollatorForLanguageModeling``). ``tower: image`` + ``method: simclr``: SimCLR (Chen et al. 2020), NT-Xent
+    over two augmented views per image made in the Ray Data map stage, with a projection MLP."""
+
+    tower: Literal["image", "text"] = Field("text", description="The tower adapted (the other one is frozen).")
+    method: Literal["mlm", "simclr"] = Field("mlm", description="mlm for the text tower, simclr for the image tower.")
+    train_tower: bool = Field(True, description="false: train only the SSL head (MLM head / projector) on a "
+                              "frozen tower: the baseline that separates the tower's adaptation from the head's.")
+    mlm_probability: float = Field(0.15, gt=0, lt=1, description="Share of tokens selected for masking (BERT: 0.15).")
+    min_text_tokens: Optional[int] = Field(None, ge=1, description="Texts with fewer tokens (without [CLS]/[SEP]) "
+                                           "are skipped and counted as too_few_tokens; null: ceil(1 / "
+                                           "mlm_probability), the length at which one token is masked on average.")
+    temperature: float = Field(0.2, gt=0, description="NT-Xent temperature tau (SimCLR eq. 1).")
+    proj_dim: int = Field(128, gt=0, description="SimCLR projection output width.")
+    proj_hidden: int = Field(512, gt=0, description="SimCLR projection MLP hidden width.")
+    crop_scale: tuple[float, float] = Field((0.2, 1.0), description="RandomResizedCrop area range of each view.")
+    color_jitter: float = Field(0.4, ge=0, description="Colour jitter strength s (brightness/contrast/saturation "
+                                "0.8s, hue 0.2s; applied with p=0.8).")
+    grayscale_p: float = Field(0.2, ge=0, le=1, description="Probability of converting a view to grayscale.")
+    flip: bool = Field(True, description="Random horizontal flips (off for data whose meaning flips, e.g. arrows).")
+
+    @model_validator(mode="after")
+    def _method_fits_tower(self) -> "SelfSupervisedConfig":
+        need = {"text": "mlm", "image": "simclr"}[self.tower]
+        if self.method != need:
+            raise ValueError(f"strategy.self_supervised.method={self.method!r} does not train the {self.tower} tower "
+                             f"(use method: {need})")
+        lo, hi = self.crop_scale
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"strategy.self_supervised.crop_scale={self.crop_scale} must satisfy 0 < lo <= hi <= 1")
+        return self
+
+    @property
+    def min_tokens(self) -> int:
+        """``min_text_tokens``, or ``ceil(1 / mlm_probability)`` when unset."""
+        return self.min_text_tokens or math.ceil(1 / self.mlm_probability)
+
+
 class StrategyConfig(_Section):
     kind: str = Field("frozen", description="Transfer strategy, a key of mmtl.strategies.STRATEGIES (frozen, full, "
-                      "lora, prompt_tuning, cross_attention); checked against the registries when the pipeline "
+                      "lora, prompt_tuning, cross_attention, self_supervised); checked against the registries when the "
+                      "pipeline "
                       "is run or shown (mmtl.recipes.check_pipeline).")
     lock: Literal["both", "image", "text", "none"] = Field(
         "both", description="frozen: which towers stay frozen ('image' is LiT)."
@@ -197,6 +239,7 @@ class StrategyConfig(_Section):
     prompt: PromptTuningConfig = Field(default_factory=PromptTuningConfig)
     fusion: CrossAttentionConfig = Field(default_factory=CrossAttentionConfig)
     caption: CaptionConfig = Field(default_factory=CaptionConfig)
+    self_supervised: SelfSupervisedConfig = Field(default_factory=SelfSupervisedConfig)
 
 
 class TrainConfig(_Section):

@@ -19,7 +19,8 @@ MAX_EXAMPLES = 20
 
 def _dump(sample: Sample, dump_dir: str) -> None:
     stem = sample.uid.replace("/", "__").replace(os.sep, "__").replace("\0", "")
-    sample.image.save(os.path.join(dump_dir, stem + ".png"), format="PNG")
+    if sample.image is not None:  # text-only samples have none
+        sample.image.save(os.path.join(dump_dir, stem + ".png"), format="PNG")
     with open(os.path.join(dump_dir, stem + ".txt"), "w", encoding="utf-8") as f:
         f.write(sample.caption)
 

@@ -62,6 +62,7 @@ class Reject(str, enum.Enum):
     TRUNCATED_SHARD = "truncated_shard"  # sample cut by the end (or a corrupt header) of its tar
     EMPTY_SHARD = "empty_shard"  # counted once per shard with no sample at all
     CORRUPT_SHARD = "corrupt_shard"  # counted once per file that is not a tar at all
+    TOO_FEW_TOKENS = "too_few_tokens"  # text-only samples: fewer tokens than CleanOptions.min_text_tokens
 
 
 class SampleRejected(Exception):
@@ -95,6 +96,11 @@ class CleanOptions:
     context_length / count_tokens: when both are set, `count_tokens(caption)` (tokens including
         special tokens) > `context_length` marks the sample `caption_truncated` (not a rejection;
         the tokenizer truncates later).
+    modality: what a sample must hold: "pair" (image and caption, the default), "image" (image-only
+        samples: a caption member is not needed; one that is present is kept) or "text" (text-only samples:
+        the caption member is the text; an image member, if any, is neither needed nor decoded).
+    min_text_tokens: with `count_tokens`, a text with fewer tokens than this (special tokens excluded,
+        assumed 2: [CLS]/[SEP]) is rejected as `too_few_tokens` (e.g. too short for masked-LM masking).
     """
 
     max_image_pixels: int = 40_000_000
@@ -102,16 +108,27 @@ class CleanOptions:
     draft_px: Optional[int] = None
     context_length: Optional[int] = None
     count_tokens: Optional[Callable[[str], int]] = None
+    modality: str = "pair"
+    min_text_tokens: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if self.modality not in MODALITIES:
+            raise ValueError(f"CleanOptions.modality must be one of {MODALITIES}, got {self.modality!r}")
+
+
+MODALITIES: tuple[str, ...] = ("pair", "image", "text")
+"""What a sample holds: an image-text pair, an image only, or a text only (:class:`CleanOptions`)."""
 
 
 @dataclass
 class Sample:
-    """One clean image-text pair. `uid` = f"{shard_stem}/{key}" is unique across shards."""
+    """One clean sample: an image-text pair, or (unpaired data) an image with ``caption == ""`` or a text with
+    ``image is None``. `uid` = f"{shard_stem}/{key}" is unique across shards."""
 
     key: str
     uid: str
     shard: str
-    image: Image.Image
+    image: Optional[Image.Image]
     caption: str
     caption_truncated: bool = False
     meta: dict[str, Any] = field(default_factory=dict)
@@ -309,27 +326,35 @@ def clean_sample(key: str, members: dict[str, bytes], shard: str, opts: CleanOpt
 
     The image is the first of `IMAGE_EXTS` present (decoded by content), the caption the first
     of `CAPTION_EXTS`, `meta` the `.json` member when it is a JSON object. `shard_id` (default:
-    `shard_stem(shard)`) prefixes the uid. Raises `SampleRejected` with key and shard set; checks
-    run cheapest first: missing image, missing caption, empty/short caption, then image decoding.
+    `shard_stem(shard)`) prefixes the uid. `opts.modality` says which members are required ("pair": both;
+    "image": the image; "text": the caption, the image is not decoded). Raises `SampleRejected` with key
+    and shard set; checks run cheapest first: missing image, missing caption, empty/short caption, too few
+    tokens (text-only), then image decoding.
     """
     img_ext = _pick(members, IMAGE_EXTS)
     cap_ext = _pick(members, CAPTION_EXTS)
-    if img_ext is None:
+    if img_ext is None and opts.modality != "text":
         raise SampleRejected(Reject.MISSING_IMAGE, key, shard, f"members: {sorted(members)}")
-    if cap_ext is None:
+    if cap_ext is None and opts.modality != "image":
         raise SampleRejected(Reject.MISSING_CAPTION, key, shard, f"members: {sorted(members)}")
-    caption = decode_caption(members[cap_ext])
-    if not caption:
-        raise SampleRejected(Reject.EMPTY_CAPTION, key, shard, f"{len(members[cap_ext])} bytes")
-    if len(caption) < opts.min_caption_chars:
-        raise SampleRejected(Reject.SHORT_CAPTION, key, shard, f"{len(caption)} < {opts.min_caption_chars} chars")
-    try:
-        image = decode_image(members[img_ext], opts.max_image_pixels, opts.draft_px)
-    except SampleRejected as e:
-        raise e.located(key, shard) from None
+    caption = decode_caption(members[cap_ext]) if cap_ext is not None else ""
+    if opts.modality != "image":
+        if not caption:
+            raise SampleRejected(Reject.EMPTY_CAPTION, key, shard, f"{len(members[cap_ext])} bytes")
+        if len(caption) < opts.min_caption_chars:
+            raise SampleRejected(Reject.SHORT_CAPTION, key, shard, f"{len(caption)} < {opts.min_caption_chars} chars")
+    n_tokens = opts.count_tokens(caption) if opts.count_tokens is not None and caption else None
+    if opts.modality == "text" and opts.min_text_tokens and n_tokens is not None and n_tokens - 2 < opts.min_text_tokens:
+        raise SampleRejected(Reject.TOO_FEW_TOKENS, key, shard, f"{n_tokens - 2} < {opts.min_text_tokens} tokens")
+    image = None
+    if opts.modality != "text":
+        try:
+            image = decode_image(members[img_ext], opts.max_image_pixels, opts.draft_px)
+        except SampleRejected as e:
+            raise e.located(key, shard) from None
     truncated = False
-    if opts.context_length is not None and opts.count_tokens is not None:
-        truncated = opts.count_tokens(caption) > opts.context_length
+    if opts.context_length is not None and n_tokens is not None:
+        truncated = n_tokens > opts.context_length
     sid = shard_id if shard_id is not None else shard_stem(shard)
     return Sample(key=key, uid=f"{sid}/{key}", shard=shard, image=image, caption=caption,
                   caption_truncated=truncated, meta=_parse_meta(members.get(META_EXT)))

@@ -234,3 +234,68 @@ def _iter_resolved(shards: list[str], opts: CleanOptions, stats: Optional[collec
         if msg:
             warnings.append(msg)
             log.warning(msg)
+
+
+# ---------------------------------------------------------------- what a shard holds
+
+class UnpairedShardError(ValueError):
+    """A shard holds image-only or text-only samples but the recipe reading it needs something else (e.g.
+    image-text pairs). Attributes: ``shard``, ``found`` (modality of the shard), ``recipe``, ``needs``."""
+
+    def __init__(self, shard: str, found: str, recipe: str, needs: str) -> None:
+        self.shard, self.found, self.recipe, self.needs = shard, found, recipe, needs
+        what = {"image": "image-only samples (no caption member)", "text": "text-only samples (no image member)",
+                "pair": "image-text pairs"}
+        super().__init__(f"shard {shard} holds {what[found]}, but recipe {recipe!r} reads {what[needs]}; "
+                         + ("use strategy.kind: self_supervised for unpaired data, or build paired shards"
+                            if needs == "pair" else f"give it shards of {what[needs]}"))
+
+
+def shard_modality(url: str, max_keys: int = 8) -> Optional[str]:
+    """What the first ``max_keys`` samples of a shard hold, from tar headers only (no member data read):
+    ``"pair"`` (image and caption members), ``"image"`` (image, no caption), ``"text"`` (caption, no image),
+    or None (no sample found, or the shard is unreadable: the reader counts that later). A key with both an
+    image and a caption counts as a pair; a shard mixing kinds reports the first kind that is not a pair."""
+    import tarfile
+
+    kinds: list[str] = []
+    cur: Optional[str] = None
+    exts: set[str] = set()
+
+    def close() -> None:
+        if cur is not None:
+            img, cap = bool(exts & set(IMAGE_EXTS)), bool(exts & set(CAPTION_EXTS))
+            if img or cap:
+                kinds.append("pair" if img and cap else "image" if img else "text")
+
+    try:
+        with open_shard(url) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+            for m in tar:
+                parts = split_name(m.name) if m.isfile() else None
+                if parts is None:
+                    continue
+                if parts[0] != cur:
+                    close()
+                    if len(kinds) >= max_keys:
+                        break
+                    cur, exts = parts[0], set()
+                exts.add(parts[1])
+            else:
+                close()
+    except (tarfile.TarError, EOFError, OSError, ShardError):
+        return None
+    if not kinds:
+        return None
+    return next((k for k in kinds if k != "pair"), "pair")
+
+
+def check_shard_modality(spec: Union[str, list], needs: str, recipe: str) -> None:
+    """Raise :class:`UnpairedShardError` naming the first shard of ``spec`` whose samples are not what recipe
+    ``recipe`` reads (``needs``: ``"pair"``, ``"image"`` or ``"text"``). An image-text pair serves an
+    image-only or text-only reader too (the other member is ignored). Reads tar headers only
+    (:func:`shard_modality`); unreadable shards pass (the reader counts them)."""
+    for url in resolve_shards(spec):
+        found = shard_modality(url)
+        if found is None or found == needs or found == "pair":
+            continue
+        raise UnpairedShardError(url, found, recipe, needs)

@@ -1,7 +1,8 @@
 """Deterministic WebDataset shard writer (img2dataset layout) and image format helpers.
 
 Each sample is three tar members written in sorted name order: ``{key}.json`` (metadata),
-``{key}.{jpg|png|webp}`` (the image bytes) and ``{key}.txt`` (the caption, UTF-8). Shards are named
+``{key}.{jpg|png|webp}`` (the image bytes) and ``{key}.txt`` (the caption, UTF-8); unpaired samples lack the
+``.txt`` (image-only) or the image member (text-only). Shards are named
 ``{prefix}-{i:06d}.tar``, ustar format. Output is deterministic: the same samples give byte-identical
 shards (mtime 0, uid/gid 0, no user names, mode 0644, fixed member order, JSON with sorted keys).
 :func:`mmtl.data.build.build_shards` builds shards from folders and tables with it.
@@ -151,20 +152,23 @@ class ShardWriter:
         info.uname = info.gname = ""
         self._tar.addfile(info, io.BytesIO(data))
 
-    def write(self, key: str, image_bytes: bytes, image_ext: str, caption: str,
+    def write(self, key: str, image_bytes: Optional[bytes], image_ext: Optional[str], caption: Optional[str],
               meta: Optional[dict[str, Any]] = None) -> None:
-        """Write one sample.
+        """Write one sample: an image-text pair, or (unpaired data) an image only (``caption=None``: no
+        ``.txt`` member) or a text only (``image_bytes=None``: no image member).
 
         Args:
             key: sample key: letters, digits, '_' or '-' (no dots, no '/'; at most 80 chars), unique within this writer.
-            image_bytes: encoded image, written unchanged.
-            image_ext: 'jpg', 'png' or 'webp' (should match the bytes).
-            caption: caption text, written as ``{key}.txt`` in UTF-8.
-            meta: extra JSON-serialisable fields for ``{key}.json``; ``key``, ``caption`` and (unless given)
-                ``width``/``height`` (pixels, read from the image header) and ``source`` ("") are added.
+            image_bytes: encoded image, written unchanged; None for a text-only sample.
+            image_ext: 'jpg', 'png' or 'webp' (should match the bytes); ignored without an image.
+            caption: caption (or the text of a text-only sample), written as ``{key}.txt`` in UTF-8; None for an
+                image-only sample.
+            meta: extra JSON-serialisable fields for ``{key}.json``; ``key``, ``caption`` (when given) and, with
+                an image, (unless given) ``width``/``height`` (pixels, read from the image header), and
+                ``source`` ("") are added.
 
         Raises:
-            ValueError: bad or duplicate key, unsupported ``image_ext``, non-str caption.
+            ValueError: bad or duplicate key, unsupported ``image_ext``, non-str caption, neither image nor caption.
             RuntimeError: the writer is closed.
         """
         if self._keys is None:
@@ -173,21 +177,24 @@ class ShardWriter:
             raise ValueError(f"bad sample key {key!r}: use letters, digits, '_' or '-' (no dots, no '/')")
         if key in self._keys:
             raise ValueError(f"duplicate sample key {key!r}")
-        if image_ext not in IMAGE_EXTS:
+        if image_bytes is None and caption is None:
+            raise ValueError(f"sample {key!r} has neither an image nor a caption")
+        if image_bytes is not None and image_ext not in IMAGE_EXTS:
             raise ValueError(f"image_ext must be one of {IMAGE_EXTS}, got {image_ext!r}")
-        if not isinstance(caption, str):
+        if caption is not None and not isinstance(caption, str):
             raise ValueError(f"caption must be str, got {type(caption).__name__}")
         info = dict(meta or {})
-        if "width" not in info or "height" not in info:
+        if image_bytes is not None and ("width" not in info or "height" not in info):
             info["width"], info["height"] = _image_size(image_bytes)
         info.setdefault("source", "")
         info["key"] = key
-        info["caption"] = caption
-        members = {
-            f"{key}.{image_ext}": bytes(image_bytes),
-            f"{key}.json": json.dumps(info, sort_keys=True, ensure_ascii=False).encode("utf-8"),
-            f"{key}.txt": caption.encode("utf-8"),
-        }
+        if caption is not None:
+            info["caption"] = caption
+        members = {f"{key}.json": json.dumps(info, sort_keys=True, ensure_ascii=False).encode("utf-8")}
+        if image_bytes is not None:
+            members[f"{key}.{image_ext}"] = bytes(image_bytes)
+        if caption is not None:
+            members[f"{key}.txt"] = caption.encode("utf-8")
         size = sum(_tar_block_size(len(v)) for v in members.values())
         if (self._tar is None or self._n_in_shard >= self.max_samples
                 or (self._n_in_shard > 0 and _tar_file_size(self._bytes_in_shard + size) > self.max_bytes)):

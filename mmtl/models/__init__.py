@@ -51,10 +51,11 @@ def build_model(cfg: ModelConfig) -> MultimodalModel:
 def _init_file(path: str) -> Path:
     p = Path(path).expanduser()
     if p.is_dir():
-        for cand in (p / "model.safetensors", p / "artifacts" / "model.safetensors"):
+        for cand in (p / "model.safetensors", p / "artifacts" / "model.safetensors", p / "export" / "model.safetensors"):
             if cand.is_file():
                 return cand
-        raise WeightsError(f"model.init_from={path!r}: folder has no model.safetensors")
+        raise WeightsError(f"model.init_from={path!r}: folder has no model.safetensors (nor export/model.safetensors"
+                           " of a run folder)")
     if not p.is_file():
         raise WeightsError(f"model.init_from={path!r}: file not found")
     return p
@@ -71,7 +72,8 @@ def _tensor_digest(tensors: dict) -> str:
 
 @torch.no_grad()
 def warm_start(model: MultimodalModel, path: str) -> dict:
-    """Load the safetensors state dict at ``path`` (a file, or a folder holding ``model.safetensors``) into
+    """Load the safetensors state dict at ``path`` (a file, a folder holding ``model.safetensors``, or a run
+    folder holding ``export/model.safetensors``, e.g. a self-supervised run whose export is one tower) into
     ``model``: every tensor whose name and shape match is copied (``strict=False``); others are skipped and
     logged. When a tower's loaded weights differ from the ones it was built with, that tower's fingerprint is
     re-derived from the loaded content, so frozen-feature caches of the base towers are not reused.
@@ -87,7 +89,8 @@ def warm_start(model: MultimodalModel, path: str) -> dict:
     sd = load_file(str(f))
     own = model.state_dict()
     matched = {k: v for k, v in sd.items() if k in own and tuple(own[k].shape) == tuple(v.shape)}
-    skipped = sorted(k for k in sd if k not in matched and k != "logit_bias")
+    # logit_bias (SigLIP) and ssl_head.* (a self-supervised run's MLM head / projector) are not model tensors
+    skipped = sorted(k for k in sd if k not in matched and k != "logit_bias" and not k.startswith("ssl_head."))
     if not matched:
         raise WeightsError(f"model.init_from={path!r}: none of its {len(sd)} tensors matches the model "
                            f"(e.g. {sorted(sd)[:3]} vs {sorted(own)[:3]}): built from another architecture?")

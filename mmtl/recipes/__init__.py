@@ -15,11 +15,12 @@ from mmtl.recipes.captioning import CaptioningRecipe
 from mmtl.recipes.contrastive import ContrastiveRecipe
 from mmtl.recipes.fusion import FusionRecipe
 from mmtl.recipes.prompt_learning import PromptLearningRecipe
+from mmtl.recipes.self_supervised import SelfSupervisedRecipe
 
 __all__ = ["RECIPES", "Recipe", "RunContext", "check_pipeline", "recipe_for", "run_pipeline"]
 
 RECIPES: dict[str, type[Recipe]] = {r.name: r for r in (ContrastiveRecipe, PromptLearningRecipe, FusionRecipe,
-                                                       CaptioningRecipe)}
+                                                       CaptioningRecipe, SelfSupervisedRecipe)}
 
 
 def recipe_for(kind: str, family: str | None = None) -> type[Recipe]:

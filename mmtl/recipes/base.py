@@ -83,6 +83,12 @@ class Recipe:
     def __init__(self, ctx: RunContext) -> None:
         self.ctx = ctx
 
+    @classmethod
+    def data_modality(cls, pipe: Pipeline) -> str:
+        """What the recipe's shards must hold: ``"pair"`` (image-text pairs, the default), ``"image"`` or
+        ``"text"`` (unpaired samples); the runner refuses other shards before anything starts."""
+        return "pair"
+
     def prepare(self) -> Optional[dict]:
         """Before training: caches and baselines. Returns ``{name: (N, ...) array}`` rows for the workers, or
         ``None`` to stream ``data.train`` shards.
@@ -90,6 +96,11 @@ class Recipe:
         Raises:
             ValueError: data or options that cannot train (before Ray starts).
         """
+        return None
+
+    def stream(self):
+        """The Ray Dataset builder of streamed training rows, ``(pipe, spec, epochs, stats_actor) -> Dataset``,
+        when :meth:`prepare` returns None; None (default): :func:`mmtl.data.stream.build_image_dataset`."""
         return None
 
     def trains(self) -> bool:

@@ -65,7 +65,7 @@ def run_pipeline(pipe: Pipeline, *, address: Optional[str] = None, must_resume: 
     check_local_devices(pipe.train, address)  # GPUs / CPUs the local Ray instance will have, before anything runs
     recipe_cls = recipe_for(pipe.strategy.kind, pipe.model.family)
     specs = eval_specs(pipe)
-    check_inputs_exist(pipe, specs)  # before a run folder or an MLflow run exists
+    check_inputs_exist(pipe, specs, recipe_cls)  # before a run folder or an MLflow run exists
     run_dir, resuming = select_run_dir(pipe.train.runs_root, pipe.train.name, pipe.train.resume, must_resume)
     run_dir.mkdir(parents=True, exist_ok=True)
     if on_run_dir is not None:
@@ -84,6 +84,10 @@ def run_pipeline(pipe: Pipeline, *, address: Optional[str] = None, must_resume: 
         run_id = mlu.start_run(uri, pipe.tracking.experiment, pipe.train.runs_root, run_dir.name,
                                pipe.model_dump(mode="json"), pipe.to_yaml())
         state_file.write_text(json.dumps({"mlflow_run_id": run_id, "tracking_uri": uri}))
+        lineage = init_lineage(pipe.model.init_from)
+        if lineage:
+            mlu.set_tags(uri, run_id, lineage)
+            say(f"warm start from run {lineage.get('mmtl.parent_run_id', '?')} ({lineage['mmtl.init_from']})")
     say(f"run dir {run_dir}  mlflow run {run_id}")
     ctx = RunContext(pipe=pipe, run_dir=run_dir, uri=uri, run_id=run_id, resuming=resuming, say=say,
                      specs=specs, t_start=t_start)
@@ -108,22 +112,58 @@ def _log_console(uri: str, run_id: str, run_dir: Path) -> None:
         mlu.log_artifacts(uri, run_id, [path])
 
 
-def check_inputs_exist(pipe: Pipeline, specs: dict) -> None:
+def check_inputs_exist(pipe: Pipeline, specs: dict, recipe_cls: Optional[type[Recipe]] = None) -> None:
     """Fail before anything is written when an input is missing: every shard of ``data.train``, ``data.val``
-    and the eval sets (local and remote), and a local ``model.init_from``.
+    and the eval sets (local and remote), and a local ``model.init_from``; with ``recipe_cls``, also when a
+    shard holds samples the recipe cannot read (image-only or text-only shards given to a paired recipe:
+    :meth:`Recipe.data_modality`, checked from tar headers).
 
     Raises:
-        MissingShardsError: a shard is missing (names it); FileNotFoundError: ``model.init_from`` is missing.
+        MissingShardsError: a shard is missing (names it); FileNotFoundError: ``model.init_from`` is missing;
+        UnpairedShardError: a shard's samples do not fit the recipe (names the shard and the recipe).
     """
+    from mmtl.data.shardio import check_shard_modality
     from mmtl.data.shardlist import resolve_shards
 
     for spec in [pipe.data.train, pipe.data.val, *specs.values()]:
         if spec:
             resolve_shards(spec)
+            if recipe_cls is not None:
+                check_shard_modality(spec, recipe_cls.data_modality(pipe), recipe_cls.name)
     init = pipe.model.init_from
     if init and "://" not in init and not Path(init).expanduser().exists():
         raise FileNotFoundError(f"model.init_from={init!r}: not found (train the model it points to first, e.g. "
                                 "the quickstart for the emoji-coop pipeline)")
+
+
+def init_lineage(init_from: Optional[str]) -> dict[str, str]:
+    """MLflow tags naming where ``model.init_from`` came from: ``mmtl.init_from`` and, when it is an mmtl run
+    folder, its export, or a file inside its export (a ``run.json`` up to 3 folders above), the parent's
+    ``mmtl.parent_run_id``, ``mmtl.parent_tracking_uri``, ``mmtl.parent_run_dir``, ``mmtl.parent_strategy``
+    and ``mmtl.parent_data_train`` (the parent's train shard spec: its data manifest). ``{}`` without
+    ``init_from``; only ``mmtl.init_from`` for a URI or a folder outside any run."""
+    if not init_from:
+        return {}
+    tags = {"mmtl.init_from": str(init_from)}
+    if "://" in init_from:
+        return tags
+    p = Path(init_from).expanduser().resolve()
+    for d in [p, *list(p.parents)[:3]]:
+        if (d / "run.json").is_file():
+            try:
+                state = json.loads((d / "run.json").read_text())
+            except ValueError:
+                return tags
+            tags.update({"mmtl.parent_run_id": str(state.get("mlflow_run_id", "")),
+                         "mmtl.parent_tracking_uri": str(state.get("tracking_uri", "")), "mmtl.parent_run_dir": str(d)})
+            if (d / "pipeline.yaml").is_file():
+                import yaml
+
+                raw = yaml.safe_load((d / "pipeline.yaml").read_text()) or {}
+                tags["mmtl.parent_strategy"] = str((raw.get("strategy") or {}).get("kind", ""))
+                tags["mmtl.parent_data_train"] = json.dumps((raw.get("data") or {}).get("train"))[:5000]
+            break
+    return tags
 
 
 class RunStepError(RuntimeError):
@@ -167,7 +207,8 @@ def run_recipe(recipe: Recipe) -> dict:
         else:
             init_ray()
             t_train = time.time()
-            result = fit(pipe, ctx.run_dir, arrays, ctx.uri, ctx.run_id, ctx.say, train_module=recipe.train_module)
+            result = fit(pipe, ctx.run_dir, arrays, ctx.uri, ctx.run_id, ctx.say, train_module=recipe.train_module,
+                         build_dataset=recipe.stream())
             base["train_time_s"] = round(time.time() - t_train, 2)
             final = result.metrics or {}
             ctx.final_train = {k: v for k, v in final.items() if k.startswith("train/")}

@@ -17,11 +17,13 @@ from mmtl.strategies.frozen import FrozenStrategy
 from mmtl.strategies.full import FullStrategy
 from mmtl.strategies.lora import LoraStrategy
 from mmtl.strategies.prompt_tuning import PromptTuningStrategy
+from mmtl.strategies.self_supervised import SelfSupervisedStrategy
 
 __all__ = ["STRATEGIES", "Strategy", "get_strategy", "apply_strategy", "trainable_summary", "uses_feature_cache"]
 
 STRATEGIES: dict[str, Strategy] = {s.kind: s for s in (
     FrozenStrategy(), FullStrategy(), LoraStrategy(), PromptTuningStrategy(), CrossAttentionStrategy(),
+    SelfSupervisedStrategy(),
 )}
 
 

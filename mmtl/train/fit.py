@@ -18,7 +18,7 @@ Say = Callable[[str], None]
 
 
 def fit(pipe: Pipeline, run_dir: Path, arrays: Optional[dict], uri: str, run_id: str, say: Say,
-        train_module: Optional[type] = None):
+        train_module: Optional[type] = None, build_dataset: Optional[Callable] = None):
     """Train with Ray Train (``TorchTrainer`` of ``train.num_workers`` workers, each running
     :func:`mmtl.train.worker.train_loop_per_worker`) and return the ``ray.train.Result``.
 
@@ -27,6 +27,8 @@ def fit(pipe: Pipeline, run_dir: Path, arrays: Optional[dict], uri: str, run_id:
     by a shuffled Ray Data index stream (cached frozen-tower outputs; task modules get these names as
     ``forward`` arguments), or ``None`` to stream and decode ``data.train`` shards. ``train_module``: the
     recipe's task-module class (:func:`mmtl.train.loop.make_train_module`), None for the contrastive module.
+    ``build_dataset(pipe, spec, epochs, stats_actor_name)``: the recipe's own Ray Dataset of streamed rows
+    (e.g. :func:`mmtl.data.unpaired.build_unpaired_dataset`); None: :func:`mmtl.data.stream.build_image_dataset`.
 
     Raises:
         RuntimeError: training failed past ``train.max_failures`` (the run is left resumable).
@@ -57,7 +59,8 @@ def fit(pipe: Pipeline, run_dir: Path, arrays: Optional[dict], uri: str, run_id:
         stats_handle = make_stats_actor(name)  # noqa: F841  (kept alive for the whole fit)
         cfg["stats_actor"] = name
         n = count_samples(pipe.data.train)
-        ds = build_image_dataset(pipe, pipe.data.train, epochs_needed(t.max_steps, t.effective_global_batch, n), name)
+        ds = (build_dataset or build_image_dataset)(pipe, pipe.data.train,
+                                                   epochs_needed(t.max_steps, t.effective_global_batch, n), name)
     resources = {"CPU": t.cpus_per_worker}
     if t.use_gpu:
         resources["GPU"] = t.gpus_per_worker

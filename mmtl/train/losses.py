@@ -3,6 +3,8 @@
 * CLIP InfoNCE (Radford et al. 2021, "Learning Transferable Visual Models From Natural Language
   Supervision", Fig. 3 pseudocode): symmetric cross-entropy over the (N, N) cosine-similarity matrix scaled
   by a learnable temperature ``exp(t)``, clamped at ``max_logit_scale`` (100 in CLIP).
+* NT-Xent, SimCLR's loss (Chen et al. 2020, "A Simple Framework for Contrastive Learning of Visual
+  Representations", Eq. 1): :func:`nt_xent`, for the self-supervised recipe's image tower.
 * SigLIP (Zhai et al. 2023, "Sigmoid Loss for Language Image Pre-Training", Eq. 1 / Algorithm 1):
   ``-1/N * sum_ij log sigmoid(z_ij * (t * x_i . y_j + b))`` with ``z_ij = 1`` on the diagonal, ``-1`` off it.
 
@@ -94,3 +96,30 @@ def contrastive_loss(kind: str, image_emb, text_emb, logit_scale, logit_bias=Non
             raise ValueError("siglip loss needs a logit_bias parameter")
         return siglip_loss(image_emb, text_emb, logit_scale, logit_bias)
     raise ValueError(f"unknown loss {kind!r}; expected 'clip' or 'siglip'")
+
+
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised temperature-scaled cross-entropy over 2N views.
+
+    ``z1``, ``z2``: (N, D) projections of the two views of N samples (row i of each is a positive pair); they
+    are L2-normalised here. With ``z = [z1; z2]`` (2N, D) and ``s_ij = z_i . z_j / tau``, each view's loss is
+    ``l(i, j) = -log( exp(s_ij) / sum_{k != i} exp(s_ik) )`` for its positive j; the result is the mean over
+    all 2N views (Eq. 1; Algorithm 1's ``1/(2N) sum_k [l(2k-1, 2k) + l(2k, 2k-1)]``).
+
+    Returns ``(loss (), top1 ())``: the loss in nats and the share of views whose most similar other view is
+    their positive.
+
+    Raises:
+        ValueError: shapes differ, or N < 1.
+    """
+    if z1.shape != z2.shape or z1.ndim != 2 or z1.shape[0] < 1:
+        raise ValueError(f"nt_xent needs two (N, D) tensors of one shape with N >= 1, got {tuple(z1.shape)} and "
+                         f"{tuple(z2.shape)}")
+    n = z1.shape[0]
+    z = F.normalize(torch.cat([z1, z2]).float(), dim=-1)
+    sim = z @ z.t() / float(temperature)
+    sim = sim.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
+    target = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
+    loss = F.cross_entropy(sim, target)
+    top1 = (sim.argmax(dim=1) == target).float().mean()
+    return loss, top1.detach()
