@@ -166,18 +166,23 @@ def test_resolve_classes_priority_and_data_fallback():
 
 # ----------------------------------------------------------------------------------------- mmtl eval CLI
 
-# the parameters of `mmtl eval` on main before the CLI became a package (kind, flags, secondary flags, default,
-# required, help), recorded from typer.main.get_command(app).commands["eval"].params
+# the parameters of `mmtl eval` (kind, flags, secondary flags, default, required, help), recorded from
+# typer.main.get_command(app).commands["eval"].params: those of main before the CLI became a package, with the
+# deliberate changes since: --task and --batch-size default from the data / the model's pipeline (issue 22),
+# captioning in --task (issue 14), --locale (issue 15)
 MAIN_EVAL_PARAMS = [
     ("argument", ("model",), (), None, True,
      "Run dir, export folder, runs:/<run_id>/model, models:/<name>@<alias> or models:/<name>/<version>"),
     ("option", ("--data",), (), None, True, "Shard spec: folder, glob, brace pattern, .tar or URI"),
-    ("option", ("--task",), (), "zero-shot", False, "zero-shot, retrieval, or vqa / itm (cross_attention models), or captioning (generative models)"),
+    ("option", ("--task",), (), None, False, "zero-shot, retrieval, or vqa / itm (cross_attention models), or "
+     "captioning (generative models); default: picked from the data (a --label-field label: zero-shot, answers: "
+     "vqa, else retrieval)"),
     ("option", ("--classes",), (), None, False, "Class names: a file (one a line) or a comma list"),
     ("option", ("--templates",), (), None, False, "Prompt templates: a file (one a line, with {}) or one template"),
     ("option", ("--label-field",), (), "category", False, "Sample json field holding the class name"),
     ("option", ("--ks",), (), "1,5,10", False, "Recall@K cut-offs for retrieval (comma list)"),
-    ("option", ("--batch-size",), (), 64, False, "Images per forward pass"),
+    ("option", ("--batch-size",), (), None, False,
+     "Images per forward pass (the model pipeline's eval.batch_size; default: its value there)"),
     ("option", ("--out",), (), None, False, "Folder for eval.json and the CSV/PNG reports"),
     ("option", ("--mlflow",), ("--no-mlflow",), True, False, "Log to a run nested under the model's MLflow run"),
     ("option", ("--tracking-uri",), (), None, False,
@@ -189,6 +194,8 @@ MAIN_EVAL_PARAMS = [
     ("option", ("--json",), (), False, False, "Print one JSON object"),
     ("option", ("--prompt",), (), None, False, "Learned CoOp prompt for zero-shot: a prompt_tuning run dir, its "
      "export or prompt.safetensors (default: the model's own, if any)"),
+    ("option", ("--locale",), (), None, False, "Retrieval per caption locale: xx, a comma list or all (en = the "
+     "shards' captions; others captions.<locale>.json next to the shards)"),
 ]
 
 
@@ -224,5 +231,6 @@ def test_eval_options_map_onto_run_eval(monkeypatch):
     seen = {}
     monkeypatch.setattr(runner, "run_eval", lambda *a, **kw: seen.update(args=a, kw=kw) or {"ok": True})
     assert EvalOptions("m", "d", ks="1, 5,").run() == {"ok": True}
-    assert seen["args"] == ("m", "zero-shot", "d", None, None, "category", [1, 5], 64, None, True, None)
-    assert seen["kw"] == {"use_ray": None, "ray_address": None, "device": "auto", "say": None, "prompt": None}
+    assert seen["args"] == ("m", None, "d", None, None, "category", [1, 5], None, None, True, None)
+    assert seen["kw"] == {"use_ray": None, "ray_address": None, "device": "auto", "say": None, "prompt": None,
+                          "locale": None}

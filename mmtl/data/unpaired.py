@@ -88,12 +88,9 @@ def simclr_views(model_cfg, scfg: SelfSupervisedConfig) -> SimCLRViews:
     Raises:
         ValueError: ``model.family`` is not ``two_tower`` (SimCLR views are defined for timm image towers).
     """
-    if model_cfg.family != "two_tower":
-        raise ValueError(f"strategy.self_supervised.method=simclr needs model.family two_tower (a timm image "
-                         f"tower), got {model_cfg.family!r}")
-    from mmtl.models.two_tower import vision_mean_std
+    from mmtl.models.two_tower import two_tower_mean_std
 
-    mean, std = vision_mean_std(model_cfg.vision)
+    mean, std = two_tower_mean_std(model_cfg, "strategy.self_supervised.method=simclr")
     return SimCLRViews(model_cfg.image_size, mean, std, scfg)
 
 

@@ -355,6 +355,17 @@ class TwoTowerFamily:
         return cfg
 
 
+def two_tower_mean_std(cfg: ModelConfig, what: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The timm image tower's normalisation (mean, std) of a ``two_tower`` model config.
+
+    Raises:
+        ValueError: another family (``what`` names the setting that needs a two-tower model).
+    """
+    if cfg.family != "two_tower":
+        raise ValueError(f"{what} needs model.family two_tower (a timm image tower), got {cfg.family!r}")
+    return vision_mean_std(cfg.vision)
+
+
 def tiny_two_tower_config(**overrides: Any) -> ModelConfig:
     """A random-init two-tower config for fast tests: timm ``test_efficientnet`` (256-d, 0.1 M params) at
     32 px, a 2-layer BERT (hidden 32) with the MiniLM package tokenizer, context 16, embed_dim 16."""
