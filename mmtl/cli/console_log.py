@@ -31,6 +31,9 @@ from typing import Optional, TextIO
 NOISE: tuple[tuple[str, str], ...] = (
     (r"Failed to query Ray Train Controller actor state",
      "Ray Train's placement-group cleaner polls the State API, which needs the dashboard mmtl does not start"),
+    (r"^(?:\x1b\[[0-9;]*m)?\(PlacementGroupCleaner pid=\d+(?:, ip=[0-9.]+)?\)",
+     "anything else that actor prints, e.g. its monitor thread's traceback when several local Ray instances run "
+     "(its State-API lookup cannot pick one); the run does not depend on it"),
     (r"'PreemptionWatcher' .* constructor arguments in the object store",
      "Ray Train internal actor, a notice for Ray developers"),
     (r"Setting accelerator to CPU",
