@@ -131,18 +131,7 @@ def _restore_mlflow_globals():
     """``mlflow.set_tracking_uri`` / ``set_registry_uri`` in a test (or code it calls) also set the
     ``MLFLOW_*_URI`` environment variables; put MLflow's globals and those variables back after every test so no
     test redirects a later one (or its Ray workers and subprocesses) to its temporary store."""
-    env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-    try:
-        from mlflow.tracking._model_registry import utils as ru
-        from mlflow.tracking._tracking_service import utils as tu
-    except ImportError:  # pragma: no cover
+    from mmtl.tracking.registry import kept_mlflow_uris
+
+    with kept_mlflow_uris():
         yield
-        return
-    saved = (tu._tracking_uri, ru._registry_uri)
-    yield
-    tu._tracking_uri, ru._registry_uri = saved
-    for k, v in env.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v

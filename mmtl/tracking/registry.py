@@ -154,19 +154,16 @@ def log_pyfunc(uri: str, run_id: str, export_dir: Path, model_class: type, signa
 
 
 @contextlib.contextmanager
-def mlflow_uris(uri: str):
-    """Use ``uri`` as MLflow's tracking and registry URI inside the block (the fluent API needs them: register in
-    the same store, whatever ``$MLFLOW_REGISTRY_URI`` says), then put back what was there before, including the
-    ``MLFLOW_TRACKING_URI`` / ``MLFLOW_REGISTRY_URI`` environment variables MLflow sets for subprocesses (so one
-    logged model does not redirect later runs or workers of the same process)."""
-    import mlflow
+def kept_mlflow_uris():
+    """Inside the block MLflow's global tracking / registry URIs may change; afterwards they are put back, with the
+    ``MLFLOW_TRACKING_URI`` / ``MLFLOW_REGISTRY_URI`` environment variables that ``mlflow.set_tracking_uri`` /
+    ``set_registry_uri`` also set for subprocesses (so one logged model does not redirect later runs or workers of
+    the same process)."""
     from mlflow.tracking._model_registry import utils as registry_utils
     from mlflow.tracking._tracking_service import utils as tracking_utils
 
     env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     saved = (getattr(tracking_utils, "_tracking_uri", None), getattr(registry_utils, "_registry_uri", None))
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
     try:
         yield
     finally:
@@ -176,6 +173,18 @@ def mlflow_uris(uri: str):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@contextlib.contextmanager
+def mlflow_uris(uri: str):
+    """Use ``uri`` as MLflow's tracking and registry URI inside the block (the fluent API needs them: register in
+    the same store, whatever ``$MLFLOW_REGISTRY_URI`` says), then put back what was there (:func:`kept_mlflow_uris`)."""
+    import mlflow
+
+    with kept_mlflow_uris():
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
+        yield
 
 
 def _mmtl_version() -> str:
