@@ -158,7 +158,8 @@ def _head_from_checkpoint(run_dir: Path) -> dict:
     states.pt``, key ``module``), for an export that lacks them.
 
     Raises:
-        FileNotFoundError: no checkpoint or no head in it (the measure after training would use a fresh head)."""
+        FileNotFoundError: no checkpoint, a file that needs more than tensors to load, or no head in it (the
+            measure after training would use a fresh head)."""
     import torch
 
     from mmtl.runtime import latest_checkpoint
@@ -167,7 +168,11 @@ def _head_from_checkpoint(run_dir: Path) -> dict:
     files = sorted(Path(ckpt).glob("ds/mp_rank_00_model_states.pt")) if ckpt else []
     if not files:
         raise FileNotFoundError(f"{run_dir}: the export has no ssl_head.* and no checkpoint holds one")
-    module = torch.load(files[-1], map_location="cpu", weights_only=False)["module"]
+    try:  # weights_only: no code runs from the file; DeepSpeed's extra entries that need more are refused
+        module = torch.load(files[-1], map_location="cpu", weights_only=True)["module"]
+    except Exception as exc:  # noqa: BLE001 - re-raised with the file and what to do
+        raise FileNotFoundError(f"{files[-1]}: cannot read its model states safely ({type(exc).__name__}: {exc}); "
+                                "export the run again with this mmtl (the export keeps ssl_head.*)") from exc
     head = {k: v for k, v in module.items() if k.startswith("ssl_head.")}
     if not head:
         raise FileNotFoundError(f"{files[-1]} holds no ssl_head.* tensors")
