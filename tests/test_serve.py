@@ -236,6 +236,9 @@ def test_routes_answer_with_the_models_values(served):
     assert _client(served["url"], "wrong").post("/embed/text", json={"texts": ["x"]}).status_code == 401
     paths = c.get("/openapi.json").json()["paths"]
     assert {"/embed/text", "/embed/image", "/search", "/classify", "/healthz", "/readyz"} <= set(paths)
+    assert ready["serves"]["kind"] == "embedding" and "/caption" not in ready["serves"]["routes"]
+    r = c.post("/caption", json={"image": base64.b64encode(_png()).decode()})  # a route of generative models
+    assert r.status_code == 409 and "/search" in r.json()["detail"]
 
     got = np.array(c.post("/embed/text", json={"texts": ["a red circle", "a blue bar"]}).json()["embeddings"])
     np.testing.assert_allclose(got, emb.encode_texts(["a red circle", "a blue bar"]), atol=1e-5)
@@ -365,7 +368,7 @@ def test_build_app_replica_resolves_the_model_and_checks_the_index(tmp_path, tin
     write_index(tmp_path / "idx", _rows(20, dim=16), model={**MODEL, "fingerprint": model_fingerprint(a)}, shards=[])
     app = build_app({"model": str(a), "index": str(tmp_path / "idx")})
     args = app._bound_deployment.init_args
-    assert args[0] is None and args[1] is None and args[2]["spec"] == str(a)
+    assert args[0] is None and args[1]["spec"] == str(a)
     replica = ServiceCore(*args)
     assert replica.model_info["fingerprint"] == model_fingerprint(a) and len(replica.index) == 20
     with pytest.raises(IndexModelMismatch):

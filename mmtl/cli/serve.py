@@ -46,7 +46,7 @@ def index_build_cmd(
     try:
         m = build_index(model, shards, out, kind=kind, append=append, tracking_uri=tracking_uri, actors=actors,
                         batch_size=batch_size, ray_address=address, say=say_to_console())
-    except (ModelSpecError, IndexFolderError, ShardError) as exc:
+    except (ModelSpecError, IndexFolderError, ShardError, ValueError) as exc:
         fail(str(exc))
     keep = ("kind", "count", "dim", "seconds", "samples_per_s", "recall_at_10_vs_flat", "recall_queries")
     print(json.dumps({**{k: m[k] for k in keep if k in m}, "out": str(out),
@@ -70,8 +70,10 @@ def serve_cmd(
                                                                   "rebuilding --index for the new model"),
     watch_interval: float = typer.Option(60.0, help="Seconds between registry polls with --watch-alias"),
 ) -> None:
-    """Serve MODEL with Ray Serve: /embed/text, /embed/image, /search, /classify, /healthz, /readyz, docs at
-    /docs and a search page at /. Runs until interrupted (Ctrl-C), then stops Serve and the Ray it started.
+    """Serve MODEL with Ray Serve: /embed/text, /embed/image, /search, /classify (also with a learned CoOp
+    prompt) for embedding models, /caption for generative models (blip, llava), /vqa or /itm for cross-attention
+    models; /healthz, /readyz, docs at /docs and a search page at /. Runs until interrupted (Ctrl-C), then stops
+    Serve and the Ray it started.
 
     Example:
 

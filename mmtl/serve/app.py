@@ -2,7 +2,9 @@
 
 Routes (OpenAPI docs at ``/docs``): ``GET /`` (search page), ``GET /healthz`` (process alive), ``GET /readyz``
 (model and index loaded: model spec and fingerprint, index size), ``POST /embed/text``, ``POST /embed/image``
-(the image bytes as the body), ``POST /search``, ``POST /classify``, ``GET /classes``.
+(the image bytes as the body), ``POST /search``, ``POST /classify``, ``GET /classes`` for embedding models;
+``POST /caption`` for generative models (``blip``, ``llava``); ``POST /vqa`` or ``POST /itm`` for cross-attention
+fusion models (:mod:`mmtl.serve.served_model` says which export answers what; another route answers 409).
 
 Text and image encodings go through ``ray.serve.batch`` queues, so concurrent requests share one forward pass
 (size and wait from the config's ``batching``; disabled = batches of one). Bad requests are answered 4xx with a
@@ -25,12 +27,13 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 from ray import serve
 
-from mmtl.serve.schemas import (ClassifyIn, ClassifyOut, ClassScore, EmbeddingsOut, EmbedTextIn, Hit, SearchIn,
-                                SearchOut, b64_image)
+from mmtl.serve.schemas import (CaptionIn, CaptionOut, ClassifyIn, ClassifyOut, ClassScore, EmbeddingsOut,
+                                EmbedTextIn, Hit, ItmOut, PairIn, SearchIn, SearchOut, VqaOut, b64_image)
 
-api = FastAPI(title="mmtl serve", description="Embeddings, search and zero-shot classification with an mmtl model.")
+api = FastAPI(title="mmtl serve", description="Embeddings, search, zero-shot classification, captions and answers "
+                                             "with an mmtl model.")
 OPEN_PATHS = ("/", "/healthz", "/readyz")
-JSON_POSTS = ("/embed/text", "/search", "/classify")
+JSON_POSTS = ("/embed/text", "/search", "/classify", "/caption", "/vqa", "/itm")
 IMAGE_TYPES = ("image/", "application/octet-stream")
 _settings: dict = {"token": None, "max_body_bytes": 16 << 20}  # this replica's (one deployment per process)
 
@@ -87,34 +90,43 @@ def _page() -> str:
 
 
 class ServiceCore:
-    """One replica (deployed as :data:`MmtlService`; a plain class, so it can run in process): the model (:class:`mmtl.serve.embed.Embedder`) and the index (:class:`LoadedIndex`) in memory.
+    """One replica (deployed as :data:`MmtlService`; a plain class, so it can run in process): the model
+    (:class:`mmtl.serve.served_model.ServedModel`) and the index (:class:`LoadedIndex`) in memory.
 
     Args:
-        pipeline_yaml, weights_box: the export (``[ObjectRef or bytes]`` of ``model.safetensors``).
+        files_box: the export's files (``[ObjectRef or dict]`` of :func:`mmtl.serve.served_model.export_files`),
+            or None: the replica resolves ``model_info["spec"]`` itself (RayService).
         model_info: ``{"spec", "fingerprint", ...}`` shown by ``/readyz``.
         index_dir: index folder readable by the replica, or None (``/search`` then answers 409).
         settings: :class:`mmtl.serve.config.ServeConfig` as a dict; token: bearer token or None.
+
+    Raises:
+        ValueError: an index given for a model that does not embed. IndexModelMismatch: an index of another model.
     """
 
-    def __init__(self, pipeline_yaml: Optional[str], weights_box: Optional[list], model_info: dict,
-                 index_dir: Optional[str], settings: dict, token: Optional[str] = None) -> None:
+    def __init__(self, files_box: Optional[list], model_info: dict, index_dir: Optional[str], settings: dict,
+                 token: Optional[str] = None) -> None:
         import ray
 
-        from mmtl.serve.embed import Embedder
         from mmtl.serve.index import load_index
+        from mmtl.serve.served_model import ServedModel
 
         threads = settings["deployment"]["torch_threads"]
-        if weights_box is None:  # built by build_app (RayService): the replica resolves MODEL itself
+        if files_box is None:  # built by build_app (RayService): the replica resolves MODEL itself
             model_info = {**model_info, **_resolve_here(model_info["spec"], model_info.get("tracking_uri"))}
-            self.emb = Embedder.from_export(model_info.pop("export_dir"), threads=threads)
+            self.model = ServedModel(model_info.pop("export_dir"), threads=threads)
             model_info.pop("temporary", None)
         else:
-            ref = weights_box[0]
-            weights = ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref
-            self.emb = Embedder.from_bytes(pipeline_yaml, weights, threads=threads)
+            ref = files_box[0]
+            self.model = ServedModel.from_files(ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref, threads)
+        self.emb = self.model.embedder  # None unless the model embeds
         self.model_info, self.limits = model_info, settings["limits"]
+        if index_dir and self.emb is None:
+            raise ValueError(f"an index was given but the model ({self.model.kind}) does not embed images")
         self.index = load_index(index_dir, model_info["fingerprint"]) if index_dir else None
         self.class_lists = self.index.labels() if self.index is not None else {}
+        if self.model.prompt_classes:
+            self.class_lists = {**self.class_lists, "prompt": list(self.model.prompt_classes)}
         self.class_cache: dict = {}  # (classes, templates) -> (C, D) class embeddings, 16 most recent
         _replica_settings().update(token=token or None, max_body_bytes=self.limits["max_body_bytes"])
         b = settings["batching"]
@@ -124,7 +136,8 @@ class ServiceCore:
             q.set_batch_wait_timeout_s(b["batch_wait_timeout_s"] if b["enabled"] else 0.0)
         self.batching = {"enabled": b["enabled"], "max_batch_size": size, "batch_wait_timeout_s": b["batch_wait_timeout_s"]}
         self.batches = {"text": [], "image": []}  # sizes of the last batches (readyz shows a summary)
-        self.emb.encode_texts(["warm up"])  # first forward pays one-off costs here, not in a request
+        if self.emb is not None:
+            self.emb.encode_texts(["warm up"])  # first forward pays one-off costs here, not in a request
         self.started = time.time()
 
     # ---- batched encoders ---------------------------------------------------------------------------------
@@ -143,11 +156,19 @@ class ServiceCore:
     def _count(self, which: str, n: int) -> None:
         self.batches[which] = (self.batches[which] + [n])[-1000:]
 
+    def _need(self, route: str) -> None:
+        """409 unless the loaded model answers ``route``."""
+        if route not in self.model.routes:
+            m = self.model
+            raise HTTPException(409, f"this model ({m.kind}: model.family={m.pipe.model.family}, strategy.kind="
+                                     f"{m.pipe.strategy.kind}) does not answer {route}; it answers "
+                                     f"{', '.join(m.routes)}")
+
     def _decode(self, data: bytes):
         from mmtl.data.samples import Reject, SampleRejected
 
         try:
-            return self.emb.decode(data)
+            return self.model.decode(data)
         except SampleRejected as e:
             code = 413 if e.reason == Reject.TOO_MANY_PIXELS else 400
             raise HTTPException(code, f"image rejected ({e.reason.value}): {e.detail}"[:500]) from None
@@ -179,13 +200,15 @@ class ServiceCore:
             m = self.index.manifest
             idx = {"count": len(self.index), "kind": m["kind"], "dim": m["dim"], "folder": str(self.index.folder)}
         sizes = {k: (float(np.mean(v)) if v else None) for k, v in self.batches.items()}
-        return {"ready": True, "model": self.model_info, "dim": self.emb.dim, "index": idx,
+        return {"ready": True, "model": self.model_info, "serves": self.model.describe(),
+                "dim": self.emb.dim if self.emb is not None else None, "index": idx,
                 "batching": {**self.batching, "mean_batch_size": sizes}, "class_lists": sorted(self.class_lists),
                 "uptime_s": round(time.time() - self.started, 1)}
 
     @api.post("/embed/text", response_model=EmbeddingsOut)
     async def embed_text(self, body: EmbedTextIn) -> EmbeddingsOut:
         """Embed 1..64 texts -> (N, D) L2-normalised."""
+        self._need("/embed/text")
         if len(body.texts) > self.limits["max_texts"]:
             raise HTTPException(422, f"{len(body.texts)} texts; at most {self.limits['max_texts']}")
         self._text_limit(body.texts)
@@ -195,6 +218,7 @@ class ServiceCore:
     @api.post("/embed/image", response_model=EmbeddingsOut)
     async def embed_image(self, request: Request) -> EmbeddingsOut:
         """Embed one image sent as the request body (any format the training decoder accepts)."""
+        self._need("/embed/image")
         data = await request.body()
         if len(data) > self.limits["max_body_bytes"]:
             raise HTTPException(413, f"body of {len(data)} bytes; at most {self.limits['max_body_bytes']}")
@@ -210,6 +234,7 @@ class ServiceCore:
     @api.post("/search", response_model=SearchOut)
     async def search(self, body: SearchIn) -> SearchOut:
         """Top-K index rows for a text or an image query (exactly one of them)."""
+        self._need("/search")
         if self.index is None:
             raise HTTPException(409, "no index loaded: start the server with --index DIR (`mmtl index build`)")
         if (body.text is None) == (body.image is None):
@@ -239,7 +264,13 @@ class ServiceCore:
 
     @api.post("/classify", response_model=ClassifyOut)
     async def classify(self, body: ClassifyIn) -> ClassifyOut:
-        """Zero-shot classification of an image among class names (prompt templates averaged)."""
+        """Zero-shot classification of an image among class names: CLIP prompt templates averaged, or the
+        model's learned CoOp context (``prompt``; default: learned when the model has one)."""
+        self._need("/classify")
+        use = body.prompt or ("learned" if self.model.prompt is not None else "templates")
+        if use == "learned" and self.model.prompt is None:
+            raise HTTPException(409, "this model has no learned prompt (a prompt_tuning export has one); "
+                                     "use prompt='templates'")
         if isinstance(body.classes, str):
             if body.classes not in self.class_lists:
                 raise HTTPException(404, f"unknown class list {body.classes!r}; known: {sorted(self.class_lists)}")
@@ -252,21 +283,56 @@ class ServiceCore:
             raise HTTPException(422, f"class names must be distinct and at most {self.limits['max_classes']}")
         self._text_limit(classes)
         img = await self._image_batch(self._image_field(body.image))
-        w = await asyncio.to_thread(self._class_weights, tuple(classes), tuple(body.templates))
+        if use == "learned":
+            try:
+                w = await asyncio.to_thread(self._learned_weights, tuple(classes))
+            except ValueError as e:  # class-specific context and an untrained class
+                raise HTTPException(422, str(e)[:500]) from None
+        else:
+            w = await asyncio.to_thread(self._class_weights, tuple(classes), tuple(body.templates))
         cos = w @ img
         logits = cos * self.emb.logit_scale()
         p = np.exp(logits - logits.max())
         p /= p.sum()
         order = np.argsort(-p)
-        return ClassifyOut(labels=[ClassScore(label=classes[i], prob=float(p[i]), score=float(cos[i])) for i in order])
+        return ClassifyOut(labels=[ClassScore(label=classes[i], prob=float(p[i]), score=float(cos[i])) for i in order],
+                           prompt=use)
 
-    def _class_weights(self, classes: tuple, templates: tuple) -> np.ndarray:
-        key = (classes, templates)
+    def _cached(self, key: tuple, make) -> np.ndarray:
         if key not in self.class_cache:
             if len(self.class_cache) >= 16:
                 self.class_cache.pop(next(iter(self.class_cache)))
-            self.class_cache[key] = self.emb.class_weights(classes, templates)
+            self.class_cache[key] = make()
         return self.class_cache[key]
+
+    def _class_weights(self, classes: tuple, templates: tuple) -> np.ndarray:
+        return self._cached((classes, templates), lambda: self.emb.class_weights(classes, templates))
+
+    def _learned_weights(self, classes: tuple) -> np.ndarray:
+        return self._cached((classes, "<learned>"), lambda: self.model.learned_class_weights(classes))
+
+    @api.post("/caption", response_model=CaptionOut)
+    async def caption(self, body: CaptionIn) -> CaptionOut:
+        """Generate a caption (or continue ``prompt``, e.g. answer a question) for one image; generative models.
+        Requests are served one at a time per replica (no batching across requests)."""
+        self._need("/caption")
+        image = self._image_field(body.image)
+        text = await asyncio.to_thread(self.model.caption, image, body.prompt, body.num_beams, body.max_new_tokens)
+        return CaptionOut(text=text)
+
+    @api.post("/vqa", response_model=VqaOut)
+    async def vqa(self, body: PairIn) -> VqaOut:
+        """Answer a question about one image from the trained answer vocabulary (cross-attention VQA models)."""
+        self._need("/vqa")
+        out = await asyncio.to_thread(self.model.fusion_predict, self._image_field(body.image), body.text)
+        return VqaOut(**out)
+
+    @api.post("/itm", response_model=ItmOut)
+    async def itm(self, body: PairIn) -> ItmOut:
+        """Probability that ``text`` describes the image (cross-attention ITM models)."""
+        self._need("/itm")
+        out = await asyncio.to_thread(self.model.fusion_predict, self._image_field(body.image), body.text)
+        return ItmOut(**out)
 
 
 #: The Ray Serve deployment: :class:`ServiceCore` behind the FastAPI ingress ``api``.

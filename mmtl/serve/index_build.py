@@ -119,6 +119,7 @@ def build_index(model_spec: str, shards_spec, out: str | Path, *, kind: Optional
         ModelSpecError: MODEL names nothing loadable. ShardError: shards missing / none match.
         IndexFolderError / IndexModelMismatch: see :func:`mmtl.serve.index.write_index` (checked before any
             embedding for ``--append`` with another model, or an existing index without ``--append``).
+        ValueError: the model does not embed images (a generative or fusion export).
     """
     import ray
 
@@ -127,11 +128,16 @@ def build_index(model_spec: str, shards_spec, out: str | Path, *, kind: Optional
     from mmtl.runtime import init_ray
     from mmtl.serve.embed import model_fingerprint
     from mmtl.serve.index import IndexFolderError, check_model, read_manifest, write_index
+    from mmtl.serve.served_model import export_kind, read_export_pipeline
 
     out = Path(out)
     res = resolve_export(model_spec, tracking_uri)
     try:
         fp = model_fingerprint(res.export_dir)
+        model_kind = export_kind(read_export_pipeline(res.export_dir))
+        if model_kind != "embedding":
+            raise ValueError(f"{model_spec} is a {model_kind} model: it does not embed images, so it cannot build an "
+                             "index (serve it without --index: `mmtl serve MODEL`)")
         if append:
             check_model(read_manifest(out), fp, out)
         elif (out / "index.json").exists():

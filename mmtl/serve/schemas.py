@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import Optional, Union
+from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -86,6 +86,9 @@ class ClassifyIn(_In):
                                                             "knows (GET /classes)")
     templates: list[str] = Field(["{}"], min_length=1, max_length=32,
                                  description="prompt templates, each with one '{}' for the class name")
+    prompt: Optional[Literal["learned", "templates"]] = Field(
+        None, description="'learned': the model's learned CoOp context (a prompt_tuning export); 'templates': the "
+                          "templates above; default: learned when the model has one")
 
     @field_validator("templates")
     @classmethod
@@ -104,3 +107,35 @@ class ClassScore(BaseModel):
 
 class ClassifyOut(BaseModel):
     labels: list[ClassScore] = Field(..., description="every class, most probable first")
+    prompt: str = Field("templates", description="'learned' or 'templates': how the class embeddings were made")
+
+
+class CaptionIn(_In):
+    image: str = Field(..., description="base64 of the encoded image bytes")
+    prompt: Optional[str] = Field(None, max_length=1000, description="text the output continues (a question for "
+                                                                    "a chat model); default model.decoder.prompt")
+    num_beams: int = Field(1, ge=1, le=8, description="1: greedy; N: beam search with N beams")
+    max_new_tokens: int = Field(24, ge=1, le=128, description="most tokens to generate")
+
+
+class CaptionOut(BaseModel):
+    text: str
+
+
+class PairIn(_In):
+    image: str = Field(..., description="base64 of the encoded image bytes")
+    text: str = Field(..., description="the question (/vqa) or the caption to match (/itm)")
+
+    @field_validator("text")
+    @classmethod
+    def _check(cls, v: str) -> str:
+        return _text_ok(v)
+
+
+class VqaOut(BaseModel):
+    answer: str = Field(..., description="the most probable answer of the trained answer vocabulary")
+    score: float = Field(..., description="its sigmoid probability, 0-1")
+
+
+class ItmOut(BaseModel):
+    match_prob: float = Field(..., description="probability that the text describes the image, 0-1")

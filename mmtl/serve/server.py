@@ -42,7 +42,7 @@ def start(model_spec: str, *, index_dir: Optional[str] = None, host: str = "127.
 
     Raises:
         ModelSpecError: MODEL names nothing loadable. IndexFolderError / IndexModelMismatch: bad index, or one
-            built with another model. TimeoutError: not ready within ``ready_timeout_s``.
+            built with another model. ValueError: an index for a model that does not embed (generative, fusion). TimeoutError: not ready within ``ready_timeout_s``.
     """
     import ray
     from ray import serve
@@ -53,27 +53,31 @@ def start(model_spec: str, *, index_dir: Optional[str] = None, host: str = "127.
     from mmtl.serve.config import load_serve_config
     from mmtl.serve.embed import model_fingerprint
     from mmtl.serve.index import check_model, read_manifest
+    from mmtl.serve.served_model import export_files, export_kind, read_export_pipeline
 
     config = config or load_serve_config()
     token = os.environ.get("MMTL_SERVE_TOKEN") if token is None else token
     res = resolve_export(model_spec, tracking_uri)
     try:
         fp = model_fingerprint(res.export_dir)
+        kind = export_kind(read_export_pipeline(res.export_dir))
         if index_dir:
+            if kind != "embedding":
+                raise ValueError(f"--index {index_dir}: the model {model_spec} is a {kind} model and does not "
+                                 "embed images; serve it without --index")
             check_model(read_manifest(index_dir), fp, index_dir)
             index_dir = os.path.abspath(index_dir)
-        pipeline_yaml = (res.export_dir / "pipeline.yaml").read_text()
-        weights = (res.export_dir / "model.safetensors").read_bytes()
-        info = {"spec": model_spec, "kind": res.kind, "mlflow_run_id": res.mlflow_run_id,
+        files = export_files(res.export_dir)
+        info = {"export_kind": kind, "spec": model_spec, "kind": res.kind, "mlflow_run_id": res.mlflow_run_id,
                 "registered": res.registered, "fingerprint": fp, "deploy_id": uuid.uuid4().hex[:12]}
     finally:
         res.cleanup()
     init_ray(ray_address)
-    ref = ray.put(weights)
-    del weights
+    ref = ray.put(files)
+    del files
     serve.start(http_options={"host": host, "port": int(port)})  # a running Serve is joined (app redeployed)
     app = MmtlService.options(**config.deployment_options()).bind(
-        pipeline_yaml, [ref], info, index_dir, config.model_dump(), token or None)
+        [ref], info, index_dir, config.model_dump(), token or None)
     say(f"deploying on http://{host}:{port} (model {model_spec}, index {index_dir or 'none'})")
     serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
     url = f"http://{host}:{port}"
@@ -99,7 +103,7 @@ def build_app(args: dict):
     cfg = load_serve_config(args.get("config"))
     info = {"spec": str(args["model"]), "tracking_uri": args.get("tracking_uri"), "deploy_id": uuid.uuid4().hex[:12]}
     return MmtlService.options(**cfg.deployment_options()).bind(
-        None, None, info, args.get("index"), cfg.model_dump(), os.environ.get("MMTL_SERVE_TOKEN") or None)
+        None, info, args.get("index"), cfg.model_dump(), os.environ.get("MMTL_SERVE_TOKEN") or None)
 
 
 def _wait_ready(url: str, timeout_s: float, deploy_id: str) -> None:
