@@ -176,6 +176,10 @@ class CaptionConfig(_Section):
                                          "'description', the CLDR name); null: the .txt caption.")
     keywords_field: Optional[str] = Field(None, description="Sample json key holding a keyword list appended as "
                                           "'caption: kw1, kw2' (emoji: 'keywords'); null: none.")
+    conversations_field: Optional[str] = Field(None, description="llava: sample json key holding a chat-format "
+                                               "conversation (LLaVA's 'conversations': [{from: human|gpt|system, "
+                                               "value}], one <image>); the loss covers the assistant turns. null: "
+                                               "image -> caption samples.")
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     num_beams: int = Field(3, ge=1, description="Beam width of the evaluation's generation (1: greedy).")
     max_new_tokens: int = Field(24, ge=1)

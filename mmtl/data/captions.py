@@ -10,6 +10,11 @@ shards this is exactly the ``.txt``). Rules, with the counts kept in :attr:`Capt
   (``empty_caption``; the shard reader's own rejects keep their reasons: ``undecodable_image`` ...);
 * a caption longer than ``context_length`` tokens is **kept, truncated and counted** (``caption_truncated``).
 
+With ``conversations_field`` (chat-format samples, :mod:`mmtl.data.conversations`) the target is the sample's
+conversation: a bad one is skipped and counted by its reason (``unknown_role``, ``image_token_count`` ...), the
+fixes are counted (``image_token_inserted``, ``trailing_user_turn``); :attr:`CaptionSet.captions` then holds each
+first answer and :attr:`CaptionSet.prompts` each first question (what evaluation generates for).
+
 Images are stored as uint8 (N, S, S, 3) after the model's evaluation geometry (bicubic resize of the short side +
 center crop, :func:`mmtl.models.two_tower.make_image_transform` without its float steps), so the arrays are
 4x smaller than float tensors; ``pixels / 255`` then normalised is exactly the eval transform's output.
@@ -38,6 +43,8 @@ class CaptionSet:
         pixels: (N, S, S, 3) uint8 images at the model's input size.
         captions: N target captions (untruncated text).
         stats: counts by reason (``samples_ok``, ``empty_caption``, ``caption_truncated``, reader rejects).
+        conversations: N :class:`~mmtl.data.conversations.Conversation` (chat-format sets), else None.
+        prompts: N first questions (chat-format sets), else None (the pipeline's ``model.decoder.prompt``).
     """
 
     uids: list[str]
@@ -45,6 +52,15 @@ class CaptionSet:
     pixels: np.ndarray
     captions: list[str]
     stats: dict[str, int] = field(default_factory=dict)
+    conversations: Optional[list] = None
+    prompts: Optional[list[str]] = None
+
+    def subset(self, keep: np.ndarray) -> "CaptionSet":
+        """The rows where the (N,) bool ``keep`` is true (stats unchanged)."""
+        idx = np.flatnonzero(keep)
+        pick = (lambda xs: None if xs is None else [xs[i] for i in idx])
+        return CaptionSet(pick(self.uids), pick(self.keys), self.pixels[idx], pick(self.captions), self.stats,
+                          pick(self.conversations), pick(self.prompts))
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -81,7 +97,8 @@ def pil_geometry(transform) -> Callable:
 
 def load_caption_set(spec, geometry: Callable, count_tokens: Callable[[str], int], context_length: int,
                      caption_field: Optional[str] = None, keywords_field: Optional[str] = None,
-                     max_image_pixels: int = 40_000_000, limit: Optional[int] = None) -> CaptionSet:
+                     max_image_pixels: int = 40_000_000, limit: Optional[int] = None,
+                     conversations_field: Optional[str] = None) -> CaptionSet:
     """Read the shards of ``spec`` into a :class:`CaptionSet`.
 
     Args:
@@ -90,10 +107,12 @@ def load_caption_set(spec, geometry: Callable, count_tokens: Callable[[str], int
         count_tokens: caption -> tokens as the model will see it (prompt and special tokens included).
         context_length: the model's ``context_length`` (longer captions are counted as truncated).
         limit: read at most this many clean samples (tests, galleries).
+        conversations_field: sample json key of chat-format conversations (module docstring), or None.
     Raises:
         ImagelessSampleError: a sample has no image (names the sample); MissingShardsError / EmptyDatasetError:
             the shards; ValueError: no usable sample at all.
     """
+    from mmtl.data.conversations import ConversationRejected, parse_conversation
     from mmtl.data.shardio import iter_samples
 
     stats: collections.Counter = collections.Counter()
@@ -104,14 +123,26 @@ def load_caption_set(spec, geometry: Callable, count_tokens: Callable[[str], int
                                        "captioning model needs one image per sample; add it or remove the sample")
 
     opts = CleanOptions(max_image_pixels=max_image_pixels, min_caption_chars=1)
-    uids, keys, pixels, caps = [], [], [], []
+    uids, keys, pixels, caps, convs, prompts = [], [], [], [], [], []
     for s in iter_samples(spec, opts, stats, on_reject=on_reject):
-        cap = caption_of(s.meta, s.caption, caption_field, keywords_field)
+        if conversations_field:
+            try:
+                conv = parse_conversation(s.meta.get(conversations_field), conversations_field)
+            except ConversationRejected as e:
+                stats[e.reason] += 1
+                stats["samples_ok"] -= 1
+                continue
+            stats.update(conv.notes)
+            prompt, cap = conv.first_exchange()
+            convs.append(conv)
+            prompts.append(prompt)
+        else:
+            cap = caption_of(s.meta, s.caption, caption_field, keywords_field)
         if not cap:
             stats["empty_caption"] += 1
             stats["samples_ok"] -= 1
             continue
-        if count_tokens(cap) > context_length:
+        if not conversations_field and count_tokens(cap) > context_length:
             stats["caption_truncated"] += 1
         uids.append(s.uid)
         keys.append(s.key)
@@ -121,4 +152,5 @@ def load_caption_set(spec, geometry: Callable, count_tokens: Callable[[str], int
             break
     if not caps:
         raise ValueError(f"no usable image-caption sample in {spec!r} (counts: {dict(stats)})")
-    return CaptionSet(uids, keys, np.stack(pixels), caps, dict(stats))
+    return CaptionSet(uids, keys, np.stack(pixels), caps, dict(stats), convs if conversations_field else None,
+                      prompts if conversations_field else None)

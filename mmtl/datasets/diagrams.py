@@ -21,7 +21,8 @@ when ``sha256(layout)`` mod 100 < ``test_percent``, so no test image shares its 
 
 Sample format (``{key}.png``, ``{key}.txt``, ``{key}.json``): the caption is the question; the json holds
 ``answers`` (a list with the one correct answer), ``question_type``, ``image_id`` (shared by the 4 questions of
-an image), ``scene``, ``layout`` and ``split``. ``<out>/answers.txt`` lists every answer; ``<out>/stats.json``
+an image), ``scene``, ``layout``, ``split`` and ``conversations`` (the question and answer as a LLaVA chat-format
+conversation, for generative models: free-form VQA). ``<out>/answers.txt`` lists every answer; ``<out>/stats.json``
 counts samples per split and type. Same arguments -> byte-identical shards.
 """
 from __future__ import annotations
@@ -204,7 +205,8 @@ def build_diagrams(out: str | Path, train_images: int = 1000, test_images: int =
             image_id = f"{split}-{done[split]:06d}"
             for j, (qtype, q, a) in enumerate(qs):
                 meta = {"answers": [a], "question_type": qtype, "image_id": image_id, "scene": scene["scene"],
-                        "layout": layout, "split": split}
+                        "layout": layout, "split": split,
+                        "conversations": [{"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": a}]}
                 writers[split].write(f"{image_id}-{j}", buf.getvalue(), "png", q, meta)
                 stats[split][qtype] += 1
                 answers.add(a)

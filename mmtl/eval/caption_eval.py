@@ -31,11 +31,12 @@ def read_caption_set(model, pipe, spec, limit: Optional[int] = None) -> CaptionS
     c = pipe.strategy.caption
     return load_caption_set(spec, pil_geometry(model.image_transform(False)), model.count_tokens,
                             pipe.model.context_length, c.caption_field, c.keywords_field,
-                            pipe.data.max_image_pixels, limit)
+                            pipe.data.max_image_pixels, limit, c.conversations_field)
 
 
 def generator(model, pipe) -> Callable:
-    """images (B, 3, S, S) -> B captions with the model family's ``generate`` and ``strategy.caption``'s decoding."""
+    """``(images (B, 3, S, S), prompt=None) -> B captions`` with the model family's ``generate`` and
+    ``strategy.caption``'s decoding (prompt None: the pipeline's ``model.decoder.prompt``)."""
     from mmtl.models.family import TextGeneration, capability
     from mmtl.models.registry import family_of
 
@@ -44,7 +45,20 @@ def generator(model, pipe) -> Callable:
         raise ValueError(f"model family {pipe.model.family!r} does not generate text: --task captioning needs a "
                          "generative model (model.family: blip)")
     c = pipe.strategy.caption
-    return lambda images: gen.generate(model, images, None, c.num_beams, c.max_new_tokens)
+    return lambda images, prompt=None: gen.generate(model, images, prompt, c.num_beams, c.max_new_tokens)
+
+
+def generate_for_set(gen: Callable, cs: CaptionSet, mean, std) -> list[str]:
+    """Outputs for every image of ``cs``: one batch run per distinct prompt of a chat-format set (its first
+    questions), else the pipeline's prompt for all."""
+    if cs.prompts is None:
+        return generate_all(gen, cs.pixels, mean, std)
+    out: list = [None] * len(cs)
+    for prompt in dict.fromkeys(cs.prompts):
+        idx = [i for i, p in enumerate(cs.prompts) if p == prompt]
+        for i, text in zip(idx, generate_all(lambda x: gen(x, prompt), cs.pixels[idx], mean, std)):
+            out[i] = text
+    return out
 
 
 def baseline_features(base_model, cs: CaptionSet):
@@ -69,7 +83,7 @@ def evaluate_caption_sets(model, pipe, sets: dict[str, CaptionSet], *, out: Opti
     metrics, files = {}, {}
     for name, cs in sets.items():
         t0 = time.time()
-        hyp = generate_all(gen, cs.pixels, model.mean, model.std)
+        hyp = generate_for_set(gen, cs, model.mean, model.std)
         metrics.update({f"{name}/{k}": v for k, v in caption_metrics(cs.captions, hyp).items()})
         metrics[f"{name}/gen_seconds"] = round(time.time() - t0, 2)
         nn = None
@@ -84,7 +98,8 @@ def evaluate_caption_sets(model, pipe, sets: dict[str, CaptionSet], *, out: Opti
             files[f"gallery_{name}"] = write_gallery(out / f"gallery_{name}.png", cs.pixels, cs.captions, hyp, nn,
                                                      pipe.strategy.caption.gallery)
         if out is not None:
-            rows = [{"uid": u, "reference": r, "generated": h, **({"nearest_neighbour": nn[i]} if nn else {})}
+            rows = [{"uid": u, **({"prompt": cs.prompts[i]} if cs.prompts else {}), "reference": r, "generated": h,
+                     **({"nearest_neighbour": nn[i]} if nn else {})}
                     for i, (u, r, h) in enumerate(zip(cs.uids, cs.captions, hyp))]
             p = out / f"captions_{name}.json"
             p.write_text(json.dumps(rows, indent=1, ensure_ascii=False))

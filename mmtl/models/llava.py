@@ -25,7 +25,11 @@ LLaVA: (a) ``strategy.kind: frozen`` trains the projector only (feature alignmen
 warm-started from (a) with ``model.init_from``, on instruction-style prompts (``model.decoder.prompt``, e.g.
 "What is this emoji called?").
 
-Limits: timm image towers only; one prompt per pipeline (no per-sample questions yet); no Q-Former projector.
+Chat-format samples (LLaVA's ``conversations``, multi-turn, per-sample questions; ``strategy.caption.
+conversations_field``): :mod:`mmtl.data.conversations` checks them, :mod:`mmtl.models.llava_chat` tokenizes them
+with labels on the assistant turns, :meth:`LlavaCaptioner.chat_loss` trains on them.
+
+Limits: timm image towers only; no Q-Former projector.
 """
 from __future__ import annotations
 
@@ -197,6 +201,48 @@ class LlavaCaptioner(nn.Module):
             raise ValueError("caption_loss: the batch has no caption token to predict")
         logits = self.llm.lm_head(h[keep])  # (T, V)
         return F.cross_entropy(logits.float(), target[keep], label_smoothing=label_smoothing)
+
+    def chat_loss(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
+                  label_smoothing: float = 0.0) -> Tensor:
+        """Next-token cross-entropy over the supervised (assistant) tokens of chat samples (nats per token).
+
+        Args:
+            images: (B, 3, S, S); input_ids / attention_mask / labels: (B, L) from :meth:`tokenize_chats` (whole
+                chat text with one :data:`~mmtl.models.llava_chat.IMAGE_ID` per row, labels -100 where not
+                supervised). The IMAGE_ID position is replaced by the N projected image tokens: (B, L - 1 + N).
+        Raises:
+            ValueError: a row without exactly one image position, or no supervised token in the batch.
+        """
+        from mmtl.models.llava_chat import IMAGE_ID
+
+        is_img = input_ids == IMAGE_ID
+        if not bool((is_img.sum(dim=1) == 1).all()):
+            raise ValueError("chat_loss: every row needs exactly one image position")
+        n = max(int(attention_mask.sum(dim=1).max()), 1)
+        ids, mask, lab, is_img = input_ids[:, :n], attention_mask[:, :n], labels[:, :n], is_img[:, :n]
+        emb = self.llm.get_input_embeddings()
+        img = self.image_embeds(images)  # (B, N, D)
+        text = emb(ids.masked_fill(is_img, self.pad_id)).to(img.dtype)
+        pos = is_img.float().argmax(dim=1).tolist()
+        ones = torch.ones(img.shape[1], dtype=mask.dtype, device=mask.device)
+        ignore = torch.full((img.shape[1],), -100, dtype=lab.dtype, device=lab.device)
+        x = torch.stack([torch.cat([text[b, :p], img[b], text[b, p + 1:]]) for b, p in enumerate(pos)])
+        m = torch.stack([torch.cat([mask[b, :p], ones, mask[b, p + 1:]]) for b, p in enumerate(pos)])
+        y = torch.stack([torch.cat([lab[b, :p], ignore, lab[b, p + 1:]]) for b, p in enumerate(pos)])
+        hidden = self.llm.model(inputs_embeds=x, attention_mask=m, use_cache=False).last_hidden_state
+        target = y[:, 1:]
+        keep = target != -100
+        if not keep.any():
+            raise ValueError("chat_loss: the batch has no supervised token")
+        logits = self.llm.lm_head(hidden[:, :-1][keep])  # position t predicts token t + 1
+        return F.cross_entropy(logits.float(), target[keep], label_smoothing=label_smoothing)
+
+    def tokenize_chats(self, conversations) -> dict:
+        """Checked conversations -> ``input_ids`` / ``attention_mask`` / ``labels`` (B, context_length) numpy
+        arrays, ``kept`` and ``stats`` (:func:`mmtl.models.llava_chat.tokenize_chats`)."""
+        from mmtl.models.llava_chat import tokenize_chats
+
+        return tokenize_chats(self.tok, conversations, self.eos_id, self.pad_id, self.context_length)
 
     @torch.no_grad()
     def generate(self, images: Tensor, prompt: Optional[str] = None, num_beams: int = 1,

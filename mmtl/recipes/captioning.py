@@ -38,7 +38,8 @@ from mmtl.tracking import mlflow_utils as mlu
 
 
 class CaptioningModule(nn.Module):
-    """``forward(pixels, input_ids, attention_mask)`` -> the micro-batch's caption loss (nats per token).
+    """``forward(pixels, input_ids, attention_mask[, labels])`` -> the micro-batch's caption loss (nats per token;
+    with ``labels``, chat-format samples: over the assistant turns).
 
     ``pixels`` (B, S, S, 3) uint8 are normalised here with the model's mean / std (exactly the eval transform);
     ``self.model`` is the captioner (its state dict keys become the export's).
@@ -56,10 +57,15 @@ class CaptioningModule(nn.Module):
     def from_pipeline(cls, pipe: Pipeline, model: nn.Module) -> "CaptioningModule":
         return cls(model, pipe.strategy.caption.label_smoothing)
 
-    def forward(self, pixels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         x = pixels.permute(0, 3, 1, 2).to(self.mean.dtype).div(255.0)
         images = (x - self.mean) / self.std
-        loss = self.model.caption_loss(images, input_ids.long(), attention_mask.long(), self.label_smoothing)
+        if labels is not None:  # chat-format samples: loss on the assistant turns (model.chat_loss)
+            loss = self.model.chat_loss(images, input_ids.long(), attention_mask.long(), labels.long(),
+                                        self.label_smoothing)
+        else:
+            loss = self.model.caption_loss(images, input_ids.long(), attention_mask.long(), self.label_smoothing)
         self._loss_sum += float(loss.detach())
         self._steps += 1
         return loss
@@ -100,9 +106,13 @@ class CaptioningRecipe(Recipe):
         for n, cs in self.sets.items():
             ctx.say(f"data {n}: {len(cs)} image-caption pairs, {cs.stats}")
         train = self.sets["train"]
-        tok = ctx.model.tokenize(train.captions)
-        self.arrays = {"pixels": train.pixels, "input_ids": tok["input_ids"].numpy(),
-                       "attention_mask": tok["attention_mask"].numpy()}
+        if train.conversations is not None:
+            self.arrays = self._chat_arrays(train)
+            train = self.sets["train"]
+        else:
+            tok = ctx.model.tokenize(train.captions)
+            self.arrays = {"pixels": train.pixels, "input_ids": tok["input_ids"].numpy(),
+                           "attention_mask": tok["attention_mask"].numpy()}
         self.nn_train = None
         if pipe.strategy.caption.nn_baseline:  # the frozen pretrained tower: LoRA's B = 0, so ctx.model is the base
             self.nn_train = (ctx.model, train, baseline_features(ctx.model, train))
@@ -110,6 +120,26 @@ class CaptioningRecipe(Recipe):
         ctx.say(f"training arrays: {sum(a.nbytes for a in self.arrays.values()) / 2**20:.0f} MiB ({len(train)} "
                 f"captions, images {train.pixels.shape[1:]}) in {self.data_s:.0f}s")
         return self.arrays
+
+    def _chat_arrays(self, train) -> dict:
+        """Training arrays of a chat-format set (labels on the assistant turns); conversations cut so that no image
+        or no answer is left are dropped and counted (``data/train_conversation_too_long``).
+
+        Raises:
+            ValueError: the model family has no chat format (only ``llava``), or no conversation is left."""
+        ctx = self.ctx
+        if not hasattr(ctx.model, "tokenize_chats"):
+            raise ValueError(f"strategy.caption.conversations_field is set but model.family="
+                             f"{ctx.pipe.model.family!r} has no chat format (use model.family: llava)")
+        tok = ctx.model.tokenize_chats(train.conversations)
+        mlu.log_metrics(ctx.uri, ctx.run_id, {f"data/train_{k}": v for k, v in tok["stats"].items()})
+        if tok["stats"]:
+            ctx.say(f"chat samples: {tok['stats']} (model.context_length={ctx.pipe.model.context_length})")
+        keep = tok["kept"]
+        if not keep.any():
+            raise ValueError("no conversation fits model.context_length with its image and an answer")
+        self.sets["train"] = train.subset(keep)
+        return {"pixels": train.pixels[keep], **{k: tok[k][keep] for k in ("input_ids", "attention_mask", "labels")}}
 
     def evaluate(self, export_dir: Optional[Path]) -> dict[str, float]:
         """Scores of the exported model on every ``eval.sets`` set, the baseline's beside them; the gallery and
