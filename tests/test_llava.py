@@ -139,3 +139,33 @@ def test_two_stages_projector_then_lora_end_to_end(ray_local, tiny_shards, tmp_p
                            sb["llm.model.layers.0.self_attn.q_proj.weight"])  # LoRA merged into the LLM
     assert torch.equal(sa["image_tower.conv_stem.weight"], sb["image_tower.conv_stem.weight"])  # towers: text only
     assert b["registered_model"]["name"] == "llava-stage-b"
+
+
+def test_qformer_projector_gives_a_fixed_number_of_image_tokens_and_learns():
+    from mmtl.models.projectors import QueryTransformer
+
+    torch.manual_seed(0)
+    m = build_model(tiny_llava_config(decoder=dict(image_layer=-3, prompt="What is this?", projector="qformer",
+                                                   num_queries=3, qformer_layers=1)))
+    assert isinstance(m.projector, QueryTransformer)
+    x = torch.randn(2, 3, 32, 32)
+    assert m.image_tokens(x).shape == (2, 4, 48) and m.image_embeds(x).shape == (2, 3, 32)  # 4 grid tokens -> 3
+    big = torch.randn(1, 3, 64, 64)
+    assert m.image_tokens(big).shape[1] == 16 and m.image_embeds(big).shape == (1, 3, 32)  # any grid -> Q tokens
+    new = get_family("llava").new_parameters(m)
+    assert "projector.queries" in new and set(new) == {f"projector.{n}" for n, _ in m.projector.named_parameters()}
+    # the queries read the image: two images -> two captions, learned through the Q-Former
+    tok = m.tokenize(["a red heart", "a blue circle"])
+    for p_ in list(m.image_tower.parameters()):
+        p_.requires_grad_(False)
+    opt = torch.optim.AdamW([q for q in m.parameters() if q.requires_grad], lr=1e-2)
+    m.train()
+    for _ in range(80):
+        loss = m.caption_loss(x, tok["input_ids"], tok["attention_mask"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    m.eval()
+    assert m.generate(x, max_new_tokens=5) == ["a red heart", "a blue circle"]
+    with pytest.raises(ValueError, match="heads dividing dim"):
+        QueryTransformer(48, 32, num_queries=2, dim=30, heads=8)

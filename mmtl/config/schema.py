@@ -74,8 +74,12 @@ class DecoderConfig(_Section):
                              "earlier stage/block (as strategy.fusion.image_layer).")
     prompt: str = Field("", description="Text put before every caption (BLIP: 'a picture of'); given, not "
                         "predicted. llava: the user's instruction after the image (e.g. 'What is this emoji called?').")
-    projector: Literal["mlp2x_gelu", "linear"] = Field(
-        "mlp2x_gelu", description="llava: image tokens -> LLM width; LLaVA-1.5's 2-layer MLP or LLaVA's linear map.")
+    projector: Literal["mlp2x_gelu", "linear", "qformer"] = Field(
+        "mlp2x_gelu", description="llava: image tokens -> LLM width; LLaVA-1.5's 2-layer MLP, LLaVA's linear map, or "
+        "BLIP-2's Q-Former (learned queries cross-attending to the image tokens; MiniGPT-4).")
+    num_queries: int = Field(32, ge=1, description="llava with projector qformer: learned queries = image tokens the "
+                             "LLM sees.")
+    qformer_layers: int = Field(2, ge=1, description="llava with projector qformer: Q-Former layers.")
 
 
 class ModelConfig(_Section):

@@ -6,8 +6,10 @@ Three parts, read top to bottom (nanoVLM's split):
 1. **image tower** (``model.vision``: the timm towers of the ``two_tower`` family, same weights and
    preprocessing): token features (:func:`mmtl.models.tokens.timm_image_tokens`, level
    ``model.decoder.image_layer``) -> (B, N, D_img);
-2. **projector** (``model.decoder.projector``): ``mlp2x_gelu`` = Linear(D_img, D_llm) -> GELU ->
-   Linear(D_llm, D_llm) (LLaVA-1.5), or ``linear`` (LLaVA) -> (B, N, D_llm), newly initialised;
+2. **projector** (``model.decoder.projector``, :mod:`mmtl.models.projectors`): ``mlp2x_gelu`` = Linear(D_img,
+   D_llm) -> GELU -> Linear(D_llm, D_llm) (LLaVA-1.5), or ``linear`` (LLaVA) -> (B, N, D_llm); or ``qformer``
+   (BLIP-2's querying transformer, MiniGPT-4) -> (B, Q, D_llm), Q = ``model.decoder.num_queries``; newly
+   initialised;
 3. **LLM**: a transformers causal LM (``model.text.path``: e.g. ``weights:smollm2``, SmolLM2-135M-Instruct
    converted once by ``mmtl weights get smollm2``; or ``model.text.config``: a random-init Llama config for
    tests) with its tokenizer and chat template.
@@ -29,7 +31,7 @@ Chat-format samples (LLaVA's ``conversations``, multi-turn, per-sample questions
 conversations_field``): :mod:`mmtl.data.conversations` checks them, :mod:`mmtl.models.llava_chat` tokenizes them
 with labels on the assistant turns, :meth:`LlavaCaptioner.chat_loss` trains on them.
 
-Limits: timm image towers only; no Q-Former projector.
+Limits: timm image towers only; the Q-Former starts from random weights (no BLIP-2 pretraining).
 """
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ from torch import Tensor, nn
 
 from mmtl.config import DecoderConfig, ModelConfig, TextTowerConfig, VisionTowerConfig
 from mmtl.models.offline import transformers_offline
+from mmtl.models.projectors import build_projector
 from mmtl.models.tokens import timm_image_tokens, timm_token_dim
 from mmtl.models.two_tower import (
     DEFAULT_TOKENIZER,
@@ -141,8 +144,8 @@ class LlavaCaptioner(nn.Module):
         self.image_tower, _ = build_vision_tower(cfg.vision)
         self.llm, self.tok = build_llm(cfg.text)
         d_img, d_llm = timm_token_dim(self.image_tower, self.image_layer), self.llm.config.hidden_size
-        self.projector = (nn.Linear(d_img, d_llm) if cfg.decoder.projector == "linear" else
-                          nn.Sequential(nn.Linear(d_img, d_llm), nn.GELU(), nn.Linear(d_llm, d_llm)))
+        self.projector = build_projector(cfg.decoder.projector, d_img, d_llm, cfg.decoder.num_queries,
+                                         cfg.decoder.qformer_layers)
         self.mean, self.std = vision_mean_std(cfg.vision)
         self.eos_id = self.tok.eos_token_id if self.tok.eos_token_id is not None else self.tok.sep_token_id
         self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.eos_id
