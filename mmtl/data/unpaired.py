@@ -8,7 +8,8 @@ fused ``map_batches`` operator); only the per-sample work differs:
 
 * image (``tower: image``): :class:`SimCLRViews` (Chen et al. 2020, Sec. 3 / App. A: random resized crop,
   horizontal flip, colour jitter with p=0.8, grayscale with p=0.2) applied twice -> ``view1``, ``view2``
-  (3,S,S) float32, normalised with the tower's mean/std;
+  (3,S,S) float32, normalised with the tower's mean/std; with ``method: dino`` :class:`DinoCrops` ->
+  ``global_views`` (2,3,S,S) and ``local_views`` (V,3,s,s);
 * text (``tower: text``): the tokenizer (right-padded to ``model.context_length``), then :class:`MLMMasker`
   (transformers' ``DataCollatorForLanguageModeling.torch_mask_tokens``: ``mlm_probability`` of the non-special
   tokens selected, 80 % -> [MASK], 10 % -> a random token, 10 % kept) -> ``input_ids``, ``attention_mask``,
@@ -38,11 +39,11 @@ class SimCLRViews:
     ``RandomApply([ColorJitter(0.8s, 0.8s, 0.8s, 0.2s)], p=0.8)`` -> ``RandomGrayscale(grayscale_p)`` -> tensor
     -> ``Normalize(mean, std)``. Uses torch's global RNG (seed it per task)."""
 
-    def __init__(self, image_size: int, mean, std, cfg: SelfSupervisedConfig) -> None:
+    def __init__(self, image_size: int, mean, std, cfg: SelfSupervisedConfig, scale=None) -> None:
         from torchvision import transforms as T
 
         s = cfg.color_jitter
-        steps = [T.RandomResizedCrop(image_size, scale=tuple(cfg.crop_scale),
+        steps = [T.RandomResizedCrop(image_size, scale=tuple(scale or cfg.crop_scale),
                                      interpolation=T.InterpolationMode.BICUBIC, antialias=True)]
         if cfg.flip:
             steps.append(T.RandomHorizontalFlip())
@@ -53,6 +54,26 @@ class SimCLRViews:
 
     def __call__(self, img):
         return self.tf(img)
+
+
+class DinoCrops:
+    """Picklable PIL RGB -> ``{"global_views": (2, 3, S, S), "local_views": (V, 3, s, s)}`` float tensors: DINO's
+    multi-crop (Caron et al. 2021, sec. 3.1): two global views (``global_scale``) at the model's input size and
+    ``local_crops`` local views (``local_scale``) at ``local_size``, each with SimCLR's flip / colour jitter /
+    grayscale. No ``local_views`` key when ``local_crops`` is 0."""
+
+    def __init__(self, image_size: int, mean, std, cfg: SelfSupervisedConfig) -> None:
+        self.glob = SimCLRViews(image_size, mean, std, cfg, scale=cfg.global_scale)
+        self.local = SimCLRViews(cfg.local_px(image_size), mean, std, cfg, scale=cfg.local_scale)
+        self.n_local = int(cfg.local_crops)
+
+    def __call__(self, img) -> dict:
+        import torch
+
+        out = {"global_views": torch.stack([self.glob(img), self.glob(img)])}
+        if self.n_local:
+            out["local_views"] = torch.stack([self.local(img) for _ in range(self.n_local)])
+        return out
 
 
 class MLMMasker:
@@ -81,6 +102,17 @@ def seed_of(seed: int, epoch: int, shard: str) -> int:
     return zlib.crc32(f"{seed}:{epoch}:{shard}".encode()) & 0x7FFFFFFF
 
 
+def image_views(model_cfg, scfg: SelfSupervisedConfig):
+    """The view maker of ``scfg.method``: :class:`SimCLRViews` (simclr) or :class:`DinoCrops` (dino), with the
+    image tower's normalisation. Raises ValueError like :func:`simclr_views`."""
+    if scfg.method != "dino":
+        return simclr_views(model_cfg, scfg)
+    from mmtl.models.two_tower import two_tower_mean_std
+
+    mean, std = two_tower_mean_std(model_cfg, "strategy.self_supervised.method=dino")
+    return DinoCrops(model_cfg.image_size, mean, std, scfg)
+
+
 def simclr_views(model_cfg, scfg: SelfSupervisedConfig) -> SimCLRViews:
     """:class:`SimCLRViews` at ``model.image_size`` with the image tower's normalisation (``two_tower``: the
     timm tower's mean/std, :func:`mmtl.models.two_tower.vision_mean_std`).
@@ -102,7 +134,7 @@ def _prep(model_cfg_json: str, ssl_json: str):
 
     cfg = ModelConfig.model_validate_json(model_cfg_json)
     scfg = SelfSupervisedConfig.model_validate_json(ssl_json)
-    return build_tokenizer(cfg), (simclr_views(cfg, scfg) if scfg.tower == "image" else None)
+    return build_tokenizer(cfg), (image_views(cfg, scfg) if scfg.tower == "image" else None)
 
 
 def _unpaired_batches(items: dict, opts, buffer: int, seed: int, stats_actor: Optional[str], model_cfg_json: str,
@@ -126,7 +158,9 @@ def _unpaired_batches(items: dict, opts, buffer: int, seed: int, stats_actor: Op
         rows: list = []
 
         def flush() -> dict:
-            if views is not None:
+            if views is not None and isinstance(rows[0], dict):  # DINO crops
+                out = {k: torch.stack([r[k] for r in rows]).numpy() for k in rows[0]}
+            elif views is not None:
                 out = {"view1": torch.stack([a for a, _ in rows]).numpy(),
                        "view2": torch.stack([b for _, b in rows]).numpy()}
             else:
@@ -138,7 +172,10 @@ def _unpaired_batches(items: dict, opts, buffer: int, seed: int, stats_actor: Op
             return out
 
         for sample in _shuffled(iter_shard(shard, opts, stats, shard_id=shard_id), buffer, rng):
-            rows.append((views(sample.image), views(sample.image)) if views is not None else sample.caption)
+            if isinstance(views, DinoCrops):
+                rows.append(views(sample.image))
+            else:
+                rows.append((views(sample.image), views(sample.image)) if views is not None else sample.caption)
             if len(rows) >= rows_per_block:
                 yield flush()
         if rows:

@@ -69,6 +69,10 @@ class SelfSupervisedRecipe(Recipe):
         if pipe.strategy.self_supervised.tower == "text":
             return heldout_mlm(self.module, items, model.tokenize, self.masker, seed=pipe.data.seed,
                                batch_size=pipe.eval.batch_size)
+        if pipe.strategy.self_supervised.method == "dino":
+            from mmtl.train.dino import heldout_dino
+
+            return heldout_dino(self.module, items, self.views, seed=pipe.data.seed, batch_size=pipe.eval.batch_size)
         return heldout_ntxent(self.module, items, self.views, seed=pipe.data.seed, batch_size=pipe.eval.batch_size)
 
     def prepare(self) -> Optional[dict]:
@@ -78,7 +82,7 @@ class SelfSupervisedRecipe(Recipe):
             ValueError: the text tower cannot take an MLM head (not BERT-style), SimCLR on a family other than
                 two_tower, or an eval set has no usable sample.
         """
-        from mmtl.data.unpaired import MLMMasker, simclr_views
+        from mmtl.data.unpaired import MLMMasker, image_views
 
         ctx, pipe = self.ctx, self.ctx.pipe
         s = pipe.strategy.self_supervised
@@ -89,8 +93,14 @@ class SelfSupervisedRecipe(Recipe):
             what = "text tower + MLM head" if s.train_tower else "MLM head only (text tower frozen)"
             ctx.say(f"trains: {what}, masked-LM ({s.mlm_probability:.0%} masking; MLM head "
                     f"{self.module.head_source}, decoder tied to the word embeddings)")
+        elif s.method == "dino":
+            self.views = image_views(pipe.model, s)
+            what = "image tower + DINO head" if s.train_tower else "DINO head only (image tower frozen)"
+            ctx.say(f"trains: {what}, DINO self-distillation (EMA teacher from momentum {s.teacher_momentum}, 2 "
+                    f"global + {s.local_crops} local crops of {s.local_px(pipe.model.image_size)} px, K "
+                    f"{s.dino_out_dim}, tau student {s.student_temp} / teacher {s.teacher_temp})")
         else:
-            self.views = simclr_views(pipe.model, s)
+            self.views = image_views(pipe.model, s)
             what = "image tower + projector" if s.train_tower else "projector only (image tower frozen)"
             ctx.say(f"trains: {what}, SimCLR NT-Xent (tau {s.temperature}, projection {s.proj_hidden}->{s.proj_dim})")
         head, stats = self._samples(pipe.data.train, DUPLICATE_SCAN)
@@ -180,5 +190,6 @@ def _head_from_checkpoint(run_dir: Path) -> dict:
 
 
 def _line(m: dict) -> str:
-    keys = ("mlm_perplexity", "mlm_loss", "masked_tokens") if "mlm_loss" in m else ("ntxent_loss", "ntxent_top1")
+    keys = (("mlm_perplexity", "mlm_loss", "masked_tokens") if "mlm_loss" in m else ("dino_loss", "teacher_entropy")
+            if "dino_loss" in m else ("ntxent_loss", "ntxent_top1"))
     return ", ".join(f"{k} {m[k]:.4g}" for k in keys)

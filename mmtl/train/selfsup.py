@@ -150,11 +150,19 @@ class SimCLRModule(nn.Module):
 
 class SelfSupervisedModule:
     """Factory named by the recipe: ``from_pipeline(pipe, model)`` builds :class:`MaskedLMModule` for
-    ``tower: text`` and :class:`SimCLRModule` for ``tower: image``."""
+    ``tower: text``, :class:`SimCLRModule` for ``method: simclr`` and :class:`mmtl.train.dino.DinoModule` for
+    ``method: dino`` (ValueError with ZeRO-3)."""
 
     @staticmethod
     def from_pipeline(pipe: Pipeline, model: nn.Module) -> nn.Module:
         cfg = pipe.strategy.self_supervised
+        if cfg.method == "dino":
+            from mmtl.train.dino import DinoModule
+
+            if pipe.train.zero_stage == 3:
+                raise ValueError("strategy.self_supervised.method=dino needs whole parameters for the EMA teacher: "
+                                 "use train.zero_stage 0, 1 or 2")
+            return DinoModule(model, cfg, pipe.train.max_steps)
         return MaskedLMModule(model, cfg) if cfg.tower == "text" else SimCLRModule(model, cfg)
 
 

@@ -110,6 +110,9 @@ def _task_step(engine, micro_batches: list[dict], nonfinite: str) -> Optional[fl
         engine.backward(loss)
         engine.step()
         total += float(loss.detach())
+    hook = getattr(engine.module, "after_optimizer_step", None)  # e.g. DINO's EMA teacher update
+    if hook is not None:
+        hook()
     return total / len(micro_batches)
 
 
