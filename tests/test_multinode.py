@@ -5,8 +5,8 @@ schema field, the one-node refusal of STRICT_SPREAD.
 
 End-to-end (``e2e``): ONE cluster per module, ``ray.cluster_utils.Cluster`` with a head and two more nodes of
 1 CPU each, all on 127.0.0.1 (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0), a private temp dir, the dashboard on the head
-for job submission; the cluster address is NOT written to /tmp/ray/ray_current_cluster (another Ray user on this
-machine must not join it). The tests run in file order: refusal of a local runs root, a STRICT_SPREAD run
+for job submission; the cluster address is written to that temp dir, NOT to /tmp/ray/ray_current_cluster (another Ray
+user on this machine must not join it). The tests run in file order: refusal of a local runs root, a STRICT_SPREAD run
 submitted through ``mmtl submit``, then a STRICT_SPREAD run that loses a worker's node mid-run (the cluster has
 one node less afterwards).
 """
@@ -151,16 +151,21 @@ def cluster():
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     os.environ.pop("RAY_ADDRESS", None)
     write_address = ray_utils.write_ray_address
-    ray_utils.write_ray_address = lambda *a, **k: None  # no /tmp/ray/ray_current_cluster for others to join
+    # the address file goes to the private temp dir (where the head's job supervisor looks for it), not to
+    # /tmp/ray/ray_current_cluster, where other Ray users on this machine would find and join this cluster
+    ray_utils.write_ray_address = lambda address, temp_dir=None: write_address(address, temp)
     dash = _free_port()
     node = dict(num_cpus=1, node_ip_address="127.0.0.1", temp_dir=temp)
     c = None
     try:
         c = Cluster(initialize_head=True, head_node_args={
             **node, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": dash,
+            "dashboard_agent_listen_port": _free_port(),  # not the default 52365: other Ray heads may use it
             "_system_config": {"health_check_initial_delay_ms": 0, "health_check_period_ms": 1000,
                                "health_check_failure_threshold": 3}})
-        workers = [c.add_node(**node) for _ in range(2)]
+        # each node its own temp dir: nodes sharing one would share one runtime_resources folder, and a node that
+        # unpacks a job's working_dir there replaces the folder the job's driver runs in
+        workers = [c.add_node(**{**node, "temp_dir": f"{temp}/n{i}"}) for i in range(2)]
         c.wait_for_nodes()
         init_ray(c.address)
         yield SimpleNamespace(cluster=c, head=c.head_node, workers=workers, dashboard=f"http://127.0.0.1:{dash}")
@@ -225,9 +230,17 @@ def test_submit_strict_spread_to_the_cluster(cluster, tiny_shards, tmp_path):
     import yaml
 
     (proj / "pipelines" / "mn.yaml").write_text(yaml.safe_dump(_raw(tiny_shards, tmp_path)))
-    job = sub.submit(str(proj / "pipelines" / "mn.yaml"), cluster.dashboard, ["train.name=submitted"],
-                     working_dir=str(proj), env={"MLFLOW_DISABLE_TELEMETRY": "true",
-                                                 "PYTHONPATH": os.environ.get("PYTHONPATH", "")}, say=None)
+    deadline = time.monotonic() + 90
+    while True:  # the head's job agent comes up some seconds after the dashboard
+        try:
+            job = sub.submit(str(proj / "pipelines" / "mn.yaml"), cluster.dashboard, ["train.name=submitted"],
+                             working_dir=str(proj), env={"MLFLOW_DISABLE_TELEMETRY": "true",
+                                                         "PYTHONPATH": os.environ.get("PYTHONPATH", "")}, say=None)
+            break
+        except RuntimeError as exc:
+            if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(3)
     st = sub.wait(job, cluster.dashboard, timeout_s=420, poll_s=2)
     text = sub.logs(job, cluster.dashboard, follow=False, out=io.StringIO())
     assert st == "SUCCEEDED", f"job {st}\n{text[-6000:]}"
@@ -235,7 +248,7 @@ def test_submit_strict_spread_to_the_cluster(cluster, tiny_shards, tmp_path):
     w = summary["workers"]
     assert summary["steps"] == 6 and w["nodes"] == 2 and w["ranks_off_driver_node"], w
     assert w["driver_node_id"] == cluster.head.node_id  # the job's driver runs on the head node
-    assert "[mmtl] workers from step 0:" in text
+    assert "mlflow run" in text.lower() and summary["mlflow_run_id"] in text, text[-3000:]
     from mmtl.runtime import latest_checkpoint
 
     assert _check_shards(latest_checkpoint(Path(summary["run_dir"])))["nodes"] == 2
