@@ -88,7 +88,7 @@ def placement_problems(pipe, uri: str, nodes: list[dict], driver_node_id: Option
     errors: list[str] = []
     warnings: list[str] = []
     others = worker_hosts(t, nodes, driver_node_id, remote_driver)
-    if others and t.num_workers >= 1:
+    if others:
         certain = t.placement_strategy == "STRICT_SPREAD" and t.num_workers > 1
         names = ", ".join(_name(n) for n in others[:4]) + (f" and {len(others) - 4} more" if len(others) > 4 else "")
         where = (f"this Ray cluster has {len(others)} node(s) other than the driver's that can host a worker "
