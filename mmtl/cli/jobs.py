@@ -55,7 +55,7 @@ def submit_cmd(
     Example:
 
     \b
-        mmtl submit pipelines/quickstart.yaml --dashboard http://127.0.0.1:8265 train.runs_root=/mnt/runs tracking.uri=http://mlflow:5000
+        mmtl submit pipelines/quickstart.yaml --dashboard http://127.0.0.1:8265 train.runs_root=/mnt/runs train.shared_filesystem=true tracking.uri=http://mlflow:5000
     """
     from mmtl.config import PipelineError
     from mmtl.jobs import submit as jobs

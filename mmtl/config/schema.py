@@ -304,6 +304,16 @@ class TrainConfig(_Section):
     checkpoint_every: int = Field(50, gt=0)
     keep_checkpoints: int = Field(2, ge=1)
     max_failures: int = Field(0, ge=-1)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK"] = Field(
+        "PACK", description="How Ray places the workers on the cluster's nodes (Ray Train's "
+        "ScalingConfig.placement_strategy): PACK fills few nodes (best effort), SPREAD spreads them (best effort), "
+        "STRICT_SPREAD puts every worker on its own node, STRICT_PACK all on one node. See docs/cluster-and-retraining.md.",
+    )
+    shared_filesystem: bool = Field(
+        False, description="runs_root (and a sqlite/file tracking store under it) is on a filesystem every Ray node "
+        "mounts at the same path (NFS, a cluster filesystem, or nodes on one machine). Needed to use a local "
+        "runs_root when workers may run on other nodes than the driver's; object storage (s3://...) needs no flag.",
+    )
     resume: Literal["auto", "never"] = "auto"
     nonfinite: Literal["error", "skip"] = Field("error", description="NaN/inf loss: stop, or skip the step.")
     seed: int = 0

@@ -78,9 +78,10 @@ def check_local_devices(t, address: Optional[str] = None, num_cpus: Optional[flo
                         gpus: Optional[float] = None, bf16: Optional[bool] = None) -> None:
     """Refuse ``train`` settings the Ray instance this process uses cannot place: GPU workers without (enough)
     GPUs, bf16 on GPUs without bf16 (before Ampere: DeepSpeed's "Type bf16 is not supported on your device"),
-    or more worker CPUs than it has (Ray Train would wait for them). Checked against the running
-    instance when Ray is already initialised in this process, against this machine when mmtl will start a
-    local instance (:func:`starts_local_ray`); a cluster that is joined is not checked (it may autoscale).
+    ``STRICT_SPREAD`` of more workers than it has nodes, or more worker CPUs than it has (Ray Train would wait
+    for them). Checked against the running instance when Ray is already initialised in this process, against
+    this machine when mmtl will start a local instance (:func:`starts_local_ray`); a cluster that is joined is
+    not checked (it may autoscale; :func:`mmtl.train.placement.check_placement` warns there).
 
     Args:
         num_cpus / gpus / bf16: override the CPUs / GPUs / GPU bf16 support compared against (tests).
@@ -89,6 +90,7 @@ def check_local_devices(t, address: Optional[str] = None, num_cpus: Optional[flo
     """
     import sys
 
+    nodes = 1  # a local instance mmtl starts
     if num_cpus is None:
         if (address and address != "local") or os.environ.get("RAY_ADDRESS"):
             return  # joining a cluster
@@ -96,8 +98,13 @@ def check_local_devices(t, address: Optional[str] = None, num_cpus: Optional[flo
         if ray is not None and ray.is_initialized():
             res = ray.cluster_resources()
             num_cpus, gpus = res.get("CPU", 0), res.get("GPU", 0)
+            nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
         elif not starts_local_ray(address):
             return
+    if t.placement_strategy == "STRICT_SPREAD" and t.num_workers > nodes:
+        raise ValueError(f"train.placement_strategy=STRICT_SPREAD puts each of the {t.num_workers} workers on its own "
+                         f"node, but the Ray instance has {nodes} node(s): use PACK (the default) or SPREAD, or join a "
+                         "cluster with --address")
     cpus = num_cpus or os.cpu_count() or 1
     need_cpu = t.num_workers * t.cpus_per_worker
     if need_cpu > cpus:

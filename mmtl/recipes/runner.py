@@ -52,6 +52,8 @@ def run_pipeline(pipe: Pipeline, *, address: Optional[str] = None, must_resume: 
         PipelineError / ValueError: bad configuration, unknown strategy kind (before anything starts).
         MissingShardsError / EmptyDatasetError: data problems (missing shards: before anything is written).
         FileNotFoundError: a missing ``model.init_from``, before anything is written.
+        SharedStorageError (a ValueError): a local runs root or tracking store while workers may run on other
+            nodes of the cluster (:mod:`mmtl.train.placement`), before anything is written.
         CheckpointMismatchError: resuming a checkpoint written with other settings (world size, ZeRO stage,
             precision, family, strategy, trainable set ...), before training.
         RuntimeError: training failed (the run is left resumable).
@@ -59,6 +61,7 @@ def run_pipeline(pipe: Pipeline, *, address: Optional[str] = None, must_resume: 
             ``--resume`` redoes only the steps after training).
     """
     from mmtl.config.workers import check_local_devices
+    from mmtl.train.placement import check_placement
 
     t_start = time.time()
     check_pipeline(pipe)
@@ -66,6 +69,7 @@ def run_pipeline(pipe: Pipeline, *, address: Optional[str] = None, must_resume: 
     recipe_cls = recipe_for(pipe.strategy.kind, pipe.model.family)
     specs = eval_specs(pipe)
     check_inputs_exist(pipe, specs, recipe_cls)  # before a run folder or an MLflow run exists
+    check_placement(pipe, address, say)  # a cluster of several nodes: the runs root must be shared
     run_dir, resuming = select_run_dir(pipe.train.runs_root, pipe.train.name, pipe.train.resume, must_resume)
     run_dir.mkdir(parents=True, exist_ok=True)
     if on_run_dir is not None:
@@ -213,6 +217,7 @@ def run_recipe(recipe: Recipe) -> dict:
             final = result.metrics or {}
             ctx.final_train = {k: v for k, v in final.items() if k.startswith("train/")}
             ctx.steps = base["steps"] = int(final.get("steps", 0))
+            base["workers"] = final.get("workers")  # where each rank ran (mmtl.train.placement)
             ckpt = Path(result.checkpoint.path)
     return _after_training(recipe, ckpt, base)
 

@@ -39,12 +39,13 @@ def fit(pipe: Pipeline, run_dir: Path, arrays: Optional[dict], uri: str, run_id:
     from ray.train.v2.api.config import LoggingConfig
 
     from mmtl.data.stream import build_image_dataset, build_index_dataset, epochs_needed, make_stats_actor
+    from mmtl.train.placement import driver_context
     from mmtl.train.worker import train_loop_per_worker
 
     t = pipe.train
     cfg = {"pipeline": pipe.model_dump(mode="json"), "tracking_uri": uri, "run_id": run_id,
            "features_ref": None, "stats_actor": None, "train_module": train_module,
-           "env": {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}}
+           "env": {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}, **driver_context(pipe)}
     if arrays is not None:
         lengths = {name: len(a) for name, a in arrays.items()}
         n = len(next(iter(arrays.values())))
@@ -67,7 +68,8 @@ def fit(pipe: Pipeline, run_dir: Path, arrays: Optional[dict], uri: str, run_id:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=cfg,
-        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources,
+                                     placement_strategy=t.placement_strategy),
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         run_config=RunConfig(
             name="train", storage_path=str(run_dir.resolve()),
@@ -77,7 +79,7 @@ def fit(pipe: Pipeline, run_dir: Path, arrays: Optional[dict], uri: str, run_id:
         ),
         datasets={"train": ds},
     )
-    say(f"training: {t.num_workers} workers, ZeRO-{t.zero_stage}, {t.precision}, global batch "
+    say(f"training: {t.num_workers} workers ({t.placement_strategy}), ZeRO-{t.zero_stage}, {t.precision}, global batch "
         f"{t.effective_global_batch}, {t.max_steps} steps")
     sigint = signal.getsignal(signal.SIGINT)  # Ray Train installs its own Ctrl-C handler and leaves it behind
     try:

@@ -4,10 +4,13 @@ calls :func:`mmtl.train.loop.run_training` with Ray's checkpoint and report hook
 ``config`` keys: ``pipeline`` (dict), ``tracking_uri``, ``run_id`` (MLflow, rank 0 logs), ``features_ref``
 (ObjectRef of cached frozen-tower outputs, or None to train on images), ``stats_actor`` (name of the
 reject-count actor, or None), ``train_module`` (the recipe's task-module class, or None for contrastive;
-see :func:`mmtl.train.loop.make_train_module`).
+see :func:`mmtl.train.loop.make_train_module`), ``driver_node_id`` and ``storage_shared``
+(:func:`mmtl.train.placement.driver_context`: where each rank runs is gathered, recorded and checked before
+the first step).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -38,7 +41,9 @@ def train_loop_per_worker(config: dict) -> None:
     from mmtl.models import build_model
     from mmtl.runtime import seed_everything
     from mmtl.strategies import apply_strategy
+    from mmtl.train.checkpoint import read_meta
     from mmtl.train.loop import feature_batches, run_training
+    from mmtl.train.placement import gather_placement, record_placement, write_workers_file
 
     os.environ.update(config.get("env") or {})  # e.g. test hooks set in the driver after Ray started
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # one INFO line per report otherwise
@@ -86,18 +91,21 @@ def train_loop_per_worker(config: dict) -> None:
             return
         if logger:
             logger.flush()
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(ckpt_dir)))
+        if rank == 0:
+            write_workers_file(ckpt_dir, placement)  # where each rank that wrote this checkpoint ran
+        ray.train.report({**metrics, "workers": placement}, checkpoint=Checkpoint.from_directory(str(ckpt_dir)))
 
     ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            if rank == 0:
+    with ckpt.as_directory() if ckpt is not None else contextlib.nullcontext() as d:
+        resume_dir = Path(d) if d else None
+        start = int((read_meta(resume_dir) or {}).get("step", 0)) if resume_dir else 0
+        placement = gather_placement(rank, world, config, start)  # every rank; refuses a local runs root elsewhere
+        if rank == 0:
+            record_placement(placement, config.get("tracking_uri"), config.get("run_id"))
+            if resume_dir:
                 sys.stderr.write(f"[mmtl] resuming from {d}\n")
-            run_training(pipe, model, batches, rank=rank, world_size=world, resume_dir=Path(d),
-                         report=report, on_step=on_step, train_module=config.get("train_module"))
-    else:
-        run_training(pipe, model, batches, rank=rank, world_size=world, report=report, on_step=on_step,
-                     train_module=config.get("train_module"))
+        run_training(pipe, model, batches, rank=rank, world_size=world, resume_dir=resume_dir,
+                     report=report, on_step=on_step, train_module=config.get("train_module"))
     if logger:
         logger.close()
     torch.distributed.barrier() if torch.distributed.is_initialized() else None
