@@ -1,0 +1,118 @@
+"""Runs roots on object storage (mmtl/storage.py, mmtl/runtime.py) against a real S3 API server on 127.0.0.1
+(moto, :func:`conftest.s3_server`): the preflight's three bad inputs, and picking / resuming a run from the store."""
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import pytest
+
+from conftest import s3_env
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch, tmp_path):
+    for k, v in s3_env(s3_server).items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("MMTL_STAGING_DIR", str(tmp_path / "staging"))
+    return s3_server
+
+
+def test_preflight_writes_and_deletes_a_probe(s3):
+    from mmtl import storage
+
+    root = f"s3://{s3['bucket']}/preflight-ok"
+    storage.preflight(root)
+    assert storage.list_files(root) == {}  # the probe is gone
+
+
+def test_preflight_missing_bucket(s3):
+    from mmtl.storage import StorageError, preflight
+
+    with pytest.raises(StorageError) as e:
+        preflight("s3://no-such-bucket-here/runs")
+    msg = str(e.value)
+    assert msg.startswith("train.runs_root=s3://no-such-bucket-here/runs: ")
+    assert "bucket 'no-such-bucket-here' does not exist" in msg and s3["endpoint"] in msg
+
+
+def test_preflight_wrong_credentials_never_prints_them(s3, monkeypatch):
+    from mmtl.storage import StorageError, preflight
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAWRONGWRONGWRONG0")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret-123")
+    with pytest.raises(StorageError) as e:
+        preflight(f"s3://{s3['bucket']}/runs")
+    msg = str(e.value)
+    assert "refused the credentials" in msg and "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY" in msg
+    assert "not-the-secret-123" not in msg and s3["secret"] not in msg
+
+
+def test_preflight_unreachable_endpoint_is_quick(s3, monkeypatch):
+    from mmtl.storage import StorageError, preflight
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    t0 = time.perf_counter()
+    with pytest.raises(StorageError) as e:
+        preflight(f"s3://{s3['bucket']}/runs", "train.runs_root")
+    assert time.perf_counter() - t0 < 15
+    assert "cannot reach the endpoint" in str(e.value) and "AWS_ENDPOINT_URL" in str(e.value)
+
+
+def test_run_pipeline_refuses_a_bad_bucket_before_anything(s3, tiny_shards, tmp_path):
+    """The preflight runs before a run folder, an MLflow run or Ray exist."""
+    import ray
+
+    from conftest import tiny_pipeline
+    from mmtl.config import build_pipeline
+    from mmtl.recipes import run_pipeline
+    from mmtl.storage import StorageError
+
+    raw = tiny_pipeline(tiny_shards, "s3://no-such-bucket-here/runs",
+                        tracking={"uri": f"sqlite:///{tmp_path / 'm.db'}"})
+    was_up = ray.is_initialized()
+    with pytest.raises(StorageError, match="train.runs_root=s3://no-such-bucket-here/runs"):
+        run_pipeline(build_pipeline(raw), say=lambda m: None)
+    assert not (tmp_path / "staging").exists() and not (tmp_path / "m.db").exists()
+    assert ray.is_initialized() == was_up
+
+
+def _put(root: str, rel: str, obj) -> None:
+    from mmtl import storage
+
+    storage.write_bytes(storage.join(root, rel), obj if isinstance(obj, bytes) else json.dumps(obj).encode())
+
+
+def test_select_run_dir_resumes_from_the_store(s3, tmp_path):
+    """An unfinished run in the bucket is resumed in a staging folder with its files pulled; its checkpoint is
+    the one Ray's snapshot registers (mirrored without ds/); a finished run is never resumed."""
+    from mmtl import runtime, storage
+
+    root = f"s3://{s3['bucket']}/select"
+    _put(root, "job/run.json", {"mlflow_run_id": "abc"})
+    _put(root, "job/pipeline.yaml", b"train: {}\n")
+    for step in (5, 10):
+        _put(root, f"job/train/checkpoint_00000{step // 5}/mmtl_meta.json", {"step": step})
+        _put(root, f"job/train/checkpoint_00000{step // 5}/ds/mp_rank_00_model_states.pt", b"x" * 10)
+    _put(root, "job/train/checkpoint_manager_snapshot.json",
+         {"latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_000001"}})
+    run_dir, resuming = runtime.select_run_dir(root, "job", "auto")
+    assert resuming and run_dir == tmp_path / "staging" / "s3" / s3["bucket"] / "select" / "job"
+    assert runtime.run_uri(run_dir) == f"{root}/job"
+    assert json.loads((run_dir / "run.json").read_text()) == {"mlflow_run_id": "abc"}
+    ckpt = runtime.latest_checkpoint(run_dir)  # the registered one, not the highest step
+    assert ckpt == run_dir / "train" / "checkpoint_000001"
+    assert json.loads((ckpt / "mmtl_meta.json").read_text()) == {"step": 5} and not (ckpt / "ds").exists()
+    (run_dir / "summary.json").write_text(json.dumps({"status": "finished"}))
+    assert runtime.push_run(run_dir) == ["summary.json"]  # only what changed; never train/ or the marker
+    assert set(storage.list_files(f"{root}/job")) == {
+        "run.json", "pipeline.yaml", "summary.json", "train/checkpoint_manager_snapshot.json",
+        *(f"train/checkpoint_00000{i}/{f}" for i in (1, 2) for f in ("mmtl_meta.json", "ds/mp_rank_00_model_states.pt"))}
+    new_dir, resuming = runtime.select_run_dir(root, "job", "auto")
+    assert not resuming and new_dir.name == "job-2"
+    with pytest.raises(FileNotFoundError, match=f"under {root}"):
+        runtime.select_run_dir(root, "job", "auto", must_resume=True)
