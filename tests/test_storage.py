@@ -116,3 +116,35 @@ def test_select_run_dir_resumes_from_the_store(s3, tmp_path):
     assert not resuming and new_dir.name == "job-2"
     with pytest.raises(FileNotFoundError, match=f"under {root}"):
         runtime.select_run_dir(root, "job", "auto", must_resume=True)
+
+
+def test_object_lock_conditional_writes(s3):
+    """Two triggers: one gets the lock (If-None-Match), the other sees its owner; a lock not refreshed for
+    lock_ttl_s is broken by exactly one of two breakers (conditional delete), and an owner whose lock was taken
+    over does not delete the new one."""
+    from mmtl import storage
+    from mmtl.jobs.object_lock import ObjectLock
+
+    uri = f"s3://{s3['bucket']}/locks/retrain.lock"
+    a, b = ObjectLock(uri, ttl_s=60), ObjectLock(uri, ttl_s=60)
+    assert a.acquire() and not b.acquire()
+    assert b.holder["token"] == json.loads(storage.read_bytes(uri))["token"] and b.holder["pid"] > 0
+    a.release()
+    assert storage.read_bytes(uri) is None and b.acquire()
+    b._stop.set()  # b's heartbeat stops: its lock goes stale after ttl 1 s (by the store's clock)
+    time.sleep(2.5)
+    c, d = ObjectLock(uri, ttl_s=1), ObjectLock(uri, ttl_s=1)
+    took = [c.acquire(), d.acquire()]
+    assert took == [True, False] and c.broken and "lock_ttl_s=1" in c.broken
+    assert d.holder["token"] == json.loads(storage.read_bytes(uri))["token"]
+    b.release()  # b's ETag is stale: c's lock stays
+    assert json.loads(storage.read_bytes(uri))["token"] == d.holder["token"]
+    c.release()
+    assert storage.read_bytes(uri) is None
+
+
+def test_object_lock_refuses_other_stores():
+    from mmtl.jobs.object_lock import ObjectLock
+
+    with pytest.raises(ValueError, match="retrain.manifest_dir"):
+        ObjectLock("gs://bucket/retrain/retrain.lock", ttl_s=60)

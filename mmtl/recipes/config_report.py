@@ -15,7 +15,7 @@ def describe_paths(pipe: Pipeline) -> str:
     folder a run would use now (new, or the unfinished one it resumes), the feature cache, the tracking store
     and artifact root, and the retrain manifests."""
     from mmtl.runtime import select_run_dir
-    from mmtl.storage import local_root
+    from mmtl.storage import is_remote, join, local_root
     from mmtl.config.tracking_uri import artifact_root, resolve_tracking_uri
 
     rows: list[tuple[str, str]] = []
@@ -54,7 +54,7 @@ def describe_paths(pipe: Pipeline) -> str:
     art = artifact_root(uri, t.runs_root)
     rows.append(("artifacts", f"{art}" if art else "the tracking server's artifact store"))
     if pipe.retrain is not None:
-        rows.append(("retrain.manifest_dir", pipe.retrain.manifest_dir or f"{Path(t.runs_root) / 'retrain'} (default)"))
+        rows.append(("retrain.manifest_dir", pipe.retrain.manifest_dir or f"{join(t.runs_root, 'retrain') if is_remote(t.runs_root) else Path(t.runs_root) / 'retrain'} (default)"))
     width = max(len(k) for k, _ in rows) + 1
     head = (f"# resolved paths: relative paths in the pipeline are relative to {pipe._project_root}"
             if pipe._project_root else "# resolved paths")
