@@ -213,6 +213,23 @@ def local_checkpoint(run_dir: Path, checkpoint: str) -> Path:
     return dst
 
 
+def fetch_run(uri: str) -> Path:
+    """A run on object storage (``s3://bucket/prefix/NAME``) as its local staging folder with the run's files
+    pulled (all but ``train/``; checkpoints are mirrored on demand by :func:`latest_checkpoint` /
+    :func:`local_checkpoint`). Used by ``mmtl eval URI`` and ``mmtl export URI``.
+
+    Raises:
+        FileNotFoundError: ``uri`` holds no mmtl run (no ``pipeline.yaml``).
+    """
+    from mmtl import storage
+
+    uri = uri.rstrip("/")
+    root, _, name = uri.rpartition("/")
+    if storage.read_bytes(storage.join(uri, "pipeline.yaml")) is None:
+        raise FileNotFoundError(f"{uri} is not an mmtl run (no pipeline.yaml there)")
+    return _open_run(root, name, pull=True)
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python's, NumPy's and torch's global RNGs with ``seed`` (NumPy: ``seed mod 2**32``)."""
     import random

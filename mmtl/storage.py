@@ -226,3 +226,24 @@ def download_dir(uri: str, local: Path, exclude: Iterable[str] = ()) -> list[str
         tmp.replace(dst)
         done.append(rel)
     return done
+
+
+def fetch_file(uri: str, inside: Iterable[str] = ()) -> Optional[Path]:
+    """The object ``uri``, or the first of ``inside`` (relative paths) under it, downloaded into the staging
+    folder of its bucket (kept; downloaded again when the size differs); None when none exists."""
+    from pyarrow.fs import FileType
+
+    fs, _ = filesystem(uri)
+    for cand in [uri, *(join(uri, rel) for rel in inside)]:
+        info = fs.get_file_info(split(cand)[1])
+        if info.type != FileType.File:
+            continue
+        dst = staging_root(cand)
+        if not (dst.is_file() and dst.stat().st_size == info.size):
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dst.with_name(f".{dst.name}.tmp")
+            with fs.open_input_stream(split(cand)[1]) as f:
+                tmp.write_bytes(f.read())
+            tmp.replace(dst)
+        return dst
+    return None

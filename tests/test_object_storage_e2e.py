@@ -138,11 +138,26 @@ def test_s3_run_kill_resume_export_and_mlflow(s3_server, s3_ray, tiny_shards, tm
     loaded = model.state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in exported.items() if k in loaded) and len(loaded) > 0
 
-    # a new driver (its staging copy gone) sees the run in the bucket as finished: a rerun goes to tiny-2
+    # a new driver (its staging copy gone) reads the run from the bucket: `mmtl eval URI` finds its export,
+    # `mmtl export URI` writes one from the checkpoint downloaded whole, and a rerun is not a resume
     import shutil
 
+    from typer.testing import CliRunner
+
+    from mmtl.cli import app
+    from mmtl.eval.resolve import resolve_export
     from mmtl.runtime import select_run_dir
 
     shutil.rmtree(Path(os.environ["MMTL_STAGING_DIR"]))
+    res = resolve_export(f"{root}/tiny")
+    assert res.kind == "run_dir" and res.mlflow_run_id == summary["mlflow_run_id"]
+    assert load_file(str(res.export_dir / "model.safetensors")).keys() == exported.keys()
+    out = tmp_path / "exported"
+    cli = CliRunner().invoke(app, ["export", f"{root}/tiny", "--out", str(out), "--json"])
+    assert cli.exit_code == 0, cli.output
+    info = json.loads(cli.stdout)
+    assert info["step"] == 16 and (Path(info["checkpoint"]) / "ds").is_dir()
+    again = load_file(str(out / "model.safetensors"))
+    assert all(torch.equal(again[k], v) for k, v in exported.items())
     run_dir, resuming = select_run_dir(root, "tiny", "auto")
     assert run_dir.name == "tiny-2" and not resuming

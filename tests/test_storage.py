@@ -148,3 +148,47 @@ def test_object_lock_refuses_other_stores():
 
     with pytest.raises(ValueError, match="retrain.manifest_dir"):
         ObjectLock("gs://bucket/retrain/retrain.lock", ttl_s=60)
+
+
+def test_submit_keeps_a_bucket_runs_root_and_asks_for_a_tracking_server(tmp_path, tiny_shards, monkeypatch):
+    """A runs root in a bucket outlives the job (no warning for it, even from inside the working_dir); the
+    default sqlite MLflow store cannot live there: a warning names tracking.uri. The job gets the AWS env, and
+    what submit prints shows no secret."""
+    from mmtl.config import load_pipeline
+    from mmtl.jobs.runtime_env import build_runtime_env, redact
+    from mmtl.jobs.submit import temporary_outputs
+
+    monkeypatch.chdir(tmp_path)
+    p = tmp_path / "p.yaml"
+    p.write_text(f"data: {{train: {tiny_shards['train']}}}\ntrain: {{runs_root: 's3://bkt/runs'}}\n")
+    warnings = temporary_outputs(load_pipeline(p), str(tmp_path))
+    assert len(warnings) == 1 and "s3://bkt/runs" in warnings[0] and "tracking.uri=" in warnings[0]
+    assert temporary_outputs(load_pipeline(p, ["tracking.uri=http://mlflow:5000"]), str(tmp_path)) == []
+    env = {"AWS_ENDPOINT_URL": "http://127.0.0.1:9000", "AWS_ACCESS_KEY_ID": "AKIAEXAMPLE",
+           "AWS_SECRET_ACCESS_KEY": "s3cr3t-value", "AWS_DEFAULT_REGION": "eu-west-1"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    rt = build_runtime_env(str(tmp_path))
+    assert all(rt["env_vars"][k] == v for k, v in env.items())
+    shown = str(redact(rt))
+    assert "s3cr3t-value" not in shown and "AKIAEXAMPLE" not in shown and "http://127.0.0.1:9000" in shown
+
+
+def test_init_from_a_run_in_the_bucket(s3):
+    """`model.init_from` written inside the pipeline's runs root moves with a runs root override into the bucket
+    (a URI, not a mangled path), and a run folder there is read from its export/model.safetensors."""
+    from pathlib import Path
+
+    from mmtl import storage
+    from mmtl.config import load_pipeline
+    from mmtl.models import WeightsError, _init_file
+
+    root = f"s3://{s3['bucket']}/init"
+    pipe = load_pipeline(Path(__file__).parents[1] / "pipelines" / "emoji-coop.yaml", [f"train.runs_root={root}"])
+    assert pipe.model.init_from == f"{root}/quickstart/export/model.safetensors"
+    storage.write_bytes(f"{root}/quickstart/export/model.safetensors", b"weights")
+    for spec in (pipe.model.init_from, f"{root}/quickstart"):
+        p = _init_file(spec)
+        assert p.read_bytes() == b"weights" and p.is_relative_to(storage.staging_root(root))
+    with pytest.raises(WeightsError, match="no such object"):
+        _init_file(f"{root}/missing")

@@ -9,6 +9,10 @@ Ray Train (``TorchTrainer`` + DeepSpeed, :func:`mmtl.train.fit.fit`) -> consolid
 FAILED on any error. A step that fails after training keeps the checkpoint, the export and a
 ``summary.json`` with ``status: failed`` and the failed step; ``mmtl run ... --resume`` then redoes only the
 steps after training.
+
+A runs root on object storage (``s3://...``, :mod:`mmtl.storage`) is probed before anything starts; the run
+works in a local staging folder whose files are uploaded at the start and at the end (finished or failed), and
+Ray Train writes the checkpoints to the bucket.
 """
 from __future__ import annotations
 
