@@ -76,9 +76,13 @@ def _objects(info: dict, prefix: str) -> dict[str, int]:
 
 
 def test_s3_run_kill_resume_export_and_mlflow(s3_server, s3_ray, tiny_shards, tmp_path, monkeypatch):
-    """ZeRO-2, 2 workers: a worker is SIGKILLed at step 13, Ray Train restores the step-10 checkpoint from the
-    bucket and the run finishes 16 steps; checkpoints (both ranks), the export, summary.json and the run files
-    are in the bucket; the registered model's artifacts are in the bucket and load back equal to the export."""
+    """ZeRO-2, 2 workers, shards in the bucket: a worker is SIGKILLed at step 13 with max_failures=0, so the run
+    fails (checkpoint at step 10 in the bucket); a new driver (its staging folder gone) reruns it: the run is
+    found in the bucket and resumed from step 10 in the same MLflow run, to 16 steps. Checkpoints (both
+    ranks), the export, summary.json and the run files are in the bucket; the registered model's artifacts are
+    in the bucket and load back equal to the export; `mmtl eval` / `mmtl export` read the run's URI."""
+    import shutil
+
     import torch
     from mlflow.tracking import MlflowClient
     from safetensors.torch import load_file
@@ -101,11 +105,19 @@ def test_s3_run_kill_resume_export_and_mlflow(s3_server, s3_ray, tiny_shards, tm
     # presigned-URL auth fails with a KeyError): download through the server instead
     monkeypatch.setenv("MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD", "false")
     root = f"s3://{bucket}/runs"
-    raw = tiny_pipeline(shards, root, train={"max_steps": 16, "max_failures": 1, "zero_stage": 2},
-                        tracking={"uri": s3_ray, "model_name": "tiny-s3"})
-    summary = run_pipeline(build_pipeline(raw), say=lambda m: None)
-
+    raw = tiny_pipeline(shards, root, train={"max_steps": 16, "max_failures": 0, "zero_stage": 2},
+                        eval={"before_training": False}, tracking={"uri": s3_ray, "model_name": "tiny-s3"})
+    with pytest.raises(RuntimeError, match=r"rerun with --resume .*\(step 10\)"):
+        run_pipeline(build_pipeline(raw), say=lambda m: None)
     assert (tmp_path / "killed").exists(), "the fault was not injected"
+    first = json.loads(storage.read_bytes(f"{root}/tiny/run.json"))  # in the bucket before training
+    shutil.rmtree(Path(os.environ["MMTL_STAGING_DIR"]))  # a new driver: nothing local
+    monkeypatch.delenv("MMTL_KILL_AT")
+    said = []
+    summary = run_pipeline(build_pipeline(raw), say=said.append)
+
+    assert any("resuming" in m and "from step 10" in m for m in said), said
+    assert summary["mlflow_run_id"] == first["mlflow_run_id"]
     steps0 = [int(x) for x in Path(f"{trace}.rank0").read_text().split()]
     assert steps0.count(10) == 1 and steps0.count(11) == 2 and steps0[-1] == 16, steps0  # resumed at 11
     assert summary["run_uri"] == f"{root}/tiny" and summary["steps"] == 16
@@ -140,8 +152,6 @@ def test_s3_run_kill_resume_export_and_mlflow(s3_server, s3_ray, tiny_shards, tm
 
     # a new driver (its staging copy gone) reads the run from the bucket: `mmtl eval URI` finds its export,
     # `mmtl export URI` writes one from the checkpoint downloaded whole, and a rerun is not a resume
-    import shutil
-
     from typer.testing import CliRunner
 
     from mmtl.cli import app

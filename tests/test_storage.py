@@ -192,3 +192,28 @@ def test_init_from_a_run_in_the_bucket(s3):
         assert p.read_bytes() == b"weights" and p.is_relative_to(storage.staging_root(root))
     with pytest.raises(WeightsError, match="no such object"):
         _init_file(f"{root}/missing")
+
+
+def test_retrain_on_a_bucket_uses_the_object_lock(s3, tiny_shards):
+    """`mmtl retrain` with a runs root in the bucket: its manifest and lock live in <runs_root>/retrain there
+    (the hash cache in staging); a held lock object stops the trigger before any work."""
+    from conftest import tiny_pipeline
+    from mmtl import storage
+    from mmtl.config import build_pipeline
+    from mmtl.jobs import retrain as rt
+    from mmtl.jobs.object_lock import ObjectLock
+
+    root = f"s3://{s3['bucket']}/retrain-root"
+    pipe = build_pipeline(tiny_pipeline(tiny_shards, root, tracking={"uri": "http://127.0.0.1:9", "model_name": "m"}))
+    local, store = rt.manifest_location(pipe)
+    assert store == f"{root}/retrain" and local == storage.staging_root(store)
+    held = ObjectLock(f"{store}/retrain.lock", ttl_s=60)
+    assert held.acquire()
+    try:
+        msgs = []
+        out = rt.retrain(pipe, say=msgs.append)
+        assert out["action"] == "locked" and rt.exit_code(out) == 3
+        assert out["lock"]["token"] == json.loads(storage.read_bytes(f"{store}/retrain.lock"))["token"]
+        assert f"{store}/retrain.lock" in msgs[0]
+    finally:
+        held.release()
