@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import uuid
 from pathlib import Path
 from typing import Iterable, Optional
@@ -191,20 +192,25 @@ def upload_dir(local: Path, uri: str, exclude: Iterable[str] = (), last: Iterabl
     fs, path = filesystem(uri)
     done = []
     for rel in files:
-        data = (local / rel).read_bytes()
-        if remote.get(rel) == len(data) and _same(fs, f"{path}/{rel}", data):
+        src = local / rel
+        if remote.get(rel) == src.stat().st_size and _same(fs, f"{path}/{rel}", src):
             continue
-        with fs.open_output_stream(f"{path}/{rel}") as f:
-            f.write(data)
+        with open(src, "rb") as fin, fs.open_output_stream(f"{path}/{rel}") as f:
+            shutil.copyfileobj(fin, f, _CHUNK)  # streamed: an export of several GB is never held in memory
         done.append(rel)
     return done
 
 
-def _same(fs, path: str, data: bytes) -> bool:
-    if len(data) > 1 << 20:  # large files (exports) are written once; compare by size only
+_CHUNK = 8 << 20
+
+
+def _same(fs, path: str, src: Path) -> bool:
+    """Whether the object at ``path`` (same size as ``src``) holds ``src``'s bytes: files over 1 MiB (exports,
+    written once) by size only, smaller ones by sha256."""
+    if src.stat().st_size > 1 << 20:
         return True
     with fs.open_input_stream(path) as f:
-        return hashlib.sha256(f.read()).digest() == hashlib.sha256(data).digest()
+        return hashlib.sha256(f.read()).digest() == hashlib.sha256(src.read_bytes()).digest()
 
 
 def download_dir(uri: str, local: Path, exclude: Iterable[str] = ()) -> list[str]:
@@ -221,8 +227,8 @@ def download_dir(uri: str, local: Path, exclude: Iterable[str] = ()) -> list[str
             continue
         dst.parent.mkdir(parents=True, exist_ok=True)
         tmp = dst.with_name(f".{dst.name}.tmp")
-        with fs.open_input_stream(f"{path}/{rel}") as f:
-            tmp.write_bytes(f.read())
+        with fs.open_input_stream(f"{path}/{rel}") as f, open(tmp, "wb") as fout:
+            shutil.copyfileobj(f, fout, _CHUNK)
         tmp.replace(dst)
         done.append(rel)
     return done
@@ -242,8 +248,8 @@ def fetch_file(uri: str, inside: Iterable[str] = ()) -> Optional[Path]:
         if not (dst.is_file() and dst.stat().st_size == info.size):
             dst.parent.mkdir(parents=True, exist_ok=True)
             tmp = dst.with_name(f".{dst.name}.tmp")
-            with fs.open_input_stream(split(cand)[1]) as f:
-                tmp.write_bytes(f.read())
+            with fs.open_input_stream(split(cand)[1]) as f, open(tmp, "wb") as fout:
+                shutil.copyfileobj(f, fout, _CHUNK)
             tmp.replace(dst)
         return dst
     return None
