@@ -134,6 +134,9 @@ def test_s3_run_kill_resume_export_and_mlflow(s3_server, s3_ray, tiny_shards, tm
     for f in ("pipeline.yaml", "run.json", "summary.json", "export/model.safetensors", "export/pipeline.yaml"):
         assert f in objs, (f, sorted(objs))
     assert not any(k.startswith(".mmtl") or "/.mmtl" in k for k in objs)
+    for k in objs:  # nothing written to the bucket (Ray's files included) holds the credentials
+        body = storage.read_bytes(f"{root}/tiny/{k}")
+        assert s3_server["secret"].encode() not in body and s3_server["key"].encode() not in body, k
     in_store = json.loads(storage.read_bytes(f"{root}/tiny/summary.json"))
     assert in_store == summary and in_store["status"] == "finished"
     exported = load_file(summary["export_path"])
