@@ -75,6 +75,15 @@ def _objects(info: dict, prefix: str) -> dict[str, int]:
     return out
 
 
+def _bodies(info: dict, prefix: str) -> dict[str, bytes]:
+    """Every object under ``prefix`` (directory markers included) with its bytes."""
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=info["endpoint"], region_name="us-east-1", aws_access_key_id=info["key"],
+                      aws_secret_access_key=info["secret"])
+    return {k: s3.get_object(Bucket=info["bucket"], Key=prefix + k)["Body"].read() for k in _objects(info, prefix)}
+
+
 def test_s3_run_kill_resume_export_and_mlflow(s3_server, s3_ray, tiny_shards, tmp_path, monkeypatch):
     """ZeRO-2, 2 workers, shards in the bucket: a worker is SIGKILLed at step 13 with max_failures=0, so the run
     fails (checkpoint at step 10 in the bucket); a new driver (its staging folder gone) reruns it: the run is
@@ -134,9 +143,8 @@ def test_s3_run_kill_resume_export_and_mlflow(s3_server, s3_ray, tiny_shards, tm
     for f in ("pipeline.yaml", "run.json", "summary.json", "export/model.safetensors", "export/pipeline.yaml"):
         assert f in objs, (f, sorted(objs))
     assert not any(k.startswith(".mmtl") or "/.mmtl" in k for k in objs)
-    for k in objs:  # nothing written to the bucket (Ray's files included) holds the credentials
-        body = storage.read_bytes(f"{root}/tiny/{k}")
-        assert s3_server["secret"].encode() not in body and s3_server["key"].encode() not in body, k
+    for k, body in _bodies(s3_server, "runs/tiny/").items():  # nothing in the bucket (Ray's files included)
+        assert s3_server["secret"].encode() not in body and s3_server["key"].encode() not in body, k  # has a key
     in_store = json.loads(storage.read_bytes(f"{root}/tiny/summary.json"))
     assert in_store == summary and in_store["status"] == "finished"
     exported = load_file(summary["export_path"])
