@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -47,14 +48,68 @@ def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) -> N
     ctx.print_on_execution_start = False
 
 
-def _finished(run_dir: Path) -> bool:
-    p = run_dir / "summary.json"
-    if not p.exists():
-        return False
+RUN_URI_FILE = ".mmtl_run_uri"
+"""In a staging run folder (runs root on object storage, :mod:`mmtl.storage`): the run's URI in the store."""
+NOT_PUSHED = ("train", RUN_URI_FILE)  # train/: Ray Train writes checkpoints to the store itself
+
+
+def run_uri(run_dir: Path) -> Optional[str]:
+    """The store URI of a staging run folder (``<runs_root URI>/<name>``), or None for a local run folder."""
+    p = Path(run_dir) / RUN_URI_FILE
+    return p.read_text().strip() if p.is_file() else None
+
+
+def push_run(run_dir: Path) -> list[str]:
+    """Upload mmtl's files of a staging run folder (all but ``train/``; ``summary.json`` last) to its store URI;
+    a no-op for a local run folder. Returns the uploaded relative paths."""
+    uri = run_uri(run_dir)
+    if uri is None:
+        return []
+    from mmtl import storage
+
+    return storage.upload_dir(Path(run_dir), uri, exclude=NOT_PUSHED, last=("summary.json",))
+
+
+def _summary_status(raw: Optional[bytes]) -> Optional[str]:
     try:
-        return json.loads(p.read_text()).get("status") == "finished"
-    except json.JSONDecodeError:
-        return False
+        return json.loads(raw).get("status") if raw else None
+    except (ValueError, AttributeError):
+        return None
+
+
+def _finished(run_dir: Path) -> bool:
+    uri = run_uri(run_dir)
+    if uri is not None:
+        from mmtl import storage
+
+        return _summary_status(storage.read_bytes(storage.join(uri, "summary.json"))) == "finished"
+    p = run_dir / "summary.json"
+    return p.exists() and _summary_status(p.read_bytes()) == "finished"
+
+
+def _open_run(root: str, name: str, pull: bool = False) -> Path:
+    """The folder a run works in: ``root/name``, or for a runs root URI the staging folder
+    (:func:`mmtl.storage.staging_root`) marked with the run's URI; ``pull`` downloads the run's files (all but
+    ``train/``) into it."""
+    from mmtl import storage
+
+    if not storage.is_remote(root):
+        return Path(root) / name
+    d = storage.staging_root(root) / name
+    d.mkdir(parents=True, exist_ok=True)
+    (d / RUN_URI_FILE).write_text(storage.join(root, name))
+    if pull:
+        storage.download_dir(storage.join(root, name), d, exclude=NOT_PUSHED)
+    return d
+
+
+def _run_names(root: str) -> list[str]:
+    from mmtl import storage
+
+    if storage.is_remote(root):
+        return storage.list_dirs(root)
+    r = Path(root)
+    return [p.name for p in r.iterdir() if p.is_dir()] if r.is_dir() else []
 
 
 def select_run_dir(runs_root: str, name: str, resume: str, must_resume: bool = False) -> tuple[Path, bool]:
@@ -63,7 +118,8 @@ def select_run_dir(runs_root: str, name: str, resume: str, must_resume: bool = F
     ``resume="auto"`` continues the newest unfinished run named ``name`` or ``name-N``; otherwise (or when
     that run finished) a new ``name-N`` is used. ``must_resume`` (``mmtl run --resume``) raises
     FileNotFoundError when there is nothing unfinished to resume. The result is always a folder directly under
-    ``runs_root``.
+    ``runs_root``; for a runs root on object storage (``s3://...``) it is the run's local staging folder
+    (:mod:`mmtl.storage`), whose :func:`run_uri` names the run in the store (a resumed run's files are pulled).
 
     Raises:
         ValueError: ``name`` is not a valid run name (:func:`mmtl.config.names.check_run_name`: a path, ``..``,
@@ -72,24 +128,25 @@ def select_run_dir(runs_root: str, name: str, resume: str, must_resume: bool = F
     from mmtl.config.names import check_run_name
 
     check_run_name(name)
-    root = Path(runs_root)
+    from mmtl import storage
+
     pat = re.compile(rf"^{re.escape(name)}(?:-(\d+))?$")
-    children = list(root.iterdir()) if root.is_dir() else []
-    existing = sorted(
-        ((int(m.group(1) or 1), p) for p in children if (m := pat.match(p.name)) and p.is_dir()),
-        key=lambda t: t[0],
-    )
+    existing = sorted(((int(m.group(1) or 1), n) for n in _run_names(runs_root) if (m := pat.match(n))),
+                      key=lambda t: t[0])
     if existing and (resume == "auto" or must_resume):
         n, last = existing[-1]
-        if not _finished(last) and latest_checkpoint(last) is not None:
-            return last, True
+        path = _open_run(runs_root, last)
+        if not _finished(path) and latest_checkpoint(path) is not None:
+            return _open_run(runs_root, last, pull=True), True
     if must_resume:
-        raise FileNotFoundError(f"no unfinished run of {name!r} with a checkpoint under {root} to resume")
+        raise FileNotFoundError(f"no unfinished run of {name!r} with a checkpoint under {runs_root} to resume")
     n = existing[-1][0] + 1 if existing else 1
-    path = root / (name if n == 1 else f"{name}-{n}")
-    if path.exists() and _finished(path):  # name taken by a finished run
-        path = root / f"{name}-{n + 1}"
-    return path, False
+    new = name if n == 1 else f"{name}-{n}"
+    if new in [e for _, e in existing] and _finished(_open_run(runs_root, new)):  # name taken by a finished run
+        new = f"{name}-{n + 1}"
+    if storage.is_remote(runs_root):  # a new run: nothing of an earlier staging copy may be pushed
+        shutil.rmtree(storage.staging_root(runs_root) / new, ignore_errors=True)
+    return _open_run(runs_root, new), False
 
 
 def latest_checkpoint(run_dir: Path) -> Optional[Path]:
@@ -97,6 +154,8 @@ def latest_checkpoint(run_dir: Path) -> Optional[Path]:
     checkpoint (``train/checkpoint_manager_snapshot.json``, what ``ray.train.get_checkpoint()`` hands the
     workers) when it holds mmtl's meta; else the directory with the highest step under ``run_dir/train`` (a
     checkpoint written but never registered, e.g. a crash during the report, is not what Ray resumes)."""
+    if run_uri(run_dir) is not None:
+        return _remote_checkpoint(Path(run_dir))
     snap = Path(run_dir) / "train" / "checkpoint_manager_snapshot.json"
     try:
         name = json.loads(snap.read_text())["latest_checkpoint_result"]["checkpoint_dir_name"]
@@ -113,6 +172,62 @@ def latest_checkpoint(run_dir: Path) -> Optional[Path]:
         if step > best_step:
             best, best_step = meta.parent, step
     return best
+
+
+def _remote_checkpoint(run_dir: Path) -> Optional[Path]:
+    """:func:`latest_checkpoint` of a staging run folder: chosen from the store by the same rule, returned as
+    its local mirror (:func:`local_checkpoint`)."""
+    from mmtl import storage
+
+    train = storage.join(run_uri(run_dir), "train")
+    snap = storage.read_bytes(storage.join(train, "checkpoint_manager_snapshot.json"))
+    try:
+        name = json.loads(snap)["latest_checkpoint_result"]["checkpoint_dir_name"] if snap else None
+        if name and storage.read_bytes(storage.join(train, name, "mmtl_meta.json")) is not None:
+            return local_checkpoint(run_dir, name)
+    except (KeyError, TypeError, ValueError):
+        pass
+    best, best_step = None, -1
+    for name in storage.list_dirs(train):
+        try:
+            step = int(json.loads(storage.read_bytes(storage.join(train, name, "mmtl_meta.json")) or b"")["step"])
+        except (ValueError, KeyError, TypeError):
+            continue
+        if name.startswith("checkpoint_") and step > best_step:
+            best, best_step = name, step
+    return local_checkpoint(run_dir, best) if best else None
+
+
+def local_checkpoint(run_dir: Path, checkpoint: str) -> Path:
+    """A checkpoint of ``run_dir`` as a local folder: ``checkpoint`` itself for a local run; for a staging run
+    folder, ``<run_dir>/train/<name>`` holding everything of the checkpoint in the store but DeepSpeed's
+    ``ds/`` state (``mmtl_meta.json``, RNG files, ``export/``, ``adapter/``), downloaded once."""
+    uri = run_uri(run_dir)
+    if uri is None:
+        return Path(checkpoint)
+    from mmtl import storage
+
+    name = Path(str(checkpoint)).name
+    dst = Path(run_dir) / "train" / name
+    storage.download_dir(storage.join(uri, "train", name), dst, exclude=("ds",))
+    return dst
+
+
+def fetch_run(uri: str) -> Path:
+    """A run on object storage (``s3://bucket/prefix/NAME``) as its local staging folder with the run's files
+    pulled (all but ``train/``; checkpoints are mirrored on demand by :func:`latest_checkpoint` /
+    :func:`local_checkpoint`). Used by ``mmtl eval URI`` and ``mmtl export URI``.
+
+    Raises:
+        FileNotFoundError: ``uri`` holds no mmtl run (no ``pipeline.yaml``).
+    """
+    from mmtl import storage
+
+    uri = uri.rstrip("/")
+    root, _, name = uri.rpartition("/")
+    if storage.read_bytes(storage.join(uri, "pipeline.yaml")) is None:
+        raise FileNotFoundError(f"{uri} is not an mmtl run (no pipeline.yaml there)")
+    return _open_run(root, name, pull=True)
 
 
 def seed_everything(seed: int) -> None:

@@ -135,3 +135,63 @@ def _restore_mlflow_globals():
 
     with kept_mlflow_uris():
         yield
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3 API server on 127.0.0.1 (``moto`` in server mode) with credentials checked: yields
+    ``{"endpoint", "key", "secret", "bucket"}`` (an IAM user allowed everything, bucket ``mmtl-test`` created);
+    the server is stopped at the end by its process group. Any other access key is refused."""
+    import json
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    import boto3
+
+    log = tmp_path_factory.mktemp("moto") / "log"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "3"}  # IAM set-up below, then every request is checked
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env=env,
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1)
+                break
+            except OSError:
+                if proc.poll() is not None:
+                    raise RuntimeError(log.read_text())
+                time.sleep(0.25)
+        else:
+            raise RuntimeError("moto server did not start in 30 s")
+        boot = dict(endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="boot",
+                    aws_secret_access_key="boot")
+        iam = boto3.client("iam", **boot)
+        iam.create_user(UserName="mmtl")
+        key = iam.create_access_key(UserName="mmtl")["AccessKey"]
+        iam.put_user_policy(UserName="mmtl", PolicyName="all", PolicyDocument=json.dumps(
+            {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}))
+        info = {"endpoint": endpoint, "key": key["AccessKeyId"], "secret": key["SecretAccessKey"], "bucket": "mmtl-test"}
+        s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id=info["key"],
+                          aws_secret_access_key=info["secret"])
+        s3.create_bucket(Bucket=info["bucket"])
+        yield info
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def s3_env(info: dict) -> dict:
+    """The standard AWS environment for :func:`s3_server`'s store."""
+    return {"AWS_ENDPOINT_URL": info["endpoint"], "AWS_ACCESS_KEY_ID": info["key"],
+            "AWS_SECRET_ACCESS_KEY": info["secret"], "AWS_DEFAULT_REGION": "us-east-1"}

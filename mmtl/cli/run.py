@@ -125,7 +125,8 @@ def config_cmd(
 
 
 def export_cmd(
-    run_dir: Path = typer.Argument(..., help="Run directory (<runs_root>/<name>)"),
+    run_dir: str = typer.Argument(..., help="Run directory (<runs_root>/<name>), or a run on object storage "
+                                  "(s3://bucket/prefix/<name>: downloaded to its local staging folder)"),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder; default <run_dir>/export-merged or export-adapter"),
     merge: bool = typer.Option(True, "--merge/--no-merge", help="LoRA: fold the adapter into the base weights (loads without PEFT)"),
     checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="Checkpoint folder or step number; default the latest"),
@@ -142,7 +143,16 @@ def export_cmd(
         mmtl export runs/product-search-lora --merge
     """
     from mmtl.recipes.export import ExportError, export_run
+    from mmtl.storage import is_remote
 
+    try:
+        if is_remote(run_dir):
+            from mmtl.runtime import fetch_run
+
+            run_dir = fetch_run(run_dir)  # its staging folder; the export goes there unless --out says otherwise
+    except (FileNotFoundError, OSError) as exc:
+        fail(str(exc))
+    run_dir = Path(run_dir)
     dest = out or run_dir / ("export-merged" if merge else "export-adapter")
     try:
         info = export_run(run_dir, dest, merge=merge, checkpoint=checkpoint, fmt=fmt)

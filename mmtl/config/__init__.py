@@ -236,6 +236,8 @@ def _rebase(path: str, written_root: Optional[str], runs_root: str) -> str:
     rel = os.path.relpath(path, written_root)
     if rel == "." or rel.startswith(".." + os.sep) or rel == "..":
         return path
+    if is_uri(runs_root):  # a runs root on object storage: the same place inside the bucket
+        return runs_root.rstrip("/") + "/" + rel.replace(os.sep, "/")
     return os.path.normpath(os.path.join(runs_root, rel))
 
 

@@ -61,8 +61,12 @@ def re_scheme(text: str) -> bool:
 
 
 def default_tracking_uri(runs_root: str) -> str:
-    """The shared local store of a runs root: ``sqlite:///<runs_root absolute>/mlflow.db``."""
-    return f"sqlite:///{Path(runs_root).resolve() / 'mlflow.db'}"
+    """The shared local store of a runs root: ``sqlite:///<runs_root absolute>/mlflow.db``; for a runs root on
+    object storage, in its local staging folder (:func:`mmtl.storage.local_root`: a sqlite file cannot live in
+    a bucket; give an MLflow server as ``tracking.uri`` to keep runs beyond this machine)."""
+    from mmtl.storage import local_root
+
+    return f"sqlite:///{Path(local_root(runs_root)).resolve() / 'mlflow.db'}"
 
 
 def resolve_tracking_uri(uri: Optional[str], runs_root: str) -> str:
@@ -116,8 +120,12 @@ def existing_store_uri(uri: Optional[str]) -> Optional[str]:
 
 
 def artifact_root(uri: str, runs_root: str) -> Optional[str]:
-    """Where new experiments of a local store keep artifacts: ``<runs_root>/mlartifacts``; None for a server
-    (its own artifact store)."""
+    """Where new experiments of a local store keep artifacts: ``<runs_root>/mlartifacts`` (also for a runs root
+    on object storage: ``s3://bucket/prefix/mlartifacts``); None for a server (its own artifact store)."""
+    from mmtl.storage import is_remote, join
+
     if uri.startswith(("http://", "https://", "databricks")):
         return None
+    if is_remote(runs_root):
+        return join(runs_root, "mlartifacts")
     return str(Path(runs_root).resolve() / "mlartifacts")

@@ -226,6 +226,15 @@ def resolve_export(spec: str, tracking_uri: Optional[str] = None, download_dir: 
         raise ModelSpecError(f"empty model; expected {FORMS}")
     if spec.startswith(("runs:/", "models:/")):
         return _resolve_uri(spec, tracking_uri, download_dir)
+    from mmtl.storage import is_remote
+
+    if is_remote(spec) and not spec.startswith(("http://", "https://")):  # a run folder on object storage
+        from mmtl.runtime import fetch_run
+
+        try:
+            return _resolve_local(str(fetch_run(spec)))
+        except (FileNotFoundError, OSError) as e:
+            raise ModelSpecError(f"model {spec!r}: {e}") from None
     if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:/", spec) and not Path(spec).exists():
         raise ModelSpecError(f"unsupported model URI {spec!r}: expected {FORMS}")
     return _resolve_local(spec)

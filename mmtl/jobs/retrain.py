@@ -2,6 +2,11 @@
 
 One trigger (:func:`retrain`) does:
 
+Object storage: with ``train.runs_root`` (or ``retrain.manifest_dir``) on ``s3://``, ``manifest.json`` and the
+lock live in the store (``<runs_root>/retrain/``; the lock by S3 conditional writes,
+:mod:`mmtl.jobs.object_lock`) and the hash cache and warm-start copies in the local staging folder
+(:func:`manifest_location`).
+
 1. **Lock.** ``<manifest_dir>/retrain.lock`` is created with ``O_CREAT | O_EXCL`` and holds the pid, hostname,
    process start time, a random token and timestamps; it is held for the whole cycle and a heartbeat thread
    touches it (mtime) every ``min(60, lock_ttl_s / 4)`` s. A lock is *stale* when its mtime is older than
@@ -147,6 +152,7 @@ def retrain(pipe: Pipeline, say: Say = print, address: Optional[str] = None) -> 
     """
     from mlflow.tracking import MlflowClient
 
+    from mmtl import storage
     from mmtl.tracking import mlflow_utils as mlu
 
     cfg = pipe.retrain or RetrainConfig()
@@ -155,9 +161,14 @@ def retrain(pipe: Pipeline, say: Say = print, address: Optional[str] = None) -> 
         raise ValueError("mmtl retrain needs tracking.model_name and tracking.log_model=true: the champion and "
                          "challenger are versions of that registered model")
     _eval_spec(pipe, cfg.metric)
-    manifest_dir = Path(cfg.manifest_dir or Path(pipe.train.runs_root) / "retrain")
+    manifest_dir, store = manifest_location(pipe)
     manifest_dir.mkdir(parents=True, exist_ok=True)
-    lock = RetrainLock(manifest_dir / LOCK_NAME, cfg.lock_ttl_s)
+    if store is None:
+        lock = RetrainLock(manifest_dir / LOCK_NAME, cfg.lock_ttl_s)
+    else:  # object storage: the lock by S3 conditional writes; the last manifest read from the store
+        from mmtl.jobs.object_lock import ObjectLock
+
+        lock = ObjectLock(storage.join(store, LOCK_NAME), cfg.lock_ttl_s)
     if not lock.acquire():
         h = lock.holder or {}
         since = datetime.fromtimestamp(float(h["created_at"]), timezone.utc).isoformat(timespec="seconds") \
@@ -169,9 +180,46 @@ def retrain(pipe: Pipeline, say: Say = print, address: Optional[str] = None) -> 
     if lock.broken:
         say(f"broke a stale retrain lock ({lock.broken})")
     try:
-        return _retrain_locked(pipe, cfg, name, manifest_dir, say, address, MlflowClient, mlu)
+        if store is not None:
+            _sync_manifest(manifest_dir, store, pull=True)
+        result = _retrain_locked(pipe, cfg, name, manifest_dir, say, address, MlflowClient, mlu)
+        if store is not None and result.get("action") == "retrained":
+            _sync_manifest(manifest_dir, store, pull=False)
+            result["manifest"] = storage.join(store, MANIFEST_NAME)
+        return result
     finally:
         lock.release()
+
+
+def manifest_location(pipe: Pipeline) -> tuple[Path, Optional[str]]:
+    """``(local manifest folder, store URI or None)``: ``retrain.manifest_dir`` or ``<train.runs_root>/retrain``.
+    When that is on object storage (``s3://...``) the local folder is its staging folder
+    (:func:`mmtl.storage.staging_root`: hash cache, warm-start copies) and the store keeps ``manifest.json`` and
+    the lock."""
+    from mmtl import storage
+
+    cfg = pipe.retrain or RetrainConfig()
+    where = cfg.manifest_dir or (storage.join(pipe.train.runs_root, "retrain") if storage.is_remote(pipe.train.runs_root)
+                                 else str(Path(pipe.train.runs_root) / "retrain"))
+    if storage.is_remote(where):
+        return storage.staging_root(where), where
+    return Path(where), None
+
+
+def _sync_manifest(manifest_dir: Path, store: str, pull: bool) -> None:
+    """Pull ``manifest.json`` from the store into ``manifest_dir`` (a local copy the store lacks is removed: the
+    store is the record), or push the local one (one PUT: the store shows the old or the new manifest)."""
+    from mmtl import storage
+
+    local, remote = manifest_dir / MANIFEST_NAME, storage.join(store, MANIFEST_NAME)
+    if pull:
+        data = storage.read_bytes(remote)
+        if data is None:
+            local.unlink(missing_ok=True)
+        else:
+            _write_json(local, json.loads(data))
+    else:
+        storage.write_bytes(remote, local.read_bytes())
 
 
 def _retrain_locked(pipe, cfg: RetrainConfig, name: str, manifest_dir: Path, say: Say, address, MlflowClient,

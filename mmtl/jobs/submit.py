@@ -159,9 +159,13 @@ def temporary_outputs(pipe, working_dir: str, tracking_from_env: bool = False) -
         working_dir: the folder uploaded as the job's working_dir.
         tracking_from_env: ``MLFLOW_TRACKING_URI`` is forwarded to the job (it sets ``tracking.uri``).
     """
+    from mmtl.storage import is_remote
+
     root = Path(working_dir).resolve()
 
     def inside(path: str) -> bool:
+        if is_remote(path):  # s3://, gs://: outlives the job
+            return False
         p = Path(path).resolve()
         return p == root or root in p.parents
 
@@ -173,7 +177,11 @@ def temporary_outputs(pipe, working_dir: str, tracking_from_env: bool = False) -
     uri = pipe.tracking.uri
     if not tracking_from_env and (uri is None or uri.startswith(("sqlite:", "file:"))):
         local = uri.split(":", 1)[1].lstrip("/") if uri else None
-        if uri is None and inside(pipe.train.runs_root) or (local and inside("/" + local)):
+        if uri is None and is_remote(pipe.train.runs_root):
+            out.append(f"train.runs_root is {pipe.train.runs_root} but the default MLflow store is a sqlite file on "
+                       "the node that runs the job (object storage cannot hold one): add "
+                       "tracking.uri=http://MLFLOW:5000 (an MLflow server) or export MLFLOW_TRACKING_URI.")
+        elif uri is None and inside(pipe.train.runs_root) or (local and inside("/" + local)):
             out.append("the MLflow store is a file in the job's temporary folder: add tracking.uri=http://MLFLOW:5000 "
                        "(an MLflow server) or export MLFLOW_TRACKING_URI before submitting.")
     return out

@@ -49,6 +49,14 @@ def build_model(cfg: ModelConfig) -> MultimodalModel:
 
 
 def _init_file(path: str) -> Path:
+    from mmtl.storage import fetch_file, is_remote
+
+    if is_remote(path):  # a file or run folder on object storage: downloaded once into the staging folder
+        p = fetch_file(path, ("model.safetensors", "artifacts/model.safetensors", "export/model.safetensors"))
+        if p is None:
+            raise WeightsError(f"model.init_from={path!r}: no such object (nor model.safetensors or "
+                               "export/model.safetensors under it)")
+        return p
     p = Path(path).expanduser()
     if p.is_dir():
         for cand in (p / "model.safetensors", p / "artifacts" / "model.safetensors", p / "export" / "model.safetensors"):

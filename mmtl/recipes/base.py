@@ -59,12 +59,19 @@ class RunContext:
 
     @property
     def cache_root(self) -> Path:
-        """Where frozen features / tokens are cached: ``data.cache_dir`` or ``<train.runs_root>/cache``."""
-        return Path(self.pipe.data.cache_dir or Path(self.pipe.train.runs_root) / "cache")
+        """Where frozen features / tokens are cached: ``data.cache_dir`` or ``<train.runs_root>/cache`` (a runs
+        root on object storage: its local staging folder, :func:`mmtl.storage.local_root`)."""
+        from mmtl.storage import local_root
+
+        return Path(self.pipe.data.cache_dir or Path(local_root(self.pipe.train.runs_root)) / "cache")
 
     def common_summary(self) -> dict[str, Any]:
         """The fields every ``summary.json`` starts with (run identity and where to look)."""
+        from mmtl.runtime import run_uri
+
+        store = run_uri(self.run_dir)  # a runs root on object storage: run_dir is the driver's staging copy
         return {"status": "finished", "run_name": self.run_dir.name, "run_dir": str(self.run_dir),
+                **({"run_uri": store} if store else {}),
                 "mlflow_run_id": self.run_id, "mlflow_tracking_uri": self.uri,
                 "mlflow_ui": f"mlflow ui --backend-store-uri {self.uri} --host 127.0.0.1 --port 5000"}
 

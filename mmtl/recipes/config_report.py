@@ -15,6 +15,7 @@ def describe_paths(pipe: Pipeline) -> str:
     folder a run would use now (new, or the unfinished one it resumes), the feature cache, the tracking store
     and artifact root, and the retrain manifests."""
     from mmtl.runtime import select_run_dir
+    from mmtl.storage import is_remote, join, local_root
     from mmtl.config.tracking_uri import artifact_root, resolve_tracking_uri
 
     rows: list[tuple[str, str]] = []
@@ -45,7 +46,7 @@ def describe_paths(pipe: Pipeline) -> str:
         rows.append(("run folder", f"{run_dir} ({'resumes the unfinished run there' if resuming else 'new'})"))
     except (OSError, ValueError) as exc:
         rows.append(("run folder", f"cannot be chosen: {exc}"))
-    rows.append(("data.cache_dir", d.cache_dir or f"{Path(t.runs_root) / 'cache'} (default)"))
+    rows.append(("data.cache_dir", d.cache_dir or f"{Path(local_root(t.runs_root)) / 'cache'} (default)"))
     source = ("tracking.uri" if pipe.tracking.uri else "$MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI")
               else "default under train.runs_root")
     uri = resolve_tracking_uri(pipe.tracking.uri, t.runs_root)
@@ -53,7 +54,7 @@ def describe_paths(pipe: Pipeline) -> str:
     art = artifact_root(uri, t.runs_root)
     rows.append(("artifacts", f"{art}" if art else "the tracking server's artifact store"))
     if pipe.retrain is not None:
-        rows.append(("retrain.manifest_dir", pipe.retrain.manifest_dir or f"{Path(t.runs_root) / 'retrain'} (default)"))
+        rows.append(("retrain.manifest_dir", pipe.retrain.manifest_dir or f"{join(t.runs_root, 'retrain') if is_remote(t.runs_root) else Path(t.runs_root) / 'retrain'} (default)"))
     width = max(len(k) for k, _ in rows) + 1
     head = (f"# resolved paths: relative paths in the pipeline are relative to {pipe._project_root}"
             if pipe._project_root else "# resolved paths")

@@ -39,25 +39,41 @@ def find_checkpoint(run_dir: Path, checkpoint: Optional[str]) -> Path:
     Raises:
         ExportError: no such run / checkpoint.
     """
-    from mmtl.runtime import latest_checkpoint
+    from mmtl.runtime import latest_checkpoint, local_checkpoint, run_uri
     from mmtl.train.checkpoint import read_meta
 
     if not (run_dir / "pipeline.yaml").exists():
         raise ExportError(f"{run_dir} is not an mmtl run directory (no pipeline.yaml)")
+    store = run_uri(run_dir)  # a run on object storage: checkpoints are downloaded whole when chosen
     if checkpoint is None:
         ckpt = latest_checkpoint(run_dir)
         if ckpt is None:
             raise ExportError(f"{run_dir} has no checkpoint yet (train/checkpoint_*)")
-        return ckpt
+        return _whole(run_dir, ckpt) if store else ckpt
     if Path(checkpoint).is_dir():
         return Path(checkpoint)
     if checkpoint.isdigit():
+        if store:
+            from mmtl.storage import join, list_dirs
+
+            for name in list_dirs(join(store, "train")):
+                if name.startswith("checkpoint_"):
+                    local_checkpoint(run_dir, name)  # meta (and export/adapter), not the DeepSpeed state
         for d in sorted(run_dir.glob("train/checkpoint_*")):
             meta = read_meta(d)
             if meta and int(meta["step"]) == int(checkpoint):
-                return d
+                return _whole(run_dir, d) if store else d
         raise ExportError(f"no checkpoint at step {checkpoint} under {run_dir}/train (kept: train.keep_checkpoints)")
     raise ExportError(f"--checkpoint must be a folder or a step number, got {checkpoint!r}")
+
+
+def _whole(run_dir: Path, ckpt: Path) -> Path:
+    """Download the rest of a mirrored checkpoint of a run on object storage (DeepSpeed's ``ds/`` state)."""
+    from mmtl.runtime import run_uri
+    from mmtl.storage import download_dir, join
+
+    download_dir(join(run_uri(run_dir), "train", ckpt.name), ckpt)
+    return ckpt
 
 
 FORMATS = ("mmtl", "open_clip")

@@ -9,6 +9,10 @@ Ray Train (``TorchTrainer`` + DeepSpeed, :func:`mmtl.train.fit.fit`) -> consolid
 FAILED on any error. A step that fails after training keeps the checkpoint, the export and a
 ``summary.json`` with ``status: failed`` and the failed step; ``mmtl run ... --resume`` then redoes only the
 steps after training.
+
+A runs root on object storage (``s3://...``, :mod:`mmtl.storage`) is probed before anything starts; the run
+works in a local staging folder whose files are uploaded at the start and at the end (finished or failed), and
+Ray Train writes the checkpoints to the bucket.
 """
 from __future__ import annotations
 
@@ -17,10 +21,11 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+from mmtl import storage
 from mmtl.config import Pipeline
 from mmtl.recipes import check_pipeline, recipe_for
 from mmtl.recipes.base import Recipe, RunContext, Say
-from mmtl.runtime import init_ray, latest_checkpoint, seed_everything, select_run_dir
+from mmtl.runtime import init_ray, latest_checkpoint, local_checkpoint, push_run, run_uri, seed_everything, select_run_dir
 from mmtl.strategies import apply_strategy, trainable_summary
 from mmtl.tracking import mlflow_utils as mlu
 from mmtl.train.checkpoint import check_compatible, read_meta
@@ -69,6 +74,8 @@ def run_pipeline(pipe: Pipeline, *, address: Optional[str] = None, must_resume: 
     recipe_cls = recipe_for(pipe.strategy.kind, pipe.model.family)
     specs = eval_specs(pipe)
     check_inputs_exist(pipe, specs, recipe_cls)  # before a run folder or an MLflow run exists
+    if storage.is_remote(pipe.train.runs_root):  # bucket, credentials, endpoint: before anything starts
+        storage.preflight(pipe.train.runs_root, "train.runs_root")
     check_placement(pipe, address, say)  # a cluster of several nodes: the runs root must be shared
     run_dir, resuming = select_run_dir(pipe.train.runs_root, pipe.train.name, pipe.train.resume, must_resume)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -92,6 +99,7 @@ def run_pipeline(pipe: Pipeline, *, address: Optional[str] = None, must_resume: 
         if lineage:
             mlu.set_tags(uri, run_id, lineage)
             say(f"warm start from run {lineage.get('mmtl.parent_run_id', '?')} ({lineage['mmtl.init_from']})")
+    push_run(run_dir)  # object storage: pipeline.yaml and run.json are in the store before training
     say(f"run dir {run_dir}  mlflow run {run_id}")
     ctx = RunContext(pipe=pipe, run_dir=run_dir, uri=uri, run_id=run_id, resuming=resuming, say=say,
                      specs=specs, t_start=t_start)
@@ -103,10 +111,20 @@ def run_pipeline(pipe: Pipeline, *, address: Optional[str] = None, must_resume: 
             mlu.end_run(uri, run_id, "FAILED")
         except Exception as exc:  # noqa: BLE001
             say(f"warning: could not mark MLflow run {run_id} FAILED: {type(exc).__name__}: {exc}")
+        _push_quietly(run_dir, say)
         raise
     _log_console(uri, run_id, run_dir)
     mlu.end_run(uri, run_id, "FINISHED")
+    push_run(run_dir)
     return summary
+
+
+def _push_quietly(run_dir: Path, say: Say) -> None:
+    """:func:`mmtl.runtime.push_run` after a failure: a store error is reported, the original error is raised."""
+    try:
+        push_run(run_dir)
+    except Exception as exc:  # noqa: BLE001
+        say(f"warning: could not upload {run_dir} to {run_uri(run_dir)}: {type(exc).__name__}: {exc}")
 
 
 def _log_console(uri: str, run_id: str, run_dir: Path) -> None:
@@ -218,7 +236,7 @@ def run_recipe(recipe: Recipe) -> dict:
             ctx.final_train = {k: v for k, v in final.items() if k.startswith("train/")}
             ctx.steps = base["steps"] = int(final.get("steps", 0))
             base["workers"] = final.get("workers")  # where each rank ran (mmtl.train.placement)
-            ckpt = Path(result.checkpoint.path)
+            ckpt = local_checkpoint(ctx.run_dir, result.checkpoint.path)  # object storage: a local mirror
     return _after_training(recipe, ckpt, base)
 
 

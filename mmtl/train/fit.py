@@ -62,6 +62,11 @@ def fit(pipe: Pipeline, run_dir: Path, arrays: Optional[dict], uri: str, run_id:
         n = count_samples(pipe.data.train)
         ds = (build_dataset or build_image_dataset)(pipe, pipe.data.train,
                                                    epochs_needed(t.max_steps, t.effective_global_batch, n), name)
+    from mmtl.runtime import run_uri
+    from mmtl.storage import ray_storage
+
+    # checkpoints: the run folder, or for a runs root on object storage the run's URI (Ray Train uploads them)
+    storage_path, storage_fs = ray_storage(run_uri(run_dir)) if run_uri(run_dir) else (str(run_dir.resolve()), None)
     resources = {"CPU": t.cpus_per_worker}
     if t.use_gpu:
         resources["GPU"] = t.gpus_per_worker
@@ -72,7 +77,7 @@ def fit(pipe: Pipeline, run_dir: Path, arrays: Optional[dict], uri: str, run_id:
                                      placement_strategy=t.placement_strategy),
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         run_config=RunConfig(
-            name="train", storage_path=str(run_dir.resolve()),
+            name="train", storage_path=storage_path, storage_filesystem=storage_fs,
             failure_config=FailureConfig(max_failures=t.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
             logging_config=LoggingConfig(log_level="WARNING"),
