@@ -55,3 +55,14 @@ def test_bench_model_trains_in_the_modes_run_training_sets():
 
     model = build_bench_model(bench_pipeline(tiny_two_tower_config(), 2, 8, 4))
     assert all(m.training for m in model.modules())
+
+
+def test_side_order_is_abba():
+    from mmtl.bench.step import side_order
+
+    sides = ["torch", "bare_ds", "mmtl", "mmtl_ray"]
+    assert side_order(sides, 0) == sides and side_order(sides, 1) == sides[::-1]
+    assert side_order(sides, 2) == ["bare_ds", "mmtl", "mmtl_ray", "torch"]
+    assert side_order(sides, 3) == ["torch", "mmtl_ray", "mmtl", "bare_ds"]
+    for r in range(8):  # every side runs once per repeat
+        assert sorted(side_order(sides, r)) == sorted(sides)
