@@ -52,3 +52,30 @@ def test_convert_tree_writes_large_jpegs_and_keeps_the_other_members(tmp_path):
     assert np.abs(np.asarray(a, np.float32) - [255, 0, 0]).max() < 8
     assert np.asarray(b).min() > 247  # transparent composited on white, as training decodes it
     assert decode_image(a_bytes, 10**8, draft_px=64).size == (64, 64)  # drafted at 1/4 DCT scale
+
+
+def test_draft_distance_on_large_jpegs(tmp_path):
+    import yaml
+
+    from mmtl.bench.draft_check import draft_distance
+    from mmtl.models import tiny_two_tower_config
+
+    src = tmp_path / "src" / "train"
+    src.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    with tarfile.open(src / "s-000000.tar", "w") as t:
+        for k in range(4):
+            buf = io.BytesIO()
+            small = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)  # smooth picture once upscaled
+            Image.fromarray(small).resize((72, 72), Image.BICUBIC).save(buf, format="PNG")
+            info = tarfile.TarInfo(f"k{k}.png")
+            info.size = len(buf.getvalue())
+            t.addfile(info, io.BytesIO(buf.getvalue()))
+    convert_tree(tmp_path / "src", tmp_path / "out", size=256)
+    pipe = tmp_path / "p.yaml"
+    pipe.write_text(yaml.safe_dump({"data": {"train": str(src)},
+                                    "model": tiny_two_tower_config(image_size=32).model_dump(mode="json")}))
+    r = draft_distance(str(tmp_path / "out" / "train" / "s-000000.tar"), str(pipe), image_size=32, n=4)
+    assert r["images"] == 4 and r["draft_px"] == 48 and r["decoded_size"] == {"full": [256, 256], "draft": [64, 64]}
+    assert r["pixel_mean_abs_diff"]["draft_vs_full"] < r["pixel_mean_abs_diff"]["two_augmentations"]
+    assert 0.99 < r["feature_cosine_mean"]["draft_vs_full"] <= 1.0 + 1e-6
