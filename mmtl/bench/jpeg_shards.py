@@ -1,6 +1,6 @@
 """Large-JPEG copies of image-text shards, for measuring JPEG draft decoding (``data.jpeg_draft``) on real pictures.
 
-The bundled emoji shards hold small PNGs (72 px), on which draft decoding does nothing. This writes the same
+The bundled emoji shards hold small PNGs (64 px), on which draft decoding does nothing. This writes the same
 samples (same keys, captions and metadata, same split folders) with each image decoded as training decodes it
 (:func:`mmtl.data.samples.decode_image`: RGB, alpha composited on white), resized to ``size`` x ``size`` px
 (bicubic) and saved as a baseline JPEG of quality ``quality`` (4:2:0 chroma subsampling, Pillow's default):
