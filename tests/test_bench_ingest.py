@@ -23,7 +23,8 @@ def test_bench_ingest_result_is_well_formed(ray_local, tmp_path):
     assert r["ratios"]["mmtl/baseline"] == r["ratio"] and r["ratios"]["mmtl/baseline_total"] == r["ratio_total"]
     assert set(r["ratios"]) == {"mmtl/baseline", "mmtl/baseline_total", "mmtl_draft/baseline",
                                 "mmtl_draft/baseline_total"} and all(v > 0 for v in r["ratios"].values())
-    assert r["jpeg_draft"] == 1.5 and {"mmtl_decode_image_draft", "transform_after_draft"} <= set(r["per_sample_ms"])
+    assert r["jpeg_draft"] == {"mmtl": None, "mmtl_draft": 1.5}
+    assert {"mmtl_decode_image_draft", "transform_after_draft"} <= set(r["per_sample_ms"])
     assert all(0 < r["first_batch_s"][k] <= r["times_s"][k][0] for k in ("mmtl", "baseline", "mmtl_draft"))
     assert all(v > 0 for v in r["cpu_ms_per_sample"].values())
     assert r["runs"] == 1 and r["image_size"] == 64 and r["processes"] == 2 and r["startup_s"] == 0.0

@@ -1,6 +1,6 @@
-"""JPEG draft decoding (data.jpeg_draft): off by default; when set, large JPEGs of the training stream decode at
-a reduced DCT scale that keeps the shorter side >= jpeg_draft * image_size; other formats, small JPEGs,
-evaluation and frozen-feature options decode in full."""
+"""JPEG draft decoding (data.jpeg_draft): off by default (null or 0); when set (e.g. 1.5), large JPEGs of the
+training stream decode at a reduced DCT scale that keeps the shorter side >= jpeg_draft * image_size; other
+formats, small JPEGs, evaluation and frozen-feature options decode in full."""
 from __future__ import annotations
 
 import io
@@ -46,6 +46,7 @@ def test_setting_is_off_by_default_and_train_stream_only(tmp_path):
     pipe = build_pipeline({"data": {"train": str(tmp_path)}, "model": model})
     assert pipe.data.jpeg_draft is None and draft_px(pipe) is None
     assert CleanOptions().draft_px is None and clean_options(pipe).draft_px is None
+    assert draft_px(build_pipeline({"data": {"train": str(tmp_path), "jpeg_draft": 0}, "model": model})) is None
     on = build_pipeline({"data": {"train": str(tmp_path), "jpeg_draft": 1.5}, "model": model})
     assert draft_px(on) == 96
     assert clean_options(on).draft_px is None  # evaluation / frozen features / index building: full decodes

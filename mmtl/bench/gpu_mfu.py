@@ -21,7 +21,9 @@ project so far (no GPU was lent to the session that wrote it, issue 19).
 
 Prints one JSON object: ``mmtl`` and ``torch`` (samples/s, step s, MFU), ``mmtl/torch`` (throughput ratio),
 ``flops_per_step``, ``peak_flops``, ``device``. ``--dry-run`` only writes the pipeline and counts FLOPs (works
-on CPU with ``--tiny``). Budget on an H200: ~2 min of shard writing on 16 cores, ~1-2 min for ``mmtl run``
+on CPU with ``--tiny``). ``--tiny`` without ``--dry-run`` runs every step on CPU with the tiny open_clip model (1 CPU
+per worker, no GPU): a smoke test of the whole script, checked on 2026-11-30 against the current code
+(``--tiny --micro-batch 4 --steps 3 --warmup 1 --samples 64``: ~7 min on the shared 2-core machine, rc 0). Budget on an H200: ~2 min of shard writing on 16 cores, ~1-2 min for ``mmtl run``
 (Ray start, worker start, 80 steps), ~1 min for the torch loop.
 """
 from __future__ import annotations
@@ -66,7 +68,7 @@ def gpu_pipeline(shards: str, runs_root: str, micro_batch: int, steps: int, tiny
         "data": {"train": shards, "decode_cpus": 1.0},
         "model": gpu_model_config(tiny),
         "strategy": {"kind": "full"},
-        "train": {"num_workers": 1, "use_gpu": not tiny, "gpus_per_worker": 1.0, "cpus_per_worker": 4.0,
+        "train": {"num_workers": 1, "use_gpu": not tiny, "gpus_per_worker": 1.0, "cpus_per_worker": 1.0 if tiny else 4.0,
                   "zero_stage": 2, "precision": "bf16", "micro_batch_size": micro_batch, "max_steps": steps,
                   "checkpoint_every": steps, "log_every": 10, "lr": 1e-4, "schedule": "constant",
                   "warmup_steps": 0, "name": "gpu-mfu", "runs_root": runs_root},
@@ -192,7 +194,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     name = torch.cuda.get_device_name(0) if cuda else "cpu"
     flops = flops_per_step(pipe, a.micro_batch, device)
     peak = peak_flops(name, a.peak_tflops)
-    res: dict = {"device": name, "arch": raw["model"].get("arch", "tiny open_clip"), "micro_batch": a.micro_batch,
+    res: dict = {"device": name, "arch": raw["model"].get("arch") or "tiny open_clip", "micro_batch": a.micro_batch,
                  "steps": a.steps, "flops_per_step": flops, "peak_flops": peak, "ran": not a.dry_run}
     say(f"{name}: {flops / 1e12:.2f} TFLOP per step of {a.micro_batch}; peak {peak}")
 

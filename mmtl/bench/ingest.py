@@ -196,6 +196,12 @@ def _stage_costs(urls: list[str], pipe, transform, tokenize, pipe_draft=None, n:
     return out
 
 
+def alt_side(draft: float) -> str:
+    """Name of the second mmtl side, run with ``data.jpeg_draft = draft``: ``mmtl_nodraft`` (0: full JPEG decodes)
+    or ``mmtl_draft``."""
+    return "mmtl_nodraft" if not draft else "mmtl_draft"
+
+
 def _eta(t0: float, done: int, total: int) -> str:
     el = time.perf_counter() - t0
     return f" ({el:.0f} s elapsed, ETA {el / max(1, done) * (total - done):.0f} s)"
@@ -218,10 +224,10 @@ def _limits(r: dict) -> str:
         f"samples/s. On top, each side shares the cores with its consumer (DataLoader main process: collation, "
         "unpickling; Ray: the driver's streaming executor, iter_torch_batches, raylet/GCS, object-store copies of "
         "model-ready tensors); cpu_ms_per_sample counts all of it. The JPEG decode and the bicubic crop of the "
-        "full 224-px image dominate: JPEG draft decoding (data.jpeg_draft: libjpeg DCT downscale to >= "
-        "jpeg_draft x image_size before the transform; side mmtl_draft) cuts both, but its pixels differ slightly "
-        "from a full decode, so it is off by default (training stream only; evaluation and frozen features always "
-        f"decode in full). Load average {r['load_avg']['before']} -> {r['load_avg']['after']} on {os.cpu_count()} cores: "
+        "full 224-px image dominate: JPEG draft decoding (data.jpeg_draft, off by default: libjpeg DCT downscale "
+        "to >= jpeg_draft x image_size before the transform; side mmtl_draft) cuts both (training stream only; "
+        "evaluation and frozen features always decode in full); it stays off by default because one retrieval "
+        "metric moved beyond run-to-run noise in a training comparison (docs/benchmarks.md). Load average {r['load_avg']['before']} -> {r['load_avg']['after']} on {os.cpu_count()} cores: "
         "outside load slows both sides; runs are interleaved so that it hits both alike.")
 
 
@@ -237,17 +243,18 @@ def bench_ingest(path: str | None = None, samples: int = 10000, runs: int = 3, i
     Args:
         path: shard spec; None writes ``samples`` synthetic 224-px JPEG pairs into 8 shards in a temp folder.
         runs: measured runs per side (median reported), at least 1; ``warmup``: one unmeasured run per side first
-            (``mmtl_draft`` reuses the Ray workers that ``mmtl``'s warm-up warmed).
+            (the second mmtl side reuses the Ray workers that ``mmtl``'s warm-up warmed).
         processes: DataLoader workers = Ray CPUs when this call starts Ray (a running Ray, e.g. pytest's
             ``ray_local``, is used as is) = concurrent mmtl tasks. ``batch_size``: both sides (= rows_per_block).
-        draft: also measure mmtl with ``data.jpeg_draft = draft`` (side ``mmtl_draft``: JPEG draft decoding,
-            off by default in pipelines); None skips that side.
+        draft: also measure mmtl with ``data.jpeg_draft = draft`` (:func:`alt_side`: side ``mmtl_draft``, or
+            ``mmtl_nodraft`` for 0: full JPEG decodes); None skips that side. Side ``mmtl`` runs the pipeline
+            defaults (``data.jpeg_draft`` off: full decodes).
         worker_niceness: of Ray workers when this call starts Ray (Ray's default, 15, starves them under
             outside load; DataLoader workers inherit the caller's); None keeps Ray's.
         say: progress lines (e.g. ``print``); None is quiet.
 
     Returns: ``ratios`` {"mmtl/baseline" (steady state), "mmtl/baseline_total" (whole runs), and with ``draft``
-        "mmtl_draft/baseline", "mmtl_draft/baseline_total"}, ``samples_per_s``
+        the same for the second mmtl side, e.g. "mmtl_draft/baseline"}, ``samples_per_s``
         {"mmtl", "baseline"} (steady state: samples between 10% and 90% of a run over the time between them,
         median over runs), ``samples_per_s_total`` (whole runs, start-up included), ``ratio`` / ``ratio_total``
         (the same as in ``ratios``), ``samples`` / ``baseline_samples`` (per run), ``startup_s`` (Ray start-up;
@@ -261,6 +268,7 @@ def bench_ingest(path: str | None = None, samples: int = 10000, runs: int = 3, i
     import torch
 
     from mmtl.config import build_pipeline
+    from mmtl.data import stream
     from mmtl.data.shardio import resolve_shards
     from mmtl.data.stream import count_samples
     from mmtl.models import build_image_transform, build_tokenizer, tiny_two_tower_config
@@ -280,8 +288,9 @@ def bench_ingest(path: str | None = None, samples: int = 10000, runs: int = 3, i
         urls = resolve_shards(path)
         model_json = tiny_two_tower_config(image_size=image_size).model_dump(mode="json")
         pipe = build_pipeline({"data": {"train": path}, "model": model_json})
-        pipe_draft = build_pipeline({"data": {"train": path, "jpeg_draft": draft}, "model": model_json}) if draft \
-            else None
+        pipe_alt = build_pipeline({"data": {"train": path, "jpeg_draft": draft}, "model": model_json}) \
+            if draft is not None else None
+        alt = alt_side(draft) if pipe_alt is not None else None
         transform, tokenize = build_image_transform(pipe.model, True), build_tokenizer(pipe.model)
         startup_s = 0.0
         if not ray.is_initialized():
@@ -304,12 +313,12 @@ def bench_ingest(path: str | None = None, samples: int = 10000, runs: int = 3, i
         sides = {"baseline": lambda: _run_baseline(urls, transform, tokenize, batch_size, processes,
                                                    pipe.data.shuffle_buffer, expected),
                  "mmtl": lambda: _run_mmtl(pipe, urls, batch_size, processes, expected)}
-        if pipe_draft is not None:
-            sides["mmtl_draft"] = lambda: _run_mmtl(pipe_draft, urls, batch_size, processes, expected)
+        if alt is not None:
+            sides[alt] = lambda: _run_mmtl(pipe_alt, urls, batch_size, processes, expected)
         torch.set_num_threads(1)  # the driver / DataLoader main process only batches: keep both sides alike
         warm: dict[str, float] = {}
-        # warm-up: one unmeasured run per pipeline kind (mmtl_draft runs on the Ray workers mmtl warmed)
-        warm_sides = [k for k in sides if k != "mmtl_draft"] if warmup else []
+        # warm-up: one unmeasured run per pipeline kind (the second mmtl side runs on the Ray workers mmtl warmed)
+        warm_sides = [k for k in sides if k != alt] if warmup else []
         t_runs, total_runs, done = time.perf_counter(), runs * len(sides) + len(warm_sides), 0
         for k, fn in ((k, sides[k]) for k in warm_sides):
             o = fn()
@@ -341,7 +350,7 @@ def bench_ingest(path: str | None = None, samples: int = 10000, runs: int = 3, i
             ratios[f"{k}/baseline_total"] = round(total[k] / max(total["baseline"], 1e-9), 3)
         ratio, ratio_total = ratios["mmtl/baseline"], ratios["mmtl/baseline_total"]
         result = {
-            "ratios": ratios, "jpeg_draft": draft,
+            "ratios": ratios, "jpeg_draft": {"mmtl": pipe.data.jpeg_draft, **({alt: draft} if alt else {})},
             "samples_per_s": steady, "samples_per_s_total": total,
             "ratio": ratio, "ratio_total": ratio_total,
             "runs": runs, "samples": rec["mmtl"][-1]["n"], "baseline_samples": rec["baseline"][-1]["n"],
@@ -353,7 +362,9 @@ def bench_ingest(path: str | None = None, samples: int = 10000, runs: int = 3, i
             "cpu_ms_per_sample_total": {k: round(statistics.median(o["cpu_s"] / max(1, o["n"]) for o in v) * 1e3, 3)
                                         for k, v in rec.items()},
             "steady_window": "samples between 10% and 90% of the run (start-up and drain excluded)",
-            "per_sample_ms": _stage_costs(urls, pipe, transform, tokenize, pipe_draft),
+            "per_sample_ms": _stage_costs(urls, pipe, transform, tokenize,
+                                          next((p for p in (pipe, pipe_alt) if p is not None and stream.draft_px(p)),
+                                               None)),
         }
         result["load_avg"] = {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)}
         result["limits"] = _limits(result)

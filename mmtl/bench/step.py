@@ -33,8 +33,8 @@ a checkpoint + consolidated export (``checkpoint_every`` is set above ``max_step
 it comes after the last step's timestamp, so it is not in the step times; it is reported apart
 (``final_checkpoint_s``), as are engine build (``bare_ds``), Ray start-up and Ray worker start-up.
 Per run: mean step time (wall, and CPU seconds of the process: less sensitive to other load on the machine);
-over ``repeats`` runs: the median. The sides run interleaved (order rotated each repeat) so that load from
-other processes hits them alike. Each side uses ``threads`` torch intra-op threads (the Ray worker too).
+over ``repeats`` runs: the median. The sides run interleaved (:func:`side_order`: ABBA, so the mmtl side does
+not always follow the bare loop) so that load from other processes hits them alike. Each side uses ``threads`` torch intra-op threads (the Ray worker too).
 
 Single-process DeepSpeed needs a process group: a gloo group of world size 1 on 127.0.0.1 is created (and
 destroyed at the end) unless one exists. A Ray instance started here listens on loopback only, with worker
@@ -93,6 +93,15 @@ def step_settings(full: bool = False, **given) -> dict:
     out = dict(PRESETS["full" if full else "default"])
     out.update({k: (tuple(v) if k == "zero_stages" else v) for k, v in given.items() if v is not None})
     return out
+
+
+def side_order(sides: list[str], repeat: int) -> list[str]:
+    """Order of the sides in repeat ``repeat`` (0-based): ABBA (the given order, then reversed) so that a load
+    trend across a pair of repeats hits every side alike and no side always runs right after the same one;
+    each further pair starts one side later."""
+    k = (repeat // 2) % len(sides)
+    order = sides[k:] + sides[:k]
+    return order if repeat % 2 == 0 else order[::-1]
 
 
 def headline_ratios(stages: dict) -> dict:
@@ -201,7 +210,7 @@ def bench_step(steps: int = 12, warmup: int = 3, zero_stages=(2,), micro_batch: 
                 for r in range(repeats):
                     say(f"zero{stage} repeat {r + 1}/{repeats}: {', '.join(sides)} ({n_batches} steps each; "
                         f"{time.perf_counter() - t_bench:.0f} s elapsed{_eta(t_bench, done, total_runs)})")
-                    order = sides[r % len(sides):] + sides[: r % len(sides)]
+                    order = side_order(sides, r)
                     for side in order:
                         gc.collect()
                         if side == "mmtl_ray":

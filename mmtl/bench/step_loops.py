@@ -60,14 +60,18 @@ def make_batches(model_cfg: ModelConfig, n: int, micro_batch: int, seed: int = 0
 
 
 def build_bench_model(pipe: Pipeline) -> torch.nn.Module:
-    """Model as the Ray worker builds it: seed, ``build_model``, ``apply_strategy``."""
+    """Model as the Ray worker trains it: seed, ``build_model``, ``apply_strategy``, ``set_train_modes`` (what
+    ``run_training`` does first; ``build_model`` leaves the towers in eval mode, and a tower in eval mode skips
+    dropout and batch statistics, so without it the torch and bare DeepSpeed sides did less work per step than
+    the mmtl sides)."""
     from mmtl.models import build_model
     from mmtl.strategies import apply_strategy
-    from mmtl.train.loop import seed_everything
+    from mmtl.train.loop import seed_everything, set_train_modes
 
     seed_everything(pipe.train.seed)
     model = build_model(pipe.model)
     apply_strategy(model, pipe.strategy, zero_stage=pipe.train.zero_stage)
+    set_train_modes(model)
     return model
 
 def _now() -> tuple[float, float, float]:

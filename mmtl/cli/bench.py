@@ -22,7 +22,8 @@ def bench_ingest_cmd(
     image_size: int = typer.Option(64, help="Model input size (px)"),
     processes: int = typer.Option(2, help="Reader processes on both sides"),
     batch_size: int = typer.Option(64),
-    draft: float = typer.Option(1.5, help="Also measure mmtl with data.jpeg_draft=DRAFT (0: skip that side)"),
+    draft: float = typer.Option(1.5, help="Also measure mmtl with data.jpeg_draft=DRAFT (side mmtl_draft; the mmtl "
+                                "side runs the defaults: full decodes; negative: skip that side)"),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (progress goes to stderr)"),
 ) -> None:
     """samples/s of mmtl's Ray Data ingest vs webdataset + torch DataLoader on the same shards and transform.
@@ -34,21 +35,21 @@ def bench_ingest_cmd(
     """
     import sys
 
-    from mmtl.bench.ingest import PRESETS, bench_ingest
+    from mmtl.bench.ingest import PRESETS, alt_side, bench_ingest
 
     p = PRESETS["full" if full else "default"]
     r = bench_ingest(path, samples=p["samples"] if samples is None else samples,
                      runs=p["runs"] if runs is None else runs, image_size=image_size, processes=processes,
-                     batch_size=batch_size, draft=draft or None,
+                     batch_size=batch_size, draft=None if draft < 0 else draft,
                      say=lambda m: print(f"[bench ingest] {m}", file=sys.stderr, flush=True))
     if as_json:
         print(json.dumps(r))
     else:
         sp, tot, fb = r["samples_per_s"], r["samples_per_s_total"], r["first_batch_s"]
         lines = [f"steady state: mmtl {sp['mmtl']} samples/s  baseline {sp['baseline']} samples/s  ratio {r['ratio']}"]
-        if draft:
-            lines.append(f"JPEG draft {draft}: mmtl {sp['mmtl_draft']} samples/s  ratio "
-                         f"{r['ratios']['mmtl_draft/baseline']}")
+        if draft >= 0:
+            alt = alt_side(draft)
+            lines.append(f"{alt} (data.jpeg_draft={draft:g}): {sp[alt]} samples/s  ratio {r['ratios'][alt + '/baseline']}")
         lines += [(f"whole runs: mmtl {tot['mmtl']} samples/s  baseline {tot['baseline']} samples/s  ratio "
                    f"{r['ratio_total']}"),
                   (f"start-up: Ray {r['startup_s']:.1f} s; first batch (s) {fb} (median of {r['runs']} runs of "

@@ -42,8 +42,8 @@ def clean_options(pipe: Pipeline, count_tokens=None) -> CleanOptions:
 
 def draft_px(pipe: Pipeline) -> Optional[int]:
     """JPEG draft target of the training stream: ``ceil(data.jpeg_draft * model.image_size)`` px for the shorter
-    side, or None (``data.jpeg_draft`` unset, the default). Evaluation, frozen-feature extraction (whose cache
-    is keyed by the towers only) and index building always decode in full."""
+    side, or None (``data.jpeg_draft`` null or 0, the default: full decodes). Evaluation, frozen-feature
+    extraction (whose cache is keyed by the towers only) and index building always decode in full."""
     factor = pipe.data.jpeg_draft
     return math.ceil(factor * pipe.model.image_size) if factor else None
 
@@ -151,7 +151,7 @@ def build_image_dataset(
 
     Rows: ``image`` (3,H,W) float32, ``input_ids`` (L,) int64, ``attention_mask`` (L,) int64.
 
-    Train mode decodes JPEGs at a reduced DCT scale when ``data.jpeg_draft`` is set (:func:`draft_px`).
+    Train mode decodes large JPEGs at a reduced DCT scale when ``data.jpeg_draft`` is set (:func:`draft_px`).
 
     One fused operator: ``map_batches(batch_size=1)`` over the (epoch, shard) items with a generator body
     (robust read + clean, seeded shuffle buffer, transform, batched tokenizer), so only model-ready tensors
