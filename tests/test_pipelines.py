@@ -24,6 +24,8 @@ EXPECT = {
                                 loss="clip", cache=False),
     "radiology-retrieval": dict(family="two_tower", kind="frozen", lock="image", zero_stage=3, precision="bf16",
                                 loss="clip", cache=False),
+    "product-search-multilingual": dict(family="two_tower", kind="lora", towers=["text"], zero_stage=2, loss="clip",
+                                        cache=False),
     "diagram-frozen": dict(family="two_tower", kind="frozen", lock="both", head="mlp", zero_stage=2,
                            loss="clip", cache=True),
 }
@@ -158,6 +160,11 @@ def test_pipeline_strategy_trainable_set(name, tmp_path):
             # ZeRO-2 keeps LoRA on the attention (nn.MultiheadAttention) in the default targets
             modules = model.mmtl_lora["towers"][which]["modules"]
             assert any(m.endswith(".attn") for m in modules) and any(m.endswith("c_fc") for m in modules)
+    elif name == "product-search-multilingual":  # LoRA in the text tower only, the image tower frozen
+        assert not any(n in trainable for n in tower["image"])
+        lora = [n for n in tower["text"] if "lora_" in n]
+        assert lora and all(n in trainable for n in lora) and all(("query" in n or "value" in n) for n in lora)
+        assert not any(n in trainable for n in tower["text"] if "lora_" not in n)
     elif name == "radiology-retrieval":  # LiT
         assert not any(n in trainable for n in tower["image"])
         assert tower["text"] and all(n in trainable for n in tower["text"])
@@ -206,7 +213,7 @@ def test_pipeline_runs_end_to_end_tiny(name, ray_local, tiny_shards, tmp_path):
         for which, spec in meta["towers"].items():  # both towers adapted, under the PEFT base's names
             name = to_base_name(f"{which}_tower.{spec['modules'][0]}", meta["peft_base"]["prefixes"])
             assert any(k.startswith(f"base_model.model.{name}.lora_") for k in adapter), name
-        assert set(meta["towers"]) == {"image", "text"}
+        assert set(meta["towers"]) == set(exp["towers"])
         assert any(float(v.abs().sum()) > 0 for k, v in adapter.items() if "lora_B" in k)
     else:  # frozen parts come back unchanged (up to the training precision's rounding)
         seed_everything(pipe.train.seed)

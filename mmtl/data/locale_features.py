@@ -29,14 +29,43 @@ def sample_key(uid: str) -> str:
 
 
 @torch.inference_mode()
+def encode_by_length(tokenize: Callable, encode: Callable, texts: list[str], batch_size: int = 64) -> torch.Tensor:
+    """``encode(input_ids, attention_mask)`` of ``texts`` in batches of similar token length, rows back in the
+    order of ``texts``: (N, D) float32.
+
+    ``tokenize``: B strings -> dict of (B, L) ``input_ids`` / ``attention_mask`` (right-padded); ``encode``
+    trims each batch to its longest sequence (:meth:`TwoTowerModel.text_features`), so sorting by length
+    cuts the padded positions a batch computes (emoji captions: 8-64 tokens) without changing any row beyond
+    floating-point summation order.
+    """
+    if not texts:
+        return torch.zeros((0, 0))
+    tok = tokenize(texts)
+    ids, mask = tok["input_ids"], tok["attention_mask"]
+    order = torch.argsort(mask.sum(dim=1), stable=True)
+    parts = [encode(ids[order[i:i + batch_size]], mask[order[i:i + batch_size]]).float()
+             for i in range(0, len(texts), batch_size)]
+    out = torch.empty((len(texts), parts[0].shape[1]), dtype=torch.float32)
+    out[order] = torch.cat(parts)
+    return out
+
+
 def encode_texts(model, texts: list[str], batch_size: int = 64) -> np.ndarray:
-    """Frozen text-tower outputs (N, D_t) float32 of ``texts`` (the model's tokenizer, incl. its prefix)."""
+    """Frozen text-tower outputs (N, D_t) float32 of ``texts`` (the model's tokenizer, incl. its prefix),
+    encoded in length-sorted batches (:func:`encode_by_length`)."""
     model.eval()
-    out = []
-    for i in range(0, len(texts), batch_size):
-        tok = model.tokenize(texts[i:i + batch_size])
-        out.append(model.text_features(tok["input_ids"], tok["attention_mask"]).float().numpy())
-    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+    if not texts:
+        return np.zeros((0, 0), np.float32)
+    return encode_by_length(model.tokenize, model.text_features, texts, batch_size).numpy()
+
+
+def truncated_count(model, texts: list[str]) -> int:
+    """How many of ``texts`` exceed the model's ``context_length`` in tokens (prefix and special tokens
+    included), i.e. get cut by the tokenizer; 0 when the model has no ``count_tokens``/``context_length``."""
+    ctx = int(getattr(model, "context_length", 0) or 0)
+    if not ctx or not hasattr(model, "count_tokens"):
+        return 0
+    return sum(model.count_tokens(t) > ctx for t in texts)
 
 
 def locale_text_features(model, keys: list[str], split_dir: str | Path, locale: str, cache_dir: str | Path,
@@ -67,7 +96,8 @@ def locale_training_arrays(model, uids: list[str], image: np.ndarray, text: np.n
                            mix: dict[str, float], seed: int, epochs: int, cache_dir: str | Path,
                            say: Callable[[str], None] = lambda m: None) -> tuple[dict, dict[str, int]]:
     """Training arrays (module docstring) and the drawn-locale counts (``<locale>``, ``missing:<locale>``,
-    ``fallback_en``) over all epochs.
+    ``fallback_en``) over all epochs, plus ``truncated:<locale>``: that locale's training captions longer than
+    the model's ``context_length`` (each caption once, not per draw; :func:`truncated_count`).
 
     Args:
         uids: (N,) sample uids; image (N, D_v), text (N, D_t): the cached English features.
@@ -78,10 +108,13 @@ def locale_training_arrays(model, uids: list[str], image: np.ndarray, text: np.n
     n = len(keys)
     tables, row_of = [text], {ENGLISH: np.arange(n)}
     offset = n
+    truncated: dict[str, int] = {}
     for loc, w in mix.items():
         if loc == ENGLISH or w <= 0:
             continue
         idx, feats = locale_text_features(model, keys, split_dir, loc, cache_dir)
+        caps = load_locale(split_dir, loc)
+        truncated[f"truncated:{loc}"] = truncated_count(model, [caps[keys[i]] for i in idx])
         rows = np.full(n, -1, dtype=np.int64)
         rows[idx] = offset + np.arange(len(idx))
         row_of[loc] = rows
@@ -99,4 +132,4 @@ def locale_training_arrays(model, uids: list[str], image: np.ndarray, text: np.n
                 loc = ENGLISH
             rows[e * n + i] = row_of[loc][i]
     arrays = {"image_feat": RowIndexed(image, np.tile(np.arange(n), epochs)), "text_feat": RowIndexed(table, rows)}
-    return arrays, dict(lm.counts)
+    return arrays, {**lm.counts, **truncated}

@@ -94,11 +94,12 @@ def _shard_batches(items: dict, opts: CleanOptions, buffer: int, seed: int, stat
     """map_batches body (a generator): each (epoch, shard) item -> clean samples -> model-ready column batches
     ``image`` (B,3,H,W) float32, ``input_ids`` / ``attention_mask`` (B,L) int64. Reject counts of the shard
     go to the stats actor. ``mix``: per-sample, per-epoch caption locale draw (:class:`~mmtl.data.locales.LocaleMix`
-    over the sidecars next to the shard); drawn locales are counted as ``caption_locale:<loc>``."""
+    over the sidecars next to the shard); drawn locales are counted as ``caption_locale:<loc>``, drawn captions
+    longer than ``context_length`` tokens (cut by the tokenizer) as ``caption_truncated:<loc>``."""
     import ray
     import torch
 
-    from mmtl.data.locales import LocaleMix, split_dir_of
+    from mmtl.data.locales import ENGLISH, LocaleMix, split_dir_of
 
     mixes: dict[str, LocaleMix] = {}
 
@@ -128,7 +129,12 @@ def _shard_batches(items: dict, opts: CleanOptions, buffer: int, seed: int, stat
             before = dict(lm.counts)
         for s in _shuffled(iter_shard(shard, opts, stats, shard_id=shard_id), buffer, rng):
             images.append(tf(s.image))
-            captions.append(lm.caption(s.key, s.caption, epoch)[0] if lm else s.caption)
+            cap, loc = lm.caption(s.key, s.caption, epoch) if lm else (s.caption, None)
+            captions.append(cap)
+            if loc is not None and (s.caption_truncated if loc == ENGLISH else (
+                    opts.count_tokens is not None and opts.context_length is not None
+                    and opts.count_tokens(cap) > opts.context_length)):
+                stats[f"caption_truncated:{loc}"] += 1
             if len(images) >= rows_per_block:
                 yield flush()
         if images:

@@ -20,13 +20,11 @@ import torch.nn.functional as F
 from mmtl.eval.args import EvalError
 
 
-@torch.no_grad()
 def _encode(model, texts: list[str], batch_size: int) -> torch.Tensor:
-    out = []
-    for i in range(0, len(texts), batch_size):
-        tok = model.tokenize(texts[i:i + batch_size])
-        out.append(model.encode_text(tok["input_ids"], tok["attention_mask"]).float())
-    return F.normalize(torch.cat(out), dim=-1)
+    """(N, D) L2-normalised text embeddings, encoded in length-sorted batches."""
+    from mmtl.data.locale_features import encode_by_length
+
+    return F.normalize(encode_by_length(model.tokenize, model.encode_text, texts, batch_size), dim=-1)
 
 
 def locale_retrieval(model, emb, data, spec: str, ks: Sequence[int], batch_size: int = 64) -> dict:
