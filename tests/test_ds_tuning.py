@@ -38,12 +38,14 @@ def test_single_rank_engine_matches_plain_torch_and_zero2():
     with single_process_group():
         pipe = bench_pipeline(cfg, 2, 8, 5)
         pristine = build_bench_model(pipe)
-        ref = copy.deepcopy(pristine)
+        ref = copy.deepcopy(pristine)  # in train mode (dropout active): the same seed before each side's steps
+        torch.manual_seed(123)
         run_torch(pipe, ref, batches)
         for stage in (None, 2):  # None: the rule (stage 0 here); 2: ZeRO-2 as configured
             engine = build_engine(pipe, copy.deepcopy(pristine), zero_stage=stage)
             assert engine.zero_optimization_stage() == (0 if stage is None else 2)
             assert engine.enable_backward_allreduce == (stage is not None)
+            torch.manual_seed(123)
             for b in batches:
                 train_step(engine, [b])
             got = dict(engine.module.model.named_parameters())

@@ -294,7 +294,7 @@ def test_resolve_model_run_dir_and_export_dir(tiny_export, tmp_path):
     ("models:/tiny", "models:/<name>@<alias>"),
     ("models:/tiny/v1", "models:/<name>@<alias>"),
     ("models:/tiny@a/b", "models:/<name>@<alias>"),
-    ("s3://bucket/model", "unsupported model URI"),
+    ("ftp://host/model", "unsupported model URI"),  # (s3:// run folders resolve: tests/test_storage.py)
 ])
 def test_resolve_bad_forms(spec, match):
     with pytest.raises(ModelSpecError, match=match):

@@ -226,9 +226,7 @@ def resolve_export(spec: str, tracking_uri: Optional[str] = None, download_dir: 
         raise ModelSpecError(f"empty model; expected {FORMS}")
     if spec.startswith(("runs:/", "models:/")):
         return _resolve_uri(spec, tracking_uri, download_dir)
-    from mmtl.storage import is_remote
-
-    if is_remote(spec) and not spec.startswith(("http://", "https://")):  # a run folder on object storage
+    if spec.startswith(("s3://", "gs://")):  # a run folder on object storage (mmtl.storage)
         from mmtl.runtime import fetch_run
 
         try:
