@@ -93,8 +93,6 @@ def mlflow_server(tmp_path_factory):
     import socket
     import subprocess
     import sys
-    import time
-    import urllib.request
 
     root = tmp_path_factory.mktemp("mlflow_server")
     with socket.socket() as s:
@@ -107,16 +105,7 @@ def mlflow_server(tmp_path_factory):
                             start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(240):
-            try:
-                urllib.request.urlopen(f"{uri}/health", timeout=1)
-                break
-            except OSError:
-                if proc.poll() is not None:
-                    raise RuntimeError((root / "log").read_text())
-                time.sleep(0.5)
-        else:
-            raise RuntimeError("mlflow server did not start in 120 s")
+        wait_until_up(f"{uri}/health", proc, root / "log", "mlflow server", tries=240, interval_s=0.5)
         yield uri
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -124,6 +113,24 @@ def mlflow_server(tmp_path_factory):
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def wait_until_up(url: str, proc, log, what: str, tries: int, interval_s: float) -> None:
+    """Poll ``url`` until it answers (a local test server started as ``proc``). Raises RuntimeError with the
+    server's ``log`` when the process exits first, or after ``tries`` polls ``interval_s`` apart."""
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    for _ in range(tries):
+        try:
+            urllib.request.urlopen(url, timeout=1)
+            return
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError(Path(log).read_text())
+            time.sleep(interval_s)
+    raise RuntimeError(f"{what} did not start in {tries * interval_s:.0f} s")
 
 
 @pytest.fixture(autouse=True)
@@ -147,8 +154,6 @@ def s3_server(tmp_path_factory):
     import socket
     import subprocess
     import sys
-    import time
-    import urllib.request
 
     import boto3
 
@@ -161,16 +166,7 @@ def s3_server(tmp_path_factory):
                             stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
     endpoint = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(120):
-            try:
-                urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1)
-                break
-            except OSError:
-                if proc.poll() is not None:
-                    raise RuntimeError(log.read_text())
-                time.sleep(0.25)
-        else:
-            raise RuntimeError("moto server did not start in 30 s")
+        wait_until_up(f"{endpoint}/moto-api/", proc, log, "moto server", tries=120, interval_s=0.25)
         boot = dict(endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="boot",
                     aws_secret_access_key="boot")
         iam = boto3.client("iam", **boot)

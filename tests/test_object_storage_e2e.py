@@ -10,13 +10,11 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from conftest import s3_env, tiny_pipeline
+from conftest import s3_env, tiny_pipeline, wait_until_up
 
 pytestmark = pytest.mark.e2e
 
@@ -45,13 +43,7 @@ def s3_ray(s3_server, tmp_path_factory):
                             stdout=open(root / "mlflow.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(240):
-            try:
-                urllib.request.urlopen(f"{uri}/health", timeout=1)
-                break
-            except OSError:
-                assert proc.poll() is None, (root / "mlflow.log").read_text()
-                time.sleep(0.5)
+        wait_until_up(f"{uri}/health", proc, root / "mlflow.log", "mlflow server", tries=240, interval_s=0.5)
         init_ray("local", num_cpus=2)
         yield uri
     finally:
