@@ -89,7 +89,6 @@ def ray_local():
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real ``mlflow server`` on 127.0.0.1 (1 worker, no job execution), stopped at the end; yields its URI."""
-    import signal
     import socket
     import subprocess
     import sys
@@ -108,11 +107,7 @@ def mlflow_server(tmp_path_factory):
         wait_until_up(f"{uri}/health", proc, root / "log", "mlflow server", tries=240, interval_s=0.5)
         yield uri
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop_group(proc)
 
 
 def wait_until_up(url: str, proc, log, what: str, tries: int, interval_s: float) -> None:
@@ -133,6 +128,48 @@ def wait_until_up(url: str, proc, log, what: str, tries: int, interval_s: float)
     raise RuntimeError(f"{what} did not start in {tries * interval_s:.0f} s")
 
 
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (bound, then released: use it at once)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop_group(proc, timeout_s: float = 20) -> None:
+    """SIGTERM the process group of ``proc`` (a test server started with ``start_new_session=True``), SIGKILL it
+    after ``timeout_s`` seconds; a group already gone is fine."""
+    import signal
+    import subprocess
+
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=timeout_s)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def kill_leftovers(marker: str) -> None:
+    """SIGKILL processes still running with ``marker`` (a test's private temp dir) in their command line: only
+    processes the test started carry it."""
+    import signal
+
+    me = os.getpid()
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == me:
+            continue
+        try:
+            if marker in (d / "cmdline").read_bytes().decode(errors="replace"):
+                os.kill(int(d.name), signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            pass
+
+
 @pytest.fixture(autouse=True)
 def _restore_mlflow_globals():
     """``mlflow.set_tracking_uri`` / ``set_registry_uri`` in a test (or code it calls) also set the
@@ -150,7 +187,6 @@ def s3_server(tmp_path_factory):
     ``{"endpoint", "key", "secret", "bucket"}`` (an IAM user allowed everything, bucket ``mmtl-test`` created);
     the server is stopped at the end by its process group. Any other access key is refused."""
     import json
-    import signal
     import socket
     import subprocess
     import sys
@@ -180,11 +216,7 @@ def s3_server(tmp_path_factory):
         s3.create_bucket(Bucket=info["bucket"])
         yield info
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop_group(proc)
 
 
 def s3_env(info: dict) -> dict:

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import json
-import socket
 
 import pytest
 import torch
 from torch import nn
+
 
 from mmtl.config import StrategyConfig, build_pipeline
 from mmtl.models import build_model, tiny_hf_clip_config, tiny_open_clip_config, tiny_two_tower_config
@@ -154,11 +154,6 @@ def test_bad_targets_and_single_tower():
     with pytest.raises(ValueError, match="out_proj of an nn.MultiheadAttention"):
         apply_strategy(oc, StrategyConfig(kind="lora", lora={"image_targets": ["out_proj"]}))
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

@@ -1,7 +1,6 @@
 """Losses, metrics and the global-batch gradient of the gathered contrastive loss (2 gloo processes)."""
 import math
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -9,6 +8,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+
+from conftest import free_port
 
 from mmtl.eval.metrics import class_embeddings, recall_at_k, zero_shot_metrics
 from mmtl.eval.ridge import ridge_recall
@@ -43,11 +44,6 @@ def test_siglip_loss_hand_value():
     assert siglip_loss(img, txt, t, b).item() == pytest.approx(expect, rel=1e-6)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _worker(rank, world, port, img_full, txt_full, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -73,7 +69,7 @@ def test_gathered_loss_gradient_equals_global_batch_gradient():
     ref = clip_loss(F.normalize(img @ w, dim=-1), F.normalize(txt, dim=-1), torch.tensor([3.0]))
     ref.backward()
     out = mp.Manager().dict()
-    mp.spawn(_worker, args=(2, _free_port(), img, txt, out), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), img, txt, out), nprocs=2, join=True)
     for r in range(2):
         assert out[r][0] == pytest.approx(ref.item(), rel=1e-5)
         np.testing.assert_allclose(out[r][1], w.grad.numpy(), rtol=1e-4, atol=1e-6)

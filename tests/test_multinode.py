@@ -16,8 +16,6 @@ import io
 import json
 import os
 import shutil
-import signal
-import socket
 import sys
 import tempfile
 import threading
@@ -27,7 +25,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import tiny_pipeline
+from conftest import free_port, kill_leftovers, tiny_pipeline
 from mmtl.config import PipelineError, build_pipeline
 from mmtl.train import placement as pl
 
@@ -118,23 +116,6 @@ def test_schema_and_one_node_refusal(tiny_shards, tmp_path):
 # -------------------------------------------------------------------------------------------- e2e
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _kill_leftovers(marker: str) -> None:
-    """SIGKILL processes still running with our private temp dir in their command line (ours only)."""
-    me = os.getpid()
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit() or int(d.name) == me:
-            continue
-        try:
-            if marker in (d / "cmdline").read_bytes().decode(errors="replace"):
-                os.kill(int(d.name), signal.SIGKILL)
-        except (OSError, ProcessLookupError):
-            pass
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +141,7 @@ def cluster():
     # the address file goes to the private temp dir (where the head's job supervisor looks for it), not to
     # /tmp/ray/ray_current_cluster, where other Ray users on this machine would find and join this cluster
     ray_utils.write_ray_address = lambda address, temp_dir=None: write_address(address, temp)
-    dash = _free_port()
+    dash = free_port()
     node = dict(num_cpus=1, node_ip_address="127.0.0.1", temp_dir=temp)
     c = None
     try:
@@ -168,7 +149,7 @@ def cluster():
         # CPU for Ray Data's tasks (with 1 + 1 CPUs the restarted run waited for data forever)
         c = Cluster(initialize_head=True, head_node_args={
             **node, "num_cpus": 2, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": dash,
-            "dashboard_agent_listen_port": _free_port(),  # not the default 52365: other Ray heads may use it
+            "dashboard_agent_listen_port": free_port(),  # not the default 52365: other Ray heads may use it
             "_system_config": {"health_check_initial_delay_ms": 0, "health_check_period_ms": 1000,
                                "health_check_failure_threshold": 3}})
         # each node its own temp dir: nodes sharing one would share one runtime_resources folder, and a node that
@@ -184,7 +165,7 @@ def cluster():
         ray_utils.write_ray_address = write_address
         for k, v in saved_env.items():
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
-        _kill_leftovers(temp)
+        kill_leftovers(temp)
         shutil.rmtree(temp, ignore_errors=True)
 
 

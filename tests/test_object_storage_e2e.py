@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import s3_env, tiny_pipeline, wait_until_up
+from conftest import s3_env, stop_group, tiny_pipeline, wait_until_up
 
 pytestmark = pytest.mark.e2e
 
@@ -48,11 +47,7 @@ def s3_ray(s3_server, tmp_path_factory):
         yield uri
     finally:
         ray.shutdown()
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop_group(proc)
         mp.undo()
 
 

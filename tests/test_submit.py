@@ -13,8 +13,6 @@ import io
 import os
 import shlex
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,6 +22,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from conftest import free_port, kill_leftovers, stop_group
 
 from mmtl.config import PipelineError
 from mmtl.jobs import submit as sub
@@ -195,15 +195,10 @@ def test_resolve_address(monkeypatch):
     assert sub.resolve_address("127.0.0.1:8266") == "http://127.0.0.1:8266"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_unreachable_address_raises_connection_error():
     with pytest.raises(ConnectionError, match="cannot reach"):
-        sub.status("raysubmit_x", f"http://127.0.0.1:{_free_port()}")
+        sub.status("raysubmit_x", f"http://127.0.0.1:{free_port()}")
 
 
 # -------------------------------------------------------------------------------------------- e2e
@@ -222,24 +217,12 @@ def _head_env() -> dict:
     return env
 
 
-def _kill_leftovers(marker: str) -> None:
-    """SIGKILL processes of ours still running with our private temp dir in their command line."""
-    me = os.getpid()
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit() or int(d.name) == me:
-            continue
-        try:
-            if marker in (d / "cmdline").read_bytes().decode(errors="replace"):
-                os.kill(int(d.name), signal.SIGKILL)
-        except (OSError, ProcessLookupError):
-            pass
-
 
 @pytest.fixture(scope="module")
 def ray_head():
     """A Ray head on 127.0.0.1 with free ports and a private temp dir; yields the jobs API address."""
     tmp = tempfile.mkdtemp(prefix="mmtlray-", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
-    ports = {k: _free_port() for k in ("port", "dashboard-port", "ray-client-server-port",
+    ports = {k: free_port() for k in ("port", "dashboard-port", "ray-client-server-port",
                                        "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
                                        "runtime-env-agent-port", "metrics-export-port", "node-manager-port",
                                        "object-manager-port")}
@@ -264,16 +247,8 @@ def ray_head():
                 time.sleep(2)
         yield address
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=30)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            pass
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        _kill_leftovers(tmp)
+        stop_group(proc, timeout_s=30)
+        kill_leftovers(tmp)
         log.close()
         shutil.rmtree(tmp, ignore_errors=True)
 
