@@ -65,3 +65,18 @@ def test_export_refuses_a_folder_that_is_not_an_earlier_export(tmp_path):
     check_export_target(tmp_path / "new", run_dir)  # a new folder is fine
     (tmp_path / "empty").mkdir()
     check_export_target(tmp_path / "empty", run_dir)
+
+
+def test_a_global_batch_larger_than_the_training_set_is_warned_with_the_batch_size_that_fits(tmp_path):
+    """21 pairs and the quickstart's 2 x 128 batch (what `mmtl pipelines copy quickstart` gives a small CSV)."""
+    from mmtl.train.fit import batch_larger_than_data
+
+    shards = {k: str(tmp_path / k) for k in ("train", "val", "test")}
+    pipe = build_pipeline(tiny_pipeline(shards, tmp_path / "runs", train={"micro_batch_size": 128}))
+    note = batch_larger_than_data(pipe, 21)
+    assert note.startswith("warning: global batch 256 is larger than the 21 training samples")
+    assert "train.micro_batch_size=10 (global batch 20)" in note
+    acc = build_pipeline(tiny_pipeline(shards, tmp_path / "runs",
+                                       train={"micro_batch_size": 8, "grad_accum_steps": 4}))
+    assert "train.micro_batch_size=2 (global batch 16)" in batch_larger_than_data(acc, 21)  # 8 * 4 * 2 = 64 > 21
+    assert batch_larger_than_data(pipe, 256) is None and batch_larger_than_data(pipe, 1529) is None
