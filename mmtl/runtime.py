@@ -286,3 +286,20 @@ def training_failure(exc: BaseException, run_dir: Path) -> str:
     except (OSError, ValueError):
         step = "?"
     return msg + f"; rerun with --resume to continue from the last checkpoint (step {step})"
+
+
+def out_of_memory(exc: BaseException) -> Optional[str]:
+    """The message for Ray's ``OutOfMemoryError`` (its memory monitor stopped a worker because the machine's
+    memory passed ``RAY_memory_usage_threshold``, 95% by default), else None: Ray's own usage line (``Memory on
+    the node ... was X GB used / Y GB limit``) and what to do, without Ray's page of tuning advice."""
+    try:
+        from ray.exceptions import OutOfMemoryError
+    except ImportError:  # pragma: no cover - ray is a dependency
+        return None
+    if not isinstance(exc, OutOfMemoryError):
+        return None
+    m = re.search(r"Memory on the node .*? was ([0-9.]+\s*GB used / [0-9.]+\s*GB limit)", str(exc))
+    return ("Ray stopped a worker: the machine ran out of memory" + (f" ({m.group(1)})" if m else "") + ". "
+            "Free memory (other programs, other Ray instances) and run the same command again: a run with a "
+            "checkpoint continues from it, one without starts over in a new run folder (NAME-2); "
+            "lower train.num_workers or train.micro_batch_size if it happens again")

@@ -91,6 +91,22 @@ def test_verbose_from_environment(monkeypatch):
     assert ConsoleLog().verbose is False
 
 
+
+def test_say_and_fail_print_brackets_as_text(capsys):
+    """Messages are plain text: ``features[train]`` keeps its ``[train]`` (rich markup would eat it)."""
+    import typer
+
+    from mmtl.cli.common import fail, say_to_console
+
+    say_to_console()("features[train]: 1529 samples (61.2s); eval.sets=[test, cross_style]")
+    with pytest.raises(typer.Exit) as exc:
+        fail("eval.sets names [nope], not in data.test/val/extra_eval")
+    assert exc.value.exit_code == 2
+    err = capsys.readouterr().err
+    assert "mmtl features[train]: 1529 samples (61.2s); eval.sets=[test, cross_style]" in err
+    assert "error: eval.sets names [nope], not in" in err
+
+
 @pytest.mark.e2e
 @pytest.mark.timeout(600)
 def test_quiet_run_prints_mmtl_lines_and_keeps_the_full_log(tiny_shards, tmp_path):

@@ -82,6 +82,23 @@ def test_config_and_run_refuse_missing_inputs_before_anything_starts(tmp_path, t
     assert res.exit_code == 2 and "contradict" in res.output
 
 
+def test_config_and_pipelines_list_name_unconverted_weights_with_the_command(tmp_path, monkeypatch):
+    """emoji-llava reads weights:smollm2: on a machine that has not run `mmtl weights get smollm2`, `mmtl config`
+    refuses it with the command (it used to pass, and `pipelines list` said "runs as is")."""
+    from mmtl.models.fetch import MANIFEST
+
+    monkeypatch.setenv("MMTL_WEIGHTS_CACHE", str(tmp_path / "cache"))
+    res = cli("config", REPO / "pipelines" / "emoji-llava.yaml")
+    err = " ".join(res.output.split())
+    assert res.exit_code == 2 and "model.text.path: weights:smollm2 has not been fetched" in err
+    assert "run `mmtl weights get smollm2` once" in err
+    rows = {r["name"]: r for r in json.loads(cli("pipelines", "list", "--json").stdout)}
+    assert rows["emoji-llava"]["needs"] == ["model.text.path"]
+    (tmp_path / "cache" / "smollm2").mkdir(parents=True)
+    (tmp_path / "cache" / "smollm2" / MANIFEST).write_text("{}")  # what `mmtl weights get` leaves
+    assert cli("config", REPO / "pipelines" / "emoji-llava.yaml").exit_code == 0
+
+
 def test_run_fresh_never_resumes(tmp_path, tiny_shards, monkeypatch):
     import mmtl.recipes
 

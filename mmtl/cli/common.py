@@ -10,13 +10,15 @@ from typing import Any, Callable, List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 console = Console(stderr=True, soft_wrap=True)  # messages keep paths and commands on one line
 
 
 def fail(msg: str, code: int = 2) -> typing.NoReturn:
-    """Print ``error: msg`` on stderr and exit with ``code`` (2: usage / input error, 1: the work failed)."""
-    console.print(f"[bold red]error:[/] {msg}", highlight=False)
+    """Print ``error: msg`` on stderr and exit with ``code`` (2: usage / input error, 1: the work failed).
+    ``msg`` is plain text: brackets in it (``eval.sets=[test]``) are printed, not read as rich markup."""
+    console.print(f"[bold red]error:[/] {escape(msg)}", highlight=False)
     raise typer.Exit(code)
 
 
@@ -55,8 +57,9 @@ def fail_on_missing_inputs(pipe, pipeline: Path) -> None:
 
 
 def say_to_console(prefix: str = "mmtl") -> Callable[[str], None]:
-    """A ``say`` callback printing ``<prefix> message`` (prefix in cyan) on stderr."""
-    return lambda m: console.print(f"[cyan]{prefix}[/] {m}", highlight=False, soft_wrap=True)
+    """A ``say`` callback printing ``<prefix> message`` (prefix in cyan) on stderr. Messages are plain text:
+    ``features[train]`` is printed as such (rich would otherwise take ``[train]`` for a markup tag and drop it)."""
+    return lambda m: console.print(f"[cyan]{escape(prefix)}[/] {escape(m)}", highlight=False, soft_wrap=True)
 
 
 def options_command(options_cls: type, body: Callable[..., None], name: str, doc: str,

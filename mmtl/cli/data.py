@@ -7,6 +7,7 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from mmtl.cli.common import console, fail, load_pipeline_or_exit
@@ -57,7 +58,7 @@ def shards_build(
                   + (f" data.test={out / 'test'}" if "test" in stats["splits"] else "") + " in your pipeline.",
                   highlight=False)
     for w in stats.get("warnings", []):
-        console.print(f"[yellow]warning:[/] {w}", highlight=False)
+        console.print(f"[yellow]warning:[/] {escape(w)}", highlight=False)
 
 
 @shards_app.command("inspect")
@@ -119,9 +120,9 @@ def shards_inspect(
             table.add_row(f"rejected: {k}", str(v))
         Console().print(table)
         for w in report.get("warnings", []):
-            console.print(f"[yellow]warning:[/] {w}", highlight=False)
+            console.print(f"[yellow]warning:[/] {escape(w)}", highlight=False)
         for e in report.get("errors", []):
-            console.print(f"[red]error:[/] {e}", highlight=False)
+            console.print(f"[red]error:[/] {escape(e)}", highlight=False)
     if report.get("errors"):
         raise typer.Exit(1)
 

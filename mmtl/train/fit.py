@@ -62,6 +62,9 @@ def fit(pipe: Pipeline, run_dir: Path, arrays: Optional[dict], uri: str, run_id:
         n = count_samples(pipe.data.train)
         ds = (build_dataset or build_image_dataset)(pipe, pipe.data.train,
                                                    epochs_needed(t.max_steps, t.effective_global_batch, n), name)
+    note = batch_larger_than_data(pipe, n) if train_module is None else None
+    if note:
+        say(note)
     from mmtl.runtime import run_uri
     from mmtl.storage import ray_storage
 
@@ -97,6 +100,22 @@ def fit(pipe: Pipeline, run_dir: Path, arrays: Optional[dict], uri: str, run_id:
     if result.error:
         raise RuntimeError(f"training failed: {result.error}") from result.error
     return result
+
+
+def batch_larger_than_data(pipe: Pipeline, n: int) -> Optional[str]:
+    """A warning when the contrastive global batch (``train.effective_global_batch``) is larger than the ``n``
+    training samples, else None. Batches are cut from concatenated permutations of the samples, so such a batch
+    holds a sample several times, and the InfoNCE loss (CLIP, Radford et al. 2021, eq. in :mod:`mmtl.train.losses`)
+    takes each copy for a negative of the others. The message names the ``train.micro_batch_size`` that keeps
+    every sample at most once a batch."""
+    t = pipe.train
+    g = t.effective_global_batch
+    if n <= 0 or n >= g:
+        return None
+    per = max(1, n // (t.num_workers * t.grad_accum_steps))
+    return (f"warning: global batch {g} is larger than the {n} training samples: each batch repeats samples and "
+            f"the contrastive loss counts the copies as negatives of each other; train.micro_batch_size={per} "
+            f"(global batch {per * t.num_workers * t.grad_accum_steps}) keeps each sample once a batch")
 
 
 def report_trainable(pipe: Pipeline, counts: dict, uri: str, run_id: str, say: Say) -> dict:
