@@ -146,7 +146,7 @@ def decode_image(data: bytes, max_pixels: int, draft_px: Optional[int] = None) -
     reason EMPTY_IMAGE (0 bytes), TOO_MANY_PIXELS, TRUNCATED_IMAGE or UNDECODABLE_IMAGE.
     """
     if not data:
-        raise SampleRejected(Reject.EMPTY_IMAGE, detail="0-byte image member")
+        raise SampleRejected(Reject.EMPTY_IMAGE, detail="0-byte image (an empty file or upload)")
     try:
         img = Image.open(io.BytesIO(data), formats=_open_formats())  # reads the header only
     except Image.DecompressionBombError as e:  # Pillow's own guard (> 2x its MAX_IMAGE_PIXELS), from the header
