@@ -311,7 +311,13 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(served):
     b64 = base64.b64encode(_png()).decode()
     bomb = _png(1, (10_000, 10_000), "1")  # 100 MPix in a few kB: over data.max_image_pixels (40 MPix)
     assert len(bomb) < 100_000
+    dim = c.get("/readyz").json()["index"]["dim"]
     cases = [
+        ("empty upload", c.post("/embed/image", content=b"", headers={"content-type": "image/jpeg"}), 400, "empty"),
+        ("NaN vector", c.post("/search", json={"vector": ["NaN"] + [0.0] * (dim - 1)}), 422, "NaN"),
+        ("zero vector", c.post("/search", json={"vector": [0.0] * dim}), 422, "all zeros"),
+        ("short vector", c.post("/search", json={"vector": [1.0] * (dim - 1)}), 422,
+         f"{dim - 1} dimensions, the index has {dim}"),
         ("non-image bytes", c.post("/embed/image", content=b"not an image at all",
                                    headers={"content-type": "image/png"}), 400, "undecodable_image"),
         ("bomb", c.post("/embed/image", content=bomb, headers={"content-type": "image/png"}), 413, "too_many_pixels"),
@@ -341,6 +347,11 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(served):
     assert not wrong, wrong
     assert c.get("/healthz").status_code == 200
     assert len(c.post("/search", json={"text": "a green square", "top_k": 3}).json()["results"]) == 3
+    vec = c.post("/embed/text", json={"texts": ["a green square"]}).json()["embeddings"][0]
+    by_vec = c.post("/search", json={"vector": [10 * v for v in vec], "top_k": 3}).json()  # length does not matter
+    by_text = c.post("/search", json={"text": "a green square", "top_k": 3}).json()
+    assert by_vec["query"] == "vector" and [h["key"] for h in by_vec["results"]] == [h["key"] for h in by_text["results"]]
+    assert all(-1 <= h["score"] <= 1 for h in by_vec["results"])
 
 
 @pytest.mark.e2e
