@@ -104,6 +104,20 @@ def test_bomb_below_pillow_limit_rejected_fast():
     assert time.perf_counter() - t < 0.5
 
 
+def test_bomb_message_names_the_configured_limit_not_pillows():
+    """Case 50's bomb (header declares 20000x20000): Pillow's own guard fires first; the reason still names
+    data.max_image_pixels with the configured value (serving answers it 413), never Pillow's 178956970."""
+    png = png_1bit_zeros(1, 1)  # swap in a 20000x20000 header; the pixels are never read
+    ihdr = struct.pack(">IIBBBBB", 20000, 20000, 1, 0, 0, 0, 0)
+    head = struct.pack(">I", 13) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    data = png[:8] + head + png[8 + len(head):]
+    for data, limit, want in ((data, 40_000_000, "400000000 px"), (png_1bit_zeros(8000, 8000), 1000, "8000x8000")):
+        with pytest.raises(SampleRejected) as e:
+            decode_image(data, max_pixels=limit)
+        assert e.value.reason == Reject.TOO_MANY_PIXELS and want in e.value.detail
+        assert f"data.max_image_pixels {limit}" in e.value.detail and "178956970" not in e.value.detail
+
+
 def test_animated_gif_first_frame():
     frames = [Image.new("P", (4, 4), i) for i in (1, 2)]
     data = enc(frames[0], "GIF", save_all=True, append_images=frames[1:])

@@ -61,6 +61,29 @@ def test_index_write_search_append_and_model_check(tmp_path):
         load_index(tmp_path)
 
 
+def test_index_skips_bad_vectors_and_refuses_bad_queries(tmp_path):
+    """Case 55's shape: 5 valid rows of norm 100, a NaN row, a zero row, a +inf row; queries valid / NaN / zero /
+    another width. Rows are normalised (scores are cosines), bad ones skipped and named; bad queries refused."""
+    rng = np.random.default_rng(55)
+    x = rng.standard_normal((8, 16)).astype(np.float32)
+    x = 100 * x / np.linalg.norm(x, axis=1, keepdims=True)
+    x[5, 3], x[6], x[7, 1] = np.nan, 0.0, np.inf
+    rows = _rows(8, dim=16)
+    m = write_index(tmp_path / "i", Rows(rows.columns, x, rows.text), model=MODEL, shards=[])
+    assert m["count"] == 5 and m["skipped"] == {"nonfinite_vector": ["0005", "0007"], "zero_vector": ["0006"]}
+    idx = load_index(tmp_path / "i")
+    assert [r["key"] for r in idx.rows] == ["0000", "0001", "0002", "0003", "0004"]
+    scores, ids = idx.search(x[2:3] / 100, 5)  # unit query: the source row at cosine 1
+    assert ids[0, 0] == 2 and scores[0, 0] == pytest.approx(1.0, abs=1e-5) and (np.abs(scores) <= 1 + 1e-6).all()
+    assert idx.search(x[2:3] * 7, 1)[0][0, 0] == pytest.approx(1.0, abs=1e-5)  # queries are normalised too
+    for q, word in ((x[5:6], "NaN or infinite"), (np.zeros((1, 16)), "all zeros"),
+                    (x[:1, :15], "15 dimensions, the index has 16")):
+        with pytest.raises(ValueError, match=word):
+            idx.search(q, 3)
+    with pytest.raises(IndexFolderError, match="no clean samples.*zero_vector"):
+        write_index(tmp_path / "z", Rows(_rows(2).columns, np.zeros((2, 8), np.float32)), model=MODEL, shards=[])
+
+
 def test_hnsw_recall_reported_against_exact_search(tmp_path):
     m = write_index(tmp_path / "h", _rows(400, dim=16), model=MODEL, kind="hnsw", shards=[])
     assert m["kind"] == "hnsw" and m["recall_queries"] == 400
@@ -288,7 +311,13 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(served):
     b64 = base64.b64encode(_png()).decode()
     bomb = _png(1, (10_000, 10_000), "1")  # 100 MPix in a few kB: over data.max_image_pixels (40 MPix)
     assert len(bomb) < 100_000
+    dim = c.get("/readyz").json()["index"]["dim"]
     cases = [
+        ("empty upload", c.post("/embed/image", content=b"", headers={"content-type": "image/jpeg"}), 400, "empty"),
+        ("NaN vector", c.post("/search", json={"vector": ["NaN"] + [0.0] * (dim - 1)}), 422, "NaN"),
+        ("zero vector", c.post("/search", json={"vector": [0.0] * dim}), 422, "all zeros"),
+        ("short vector", c.post("/search", json={"vector": [1.0] * (dim - 1)}), 422,
+         f"{dim - 1} dimensions, the index has {dim}"),
         ("non-image bytes", c.post("/embed/image", content=b"not an image at all",
                                    headers={"content-type": "image/png"}), 400, "undecodable_image"),
         ("bomb", c.post("/embed/image", content=bomb, headers={"content-type": "image/png"}), 413, "too_many_pixels"),
@@ -318,6 +347,11 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(served):
     assert not wrong, wrong
     assert c.get("/healthz").status_code == 200
     assert len(c.post("/search", json={"text": "a green square", "top_k": 3}).json()["results"]) == 3
+    vec = c.post("/embed/text", json={"texts": ["a green square"]}).json()["embeddings"][0]
+    by_vec = c.post("/search", json={"vector": [10 * v for v in vec], "top_k": 3}).json()  # length does not matter
+    by_text = c.post("/search", json={"text": "a green square", "top_k": 3}).json()
+    assert by_vec["query"] == "vector" and [h["key"] for h in by_vec["results"]] == [h["key"] for h in by_text["results"]]
+    assert all(-1 <= h["score"] <= 1 for h in by_vec["results"])
 
 
 @pytest.mark.e2e

@@ -177,3 +177,32 @@ def test_learned_prompt_refused_without_one(tmp_path, tiny_shards):
     assert _status(core.classify(ClassifyIn(image=_b64png(), classes=["red", "blue"], prompt="learned"))) == 409
     r = asyncio.run(core.classify(ClassifyIn(image=_b64png(), classes=["red", "blue"])))
     assert r.prompt == "templates"
+
+
+def test_search_by_vector_in_process(tmp_path, tiny_shards):
+    """POST /search {"vector": ...}: a valid vector finds its row at cosine 1 (whatever its length); NaN, zero and
+    another width are 422 naming the problem (never a -1 row id or a 500)."""
+    from mmtl.models import build_model
+    from mmtl.serve.embed import model_fingerprint
+    from mmtl.serve.index import Rows, write_index
+    from mmtl.serve.schemas import SearchIn
+    from mmtl.train.checkpoint import write_export
+
+    pipe = _pipeline(tiny_shards, tmp_path)
+    torch.manual_seed(0)
+    model = build_model(pipe.model).eval()
+    exp = write_export(tmp_path, {k: v.clone() for k, v in model.state_dict().items()}, pipe.to_yaml())
+    x = np.random.default_rng(0).standard_normal((4, 24)).astype(np.float32) * 50
+    cols = {"key": list("abcd"), "uid": list("abcd"), "caption": list("abcd"), "shard": ["s"] * 4,
+            "meta": ["{}"] * 4, "thumbnail": [b""] * 4}
+    write_index(tmp_path / "idx", Rows(cols, x), model={"spec": "m", "kind": "export",
+                                                        "fingerprint": model_fingerprint(exp)}, shards=[])
+    core = _core(exp, str(tmp_path / "idx"))
+    out = asyncio.run(core.search(SearchIn(vector=x[1].tolist(), top_k=4)))
+    assert out.query == "vector" and out.results[0].key == "b" and out.results[0].score == pytest.approx(1, abs=1e-5)
+    assert all(-1 - 1e-6 <= h.score <= 1 + 1e-6 for h in out.results)
+    for vec, word in ((["NaN"] + [0.0] * 23, "NaN"), ([0.0] * 24, "all zeros"), (x[1, :23].tolist(), "23 dimensions")):
+        with pytest.raises(HTTPException) as e:
+            asyncio.run(core.search(SearchIn(vector=vec, top_k=3)))
+        assert e.value.status_code == 422 and word in e.value.detail
+    assert _status(core.search(SearchIn(vector=x[0].tolist(), text="red", top_k=3))) == 422  # exactly one query

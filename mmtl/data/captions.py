@@ -15,6 +15,9 @@ conversation: a bad one is skipped and counted by its reason (``unknown_role``, 
 fixes are counted (``image_token_inserted``, ``trailing_user_turn``); :attr:`CaptionSet.captions` then holds each
 first answer and :attr:`CaptionSet.prompts` each first question (what evaluation generates for).
 
+Each sample also gets an image identity (:func:`image_id_of`: json ``image_id``, else a hash of the decoded
+pixels) so that evaluation scores an image once against all its references (``mmtl.eval.caption_eval.by_image``).
+
 Images are stored as uint8 (N, S, S, 3) after the model's evaluation geometry (bicubic resize of the short side +
 center crop, :func:`mmtl.models.two_tower.make_image_transform` without its float steps), so the arrays are
 4x smaller than float tensors; ``pixels / 255`` then normalised is exactly the eval transform's output.
@@ -22,6 +25,7 @@ center crop, :func:`mmtl.models.two_tower.make_image_transform` without its floa
 from __future__ import annotations
 
 import collections
+import hashlib
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -45,6 +49,8 @@ class CaptionSet:
         stats: counts by reason (``samples_ok``, ``empty_caption``, ``caption_truncated``, reader rejects).
         conversations: N :class:`~mmtl.data.conversations.Conversation` (chat-format sets), else None.
         prompts: N first questions (chat-format sets), else None (the pipeline's ``model.decoder.prompt``).
+        image_ids: N image identities (:func:`image_id_of`): the samples of one image (e.g. its 5 COCO
+            references stored as 5 samples) share one, so evaluation can group their references.
     """
 
     uids: list[str]
@@ -54,13 +60,14 @@ class CaptionSet:
     stats: dict[str, int] = field(default_factory=dict)
     conversations: Optional[list] = None
     prompts: Optional[list[str]] = None
+    image_ids: Optional[list[str]] = None
 
     def subset(self, keep: np.ndarray) -> "CaptionSet":
         """The rows where the (N,) bool ``keep`` is true (stats unchanged)."""
         idx = np.flatnonzero(keep)
         pick = (lambda xs: None if xs is None else [xs[i] for i in idx])
         return CaptionSet(pick(self.uids), pick(self.keys), self.pixels[idx], pick(self.captions), self.stats,
-                          pick(self.conversations), pick(self.prompts))
+                          pick(self.conversations), pick(self.prompts), pick(self.image_ids))
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -80,6 +87,16 @@ def caption_of(meta: dict, txt: str, caption_field: Optional[str], keywords_fiel
         if kws:
             text = f"{text}: {', '.join(kws)}"
     return text
+
+
+def image_id_of(meta: dict, image) -> str:
+    """The image identity of a sample: its json ``image_id`` (COCO's field) when present, else ``sha1:`` of the
+    decoded pixels (size + RGB bytes), so the same image stored under several keys is one image."""
+    if meta.get("image_id") is not None and str(meta["image_id"]).strip():
+        return str(meta["image_id"]).strip()
+    h = hashlib.sha1(f"{image.size}".encode())
+    h.update(image.tobytes())
+    return "sha1:" + h.hexdigest()
 
 
 def pil_geometry(transform) -> Callable:
@@ -123,7 +140,7 @@ def load_caption_set(spec, geometry: Callable, count_tokens: Callable[[str], int
                                        "captioning model needs one image per sample; add it or remove the sample")
 
     opts = CleanOptions(max_image_pixels=max_image_pixels, min_caption_chars=1)
-    uids, keys, pixels, caps, convs, prompts = [], [], [], [], [], []
+    uids, keys, pixels, caps, convs, prompts, image_ids = [], [], [], [], [], [], []
     for s in iter_samples(spec, opts, stats, on_reject=on_reject):
         if conversations_field:
             try:
@@ -146,6 +163,7 @@ def load_caption_set(spec, geometry: Callable, count_tokens: Callable[[str], int
             stats["caption_truncated"] += 1
         uids.append(s.uid)
         keys.append(s.key)
+        image_ids.append(image_id_of(s.meta, s.image))
         pixels.append(np.asarray(geometry(s.image), dtype=np.uint8))
         caps.append(cap)
         if limit is not None and len(caps) >= limit:
@@ -153,4 +171,4 @@ def load_caption_set(spec, geometry: Callable, count_tokens: Callable[[str], int
     if not caps:
         raise ValueError(f"no usable image-caption sample in {spec!r} (counts: {dict(stats)})")
     return CaptionSet(uids, keys, np.stack(pixels), caps, dict(stats), convs if conversations_field else None,
-                      prompts if conversations_field else None)
+                      prompts if conversations_field else None, image_ids)

@@ -146,11 +146,13 @@ def decode_image(data: bytes, max_pixels: int, draft_px: Optional[int] = None) -
     reason EMPTY_IMAGE (0 bytes), TOO_MANY_PIXELS, TRUNCATED_IMAGE or UNDECODABLE_IMAGE.
     """
     if not data:
-        raise SampleRejected(Reject.EMPTY_IMAGE, detail="0-byte image member")
+        raise SampleRejected(Reject.EMPTY_IMAGE, detail="0-byte image (an empty file or upload)")
     try:
         img = Image.open(io.BytesIO(data), formats=_open_formats())  # reads the header only
-    except Image.DecompressionBombError as e:
-        raise SampleRejected(Reject.TOO_MANY_PIXELS, detail=str(e)) from None
+    except Image.DecompressionBombError as e:  # Pillow's own guard (> 2x its MAX_IMAGE_PIXELS), from the header
+        n = re.search(r"\((\d+) pixels\)", str(e))
+        raise SampleRejected(Reject.TOO_MANY_PIXELS, detail=f"{n.group(1) if n else 'too many'} px (from the header) "
+                                                           f"> data.max_image_pixels {max_pixels}") from None
     except UnidentifiedImageError:
         raise SampleRejected(Reject.UNDECODABLE_IMAGE, detail=f"unknown image format (starts {data[:8]!r})") from None
     except Exception as e:  # corrupt header
@@ -159,7 +161,8 @@ def decode_image(data: bytes, max_pixels: int, draft_px: Optional[int] = None) -
     if w <= 0 or h <= 0:
         raise SampleRejected(Reject.UNDECODABLE_IMAGE, detail=f"bad size {w}x{h}")
     if w * h > max_pixels:
-        raise SampleRejected(Reject.TOO_MANY_PIXELS, detail=f"{w}x{h} = {w * h} px > {max_pixels}")
+        raise SampleRejected(Reject.TOO_MANY_PIXELS, detail=f"{w}x{h} = {w * h} px (from the header) > "
+                                                           f"data.max_image_pixels {max_pixels}")
     if draft_px and img.format == "JPEG" and min(w, h) >= 2 * draft_px:
         k = draft_px / min(w, h)  # requested box: shorter side = draft_px, aspect kept (rounded up)
         try:

@@ -13,10 +13,13 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+import numpy as np
+
 from mmtl.data.captions import CaptionSet, load_caption_set, pil_geometry
 from mmtl.eval.captioning import (
     caption_metrics,
     generate_all,
+    group_references,
     image_features,
     nearest_neighbour_captions,
     write_gallery,
@@ -61,6 +64,23 @@ def generate_for_set(gen: Callable, cs: CaptionSet, mean, std) -> list[str]:
     return out
 
 
+def by_image(cs: CaptionSet) -> tuple[CaptionSet, list[list[str]]]:
+    """One row per image of ``cs`` (its first sample) and each image's references: samples sharing an image id
+    (:func:`mmtl.data.captions.image_id_of`; with the same question, for chat-format sets) are one image, so
+    it is captioned and scored once against all its references."""
+    ids = cs.image_ids or cs.uids
+    if cs.prompts is not None:
+        ids = [f"{i}\n{p}" for i, p in zip(ids, cs.prompts)]
+    first, refs = group_references(ids, cs.captions)
+    keep = np.zeros(len(cs), dtype=bool)
+    keep[first] = True
+    return cs.subset(keep), refs
+
+
+def _fmt(v) -> str:
+    return "undefined" if v is None else f"{v:.3f}"
+
+
 def baseline_features(base_model, cs: CaptionSet):
     """(N, D) frozen-tower features of a set for the nearest-neighbour baseline."""
     return image_features(base_model.image_tokens, cs.pixels, base_model.mean, base_model.std)
@@ -81,25 +101,27 @@ def evaluate_caption_sets(model, pipe, sets: dict[str, CaptionSet], *, out: Opti
     gen = generator(model, pipe)
     model.eval()
     metrics, files = {}, {}
-    for name, cs in sets.items():
+    for name, samples in sets.items():
         t0 = time.time()
+        cs, refs = by_image(samples)
         hyp = generate_for_set(gen, cs, model.mean, model.std)
-        metrics.update({f"{name}/{k}": v for k, v in caption_metrics(cs.captions, hyp).items()})
+        metrics.update({f"{name}/{k}": v for k, v in caption_metrics(refs, hyp).items()})
+        metrics[f"{name}/images"] = float(len(cs))
         metrics[f"{name}/gen_seconds"] = round(time.time() - t0, 2)
         nn = None
         if nn_train is not None:
             base, train_set, train_feat = nn_train
             nn = nearest_neighbour_captions(train_feat, train_set.captions, baseline_features(base, cs))
-            metrics.update({f"{name}/{k}": v for k, v in caption_metrics(cs.captions, nn, "nn_baseline/").items()})
-        say(f"{name}: CIDEr-D {metrics[f'{name}/captioning/cider_d']:.3f}, BLEU-4 "
-            f"{metrics[f'{name}/captioning/bleu4']:.3f}, exact {metrics[f'{name}/captioning/exact_match']:.3f}"
-            + (f" | nearest-neighbour CIDEr-D {metrics[f'{name}/nn_baseline/cider_d']:.3f}" if nn else ""))
+            metrics.update({f"{name}/{k}": v for k, v in caption_metrics(refs, nn, "nn_baseline/").items()})
+        say(f"{name}: {len(cs)} images, CIDEr-D {_fmt(metrics[f'{name}/captioning/cider_d'])}, BLEU-4 "
+            f"{_fmt(metrics[f'{name}/captioning/bleu4'])}, exact {_fmt(metrics[f'{name}/captioning/exact_match'])}"
+            + (f" | nearest-neighbour CIDEr-D {_fmt(metrics[f'{name}/nn_baseline/cider_d'])}" if nn else ""))
         if out is not None and pipe.strategy.caption.gallery:
             files[f"gallery_{name}"] = write_gallery(out / f"gallery_{name}.png", cs.pixels, cs.captions, hyp, nn,
                                                      pipe.strategy.caption.gallery)
         if out is not None:
-            rows = [{"uid": u, **({"prompt": cs.prompts[i]} if cs.prompts else {}), "reference": r, "generated": h,
-                     **({"nearest_neighbour": nn[i]} if nn else {})}
+            rows = [{"uid": u, **({"prompt": cs.prompts[i]} if cs.prompts else {}), "reference": r,
+                     "references": refs[i], "generated": h, **({"nearest_neighbour": nn[i]} if nn else {})}
                     for i, (u, r, h) in enumerate(zip(cs.uids, cs.captions, hyp))]
             p = out / f"captions_{name}.json"
             p.write_text(json.dumps(rows, indent=1, ensure_ascii=False))

@@ -34,11 +34,24 @@ def normalize_caption(text: str) -> str:
     return " ".join(t for t in _TOKEN.findall(text.lower()) if t not in PUNCTUATION)
 
 
-def caption_metrics(references: Sequence[str], generated: Sequence[str], prefix: str = "captioning/") -> dict:
-    """Corpus metrics of ``generated`` against one reference each (same order, N >= 1).
+def caption_metrics(references: Sequence[str | Sequence[str]], generated: Sequence[str],
+                    prefix: str = "captioning/") -> dict:
+    """Corpus metrics of ``generated`` (one caption per image) against each image's references (same order).
 
-    Returns ``{prefix + "bleu4", "bleu1", "cider_d", "exact_match", "num_samples"}``; BLEU and exact match in
-    [0, 1], CIDEr-D in [0, 10].
+    Args:
+        references: per image one reference or a list of them (COCO: 5 per image; group samples of one image
+            with :func:`group_references` first, or BLEU and CIDEr count the image several times).
+        generated: one caption per image.
+    Returns:
+        ``{prefix + "bleu4", "bleu1", "cider_d", "exact_match", "num_samples", "empty_reference",
+        "empty_prediction", "unscored"}``: BLEU and exact match (the generated caption equals one of the
+        references, normalised) in [0, 1], CIDEr-D in [0, 10]; ``num_samples`` the images scored. Rules, counted:
+        a reference empty after normalisation (e.g. ``"..."``) is dropped (``empty_reference``); an image left
+        without any reference is not scored (``unscored``); an empty generated caption is scored as empty (it
+        lowers BLEU and CIDEr) and counted (``empty_prediction``). ``cider_d`` is None (undefined) on fewer than
+        2 scored images - its IDF weights come from the evaluated set, so on one image every n-gram has
+        IDF 0 and any caption, even an exact one, would score 0 - with the reason in ``cider_d_undefined``;
+        all metrics are None when no image can be scored.
 
     Raises:
         ValueError: lengths differ or are 0.
@@ -49,14 +62,44 @@ def caption_metrics(references: Sequence[str], generated: Sequence[str], prefix:
     if len(references) != len(generated) or not references:
         raise ValueError(f"need as many generated captions as references (>= 1), got {len(generated)} and "
                          f"{len(references)}")
-    gts = {i: [normalize_caption(r)] for i, r in enumerate(references)}
-    # an empty hypothesis breaks pycocoevalcap's BLEU (division by zero): score it as one unknown token
-    res = {i: [normalize_caption(g) or "<empty>"] for i, g in enumerate(generated)}
+    gts, res, empty_ref = {}, {}, 0
+    for i, (refs, g) in enumerate(zip(references, generated)):
+        refs = [normalize_caption(r) for r in ([refs] if isinstance(refs, str) else refs)]
+        empty_ref += sum(1 for r in refs if not r)
+        if any(refs):
+            gts[i], res[i] = [r for r in refs if r], [normalize_caption(g)]
+    n = len(gts)
+    out = {f"{prefix}num_samples": float(n), f"{prefix}empty_reference": float(empty_ref),
+           f"{prefix}empty_prediction": float(sum(1 for h in res.values() if not h[0])),
+           f"{prefix}unscored": float(len(references) - n)}
+    if n == 0:
+        return {f"{prefix}bleu4": None, f"{prefix}bleu1": None, f"{prefix}cider_d": None,
+                f"{prefix}exact_match": None, f"{prefix}cider_d_undefined": "no image has a non-empty reference",
+                **out}
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
-    cider, _ = Cider().compute_score(gts, res)
-    exact = float(np.mean([gts[i][0] == normalize_caption(g) for i, g in enumerate(generated)]))
-    return {f"{prefix}bleu4": float(bleu[3]), f"{prefix}bleu1": float(bleu[0]), f"{prefix}cider_d": float(cider),
-            f"{prefix}exact_match": exact, f"{prefix}num_samples": float(len(references))}
+    exact = float(np.mean([res[i][0] in gts[i] for i in gts]))
+    out.update({f"{prefix}bleu4": float(bleu[3]), f"{prefix}bleu1": float(bleu[0]), f"{prefix}exact_match": exact})
+    if n < 2:
+        out.update({f"{prefix}cider_d": None, f"{prefix}cider_d_undefined": "needs at least 2 images (its IDF "
+                                                                         "comes from the evaluated set)"})
+    else:
+        out[f"{prefix}cider_d"] = float(Cider().compute_score(gts, res)[0])
+    return out
+
+
+def group_references(image_ids: Sequence[str], references: Sequence[str]) -> tuple[list[int], list[list[str]]]:
+    """Samples of one image -> one entry: ``(index of each image's first sample, its references in sample
+    order)``, images in order of first appearance (e.g. 5 COCO references stored as 5 samples -> 1 image)."""
+    group: dict[str, int] = {}
+    first: list[int] = []
+    refs: list[list[str]] = []
+    for i, (iid, r) in enumerate(zip(image_ids, references)):
+        if iid not in group:
+            group[iid] = len(first)
+            first.append(i)
+            refs.append([])
+        refs[group[iid]].append(r)
+    return first, refs
 
 
 def normalized_images(pixels: np.ndarray, mean, std) -> torch.Tensor:

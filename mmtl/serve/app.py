@@ -233,28 +233,37 @@ class ServiceCore:
 
     @api.post("/search", response_model=SearchOut)
     async def search(self, body: SearchIn) -> SearchOut:
-        """Top-K index rows for a text or an image query (exactly one of them)."""
+        """Top-K index rows for a text, an image or an embedding-vector query (exactly one of them); scores are
+        cosine similarities in [-1, 1]."""
         self._need("/search")
         if self.index is None:
             raise HTTPException(409, "no index loaded: start the server with --index DIR (`mmtl index build`)")
-        if (body.text is None) == (body.image is None):
-            raise HTTPException(422, "give exactly one of 'text' and 'image'")
+        given = [k for k in ("text", "image", "vector") if getattr(body, k) is not None]
+        if len(given) != 1:
+            raise HTTPException(422, "give exactly one of 'text', 'image' and 'vector'")
         n = len(self.index)
         if not 1 <= body.top_k <= n:
             raise HTTPException(422, f"top_k must be between 1 and the index size {n}, got {body.top_k}")
         if body.text is not None:
             self._text_limit([body.text])
             q = await self._text_batch(body.text)
-        else:
+        elif body.image is not None:
             q = await self._image_batch(self._image_field(body.image))
-        scores, ids = self.index.search(q[None, :], body.top_k)
+        else:
+            q = np.asarray(body.vector, dtype=np.float64)
+        try:
+            scores, ids = self.index.search(q[None, :], body.top_k)
+        except ValueError as e:  # a vector query of another width, NaN / infinite or all zeros
+            raise HTTPException(422, str(e)) from None
         hits = []
         for rank, (s, i) in enumerate(zip(scores[0], ids[0]), 1):
+            if i < 0:  # an approximate index found fewer than top_k
+                break
             r = self.index.rows[int(i)]
             thumb = ("data:image/jpeg;base64," + base64.b64encode(r["thumbnail"]).decode()) if body.thumbnails else None
             hits.append(Hit(rank=rank, score=float(s), key=r["key"], uid=r["uid"], caption=r["caption"],
                             shard=r["shard"], thumbnail=thumb))
-        return SearchOut(query="text" if body.text is not None else "image", top_k=body.top_k, index_size=n,
+        return SearchOut(query=given[0], top_k=body.top_k, index_size=n,
                          results=hits)
 
     @api.get("/classes")

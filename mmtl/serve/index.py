@@ -12,6 +12,11 @@ Scores are inner products of L2-normalised embeddings (cosine similarity, in [-1
 (``faiss.IndexFlatIP``); ``hnsw`` is approximate (``faiss.IndexHNSWFlat``, Malkov & Yashunin 2018) and the
 manifest records its recall@10 against the exact search (:func:`recall_vs_flat`).
 
+Vectors are checked on the way in (:func:`clean_vectors`): each row is L2-normalised, rows with a NaN or an
+infinity (``nonfinite_vector``) or of zero length (``zero_vector``) are skipped, counted and named by key in the
+manifest's ``skipped``; queries are checked the same way (:func:`check_queries`: wrong width, non-finite or zero
+is a ValueError naming the problem), so no score leaves [-1, 1] and no NaN row is ever returned.
+
 A loaded index refuses a different model: :func:`load_index` raises :class:`IndexModelMismatch` when the
 caller's model fingerprint (:func:`mmtl.serve.embed.model_fingerprint`) is not the one the index was built with.
 """
@@ -70,6 +75,37 @@ def recall_vs_flat(index, vectors: np.ndarray, queries: np.ndarray, k: int = 10)
     return float(np.mean(hits) / k)
 
 
+def clean_vectors(vectors: np.ndarray, keys: list[str]) -> tuple[np.ndarray, np.ndarray, dict[str, list[str]]]:
+    """Rows fit for an inner-product index: ``(keep (N,) bool, (N, D) float32 L2-normalised (rows not kept are
+    zero), {"nonfinite_vector": [keys], "zero_vector": [keys]})`` for (N, D) ``vectors`` and their N ``keys``.
+    A NaN / infinity anywhere in a row, or a row of norm 0 (or too small to normalise in float32), is not kept."""
+    x = np.asarray(vectors, dtype=np.float64)
+    finite = np.isfinite(x).all(axis=1)
+    norm = np.linalg.norm(np.where(finite[:, None], x, 0.0), axis=1)
+    nonzero = norm > np.finfo(np.float32).tiny
+    keep = finite & nonzero
+    out = np.zeros(x.shape, np.float32)
+    out[keep] = (x[keep] / norm[keep, None]).astype(np.float32)
+    skipped = {"nonfinite_vector": [keys[i] for i in np.flatnonzero(~finite)],
+               "zero_vector": [keys[i] for i in np.flatnonzero(finite & ~nonzero)]}
+    return keep, out, {k: v for k, v in skipped.items() if v}
+
+
+def check_queries(queries: np.ndarray, dim: int) -> np.ndarray:
+    """(Q, D) queries -> float32 L2-normalised. Raises ValueError naming the problem: a width other than the
+    index's ``dim``, a NaN / infinity, or a zero vector (it has no direction: every score would be 0)."""
+    q = np.asarray(queries, dtype=np.float64)
+    if q.ndim != 2 or q.shape[1] != dim:
+        got = q.shape[-1] if q.ndim else 0
+        raise ValueError(f"vector has {got} dimensions, the index has {dim}")
+    if not np.isfinite(q).all():
+        raise ValueError("vector has NaN or infinite values")
+    norm = np.linalg.norm(q, axis=1, keepdims=True)
+    if (norm <= np.finfo(np.float32).tiny).any():
+        raise ValueError("vector is all zeros (no direction to search)")
+    return np.ascontiguousarray(q / norm, dtype=np.float32)
+
+
 @dataclass
 class Rows:
     """What one build / append adds: per sample the metadata columns (:data:`COLUMNS`, lists of length N),
@@ -104,7 +140,8 @@ def write_index(out: str | Path, rows: Rows, *, model: dict, kind: str = "flat",
     """Create (or with ``append`` extend) the index folder ``out``; returns the manifest written.
 
     Args:
-        rows: the new samples (at least one).
+        rows: the new samples (at least one clean: rows are L2-normalised, non-finite and zero rows skipped and
+            named in the manifest's ``skipped``, :func:`clean_vectors`).
         model: ``{"spec", "kind", "fingerprint", ...}``; with ``append`` its fingerprint must equal the index's.
         kind: ``flat`` or ``hnsw`` (with ``append``: must match the existing kind, or be None to keep it).
         shards: per shard ``{"shard", "samples", "stats"}`` for the manifest.
@@ -118,8 +155,15 @@ def write_index(out: str | Path, rows: Rows, *, model: dict, kind: str = "flat",
     """
     faiss = _faiss()
     out = Path(out)
+    keep, unit, skipped = clean_vectors(rows.image, list(rows.columns["key"])) if len(rows) else (None, None, {})
+    if skipped:
+        idx = np.flatnonzero(keep)
+        rows = Rows({c: [rows.columns[c][i] for i in idx] for c in COLUMNS}, unit[keep],
+                    None if rows.text is None else rows.text[keep])
+    elif len(rows):
+        rows = Rows(rows.columns, unit, rows.text)
     if len(rows) == 0:
-        raise IndexFolderError("no clean samples to index")
+        raise IndexFolderError(f"no clean samples to index (skipped: {skipped or 'none given'})")
     dim = int(rows.image.shape[1])
     if append:
         manifest = read_manifest(out)
@@ -145,6 +189,8 @@ def write_index(out: str | Path, rows: Rows, *, model: dict, kind: str = "flat",
     manifest["parts"].append(part)
     manifest["shards"] += shards
     manifest["count"] = int(index.ntotal)
+    for reason, keys in skipped.items():
+        manifest.setdefault("skipped", {}).setdefault(reason, []).extend(keys)
     manifest["updated"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     if kind == "hnsw":
         manifest["hnsw"] = dict(HNSW)
@@ -203,14 +249,12 @@ class LoadedIndex:
         return int(self.index.ntotal)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-``k`` rows per query: ``(scores (Q, k) float32, ids (Q, k) int64)``, best first. Raises ValueError
-        for k outside [1, len(self)] or a width other than the index's."""
+        """Top-``k`` rows per query (normalised first): ``(scores (Q, k) float32 cosine in [-1, 1], ids (Q, k)
+        int64; -1 where an approximate index found fewer)``, best first. Raises ValueError for k outside
+        [1, len(self)] or a bad query (:func:`check_queries`)."""
         if not 1 <= k <= len(self):
             raise ValueError(f"top_k must be between 1 and the index size {len(self)}, got {k}")
-        q = np.ascontiguousarray(queries, dtype=np.float32)
-        if q.ndim != 2 or q.shape[1] != self.manifest["dim"]:
-            raise ValueError(f"queries must be (Q, {self.manifest['dim']}), got {q.shape}")
-        return self.index.search(q, k)
+        return self.index.search(check_queries(queries, self.manifest["dim"]), k)
 
     def labels(self) -> dict[str, list[str]]:
         """Class lists known from the metadata: for each string-valued ``meta`` field with 2..1000 distinct

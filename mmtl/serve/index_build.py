@@ -168,4 +168,7 @@ def build_index(model_spec: str, shards_spec, out: str | Path, *, kind: Optional
     seconds = time.perf_counter() - t0
     manifest = write_index(out, new, model=model, kind=kind, shards=per_shard, append=append)
     say(f"indexed {len(new)} sample(s) in {seconds:.1f} s -> {out} ({manifest['count']} in all)")
+    if manifest.get("skipped"):
+        say("vectors skipped (not finite or zero; keys in index.json): "
+            + ", ".join(f"{k} {len(v)}" for k, v in manifest["skipped"].items()))
     return {**manifest, "seconds": round(seconds, 2), "samples_per_s": round(len(new) / max(seconds, 1e-9), 1)}

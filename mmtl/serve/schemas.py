@@ -54,6 +54,9 @@ class EmbeddingsOut(BaseModel):
 class SearchIn(_In):
     text: Optional[str] = Field(None, description="Text query (any language the model's text tower knows)")
     image: Optional[str] = Field(None, description="Image query: base64 of the encoded image bytes")
+    vector: Optional[list[float]] = Field(None, max_length=65536,
+                                          description="Embedding query of the index's width (e.g. from /embed/text); "
+                                                      "normalised here; NaN, infinite or all-zero is refused")
     top_k: int = Field(10, description="Results to return, 1..index size")
     thumbnails: bool = Field(False, description="Include each result's JPEG thumbnail as a data: URL")
 
@@ -74,7 +77,7 @@ class Hit(BaseModel):
 
 
 class SearchOut(BaseModel):
-    query: str = Field(..., description="'text' or 'image'")
+    query: str = Field(..., description="'text', 'image' or 'vector'")
     top_k: int
     index_size: int
     results: list[Hit]

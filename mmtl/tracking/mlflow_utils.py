@@ -212,10 +212,13 @@ class MetricLogger:
         self._buf: list = []
 
     def log(self, metrics: dict[str, float], step: int) -> None:
+        """Buffer ``metrics`` at ``step``; values that are not numbers (None: a metric undefined on this data,
+        e.g. CIDEr-D of one image; text: its reason) are not metrics and are left to the run's JSON files."""
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
-        self._buf += [Metric(metric_name(k), float(v), ts, step) for k, v in metrics.items()]
+        self._buf += [Metric(metric_name(k), float(v), ts, step) for k, v in metrics.items()
+                      if isinstance(v, (int, float))]
         if len(self._buf) >= self.every * max(1, len(metrics)):
             self.flush()
 
