@@ -2,7 +2,9 @@
 its skin-tone / gender variants reaches the self-supervised stage. Synthetic entries: no npm, no rsvg-convert."""
 from __future__ import annotations
 
-from mmtl.datasets.openmoji_unpaired import select_entries, strip_gender, strip_skin_tones
+import pytest
+
+from mmtl.datasets.openmoji_unpaired import build_openmoji_unpaired, select_entries, strip_gender, strip_skin_tones
 
 TEST_KEYS = ["1f44b", "1f46e", "1f9d1-200d-1f33e", "2764-fe0f"]  # waving hand, police officer, farmer, red heart
 SPLIT_OF = {"1f600": "train", "1f622": "val", "1f468-200d-1f33e": "train"}
@@ -43,3 +45,9 @@ def test_select_entries_reasons_and_labels():
     kept_all, left_all = select_entries(entries, TEST_KEYS, SPLIT_OF, skin_tones=True)
     assert "1F600-1F3FB" in [e["hexcode"] for e in kept_all] and "skin_tone_variant" not in left_all
     assert left_all["test_skin_tone_variant"] == 1  # leaks stay out whatever skin_tones says
+
+
+def test_noto_test_images_are_never_added(tmp_path):
+    with pytest.raises(ValueError, match="never test"):
+        build_openmoji_unpaired(tmp_path / "out", tmp_path, add_noto=("train", "test"))
+    assert not (tmp_path / "out").exists()

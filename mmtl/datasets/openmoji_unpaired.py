@@ -25,6 +25,10 @@ or ``none``: an OpenMoji emoji that is in no split, e.g. its extra icons ``E000`
 sequences that merely *contain* a test emoji as one component (e.g. "heart on fire" when "fire" is a test
 emoji; they are other emoji).
 
+With ``add_noto`` (e.g. ``("train",)``) the Noto images of those bundled splits are added as image-only samples
+(key ``noto-<code point>``, captions not copied), and all samples are written in one seeded random order so that
+every stretch of the stream (a training batch) mixes both styles; never the test split (ValueError).
+
 Output (:func:`build_openmoji_unpaired`): ``<out>/openmoji-unpaired-*.tar`` (image-only samples: ``{key}.png`` +
 ``{key}.json``, no caption), ``stats.json`` (counts kept per base split, left out per reason, package version,
 rsvg-convert version) and ``NOTICE``. Keys: lowercase hexcode (``1f44b``, ``e000``).
@@ -138,9 +142,18 @@ def shard_keys(split_dir: str | Path) -> list[str]:
     return sorted(keys)
 
 
+def _shard_images(split_dir: Path) -> list[tuple[str, bytes]]:
+    """``(key, png bytes)`` of every sample of a bundled split's shards, in tar order."""
+    out = []
+    for shard in sorted(split_dir.glob("*.tar")):
+        with tarfile.open(shard) as tf:
+            out += [(m.name[:-4], tf.extractfile(m).read()) for m in tf.getmembers() if m.name.endswith(".png")]
+    return out
+
+
 def build_openmoji_unpaired(out_dir: str | Path, npm_dir: Optional[str | Path] = None,
                             emoji_dir: Optional[str | Path] = None, skin_tones: bool = False,
-                            progress: bool = True) -> dict:
+                            progress: bool = True, add_noto: tuple[str, ...] = (), seed: int = 0) -> dict:
     """Write the unpaired OpenMoji image shards (module docstring) to ``out_dir`` and return the stats.
 
     Args:
@@ -151,13 +164,19 @@ def build_openmoji_unpaired(out_dir: str | Path, npm_dir: Optional[str | Path] =
             ``train`` / ``val`` keys label the kept entries.
         skin_tones: keep skin-tone variants of kept emoji.
         progress: tqdm progress bar.
+        add_noto: bundled splits (``"train"``, ``"val"``) whose Noto images are added (module docstring).
+        seed: seed of the sample order when ``add_noto`` is given (else: openmoji.json order).
 
     Returns the stats written to ``stats.json``: ``samples``, ``kept_by_split``, ``left_out`` (per reason),
     ``openmoji_entries``, ``test_emoji``, package version, ``rsvg_convert`` version, ``image_size``.
 
     Raises:
         RuntimeError: npm or rsvg-convert missing or failing. FileNotFoundError: no openmoji package / shards.
+        ValueError: ``add_noto`` names a split other than train / val.
     """
+    bad = sorted(set(add_noto) - {"train", "val"})
+    if bad:
+        raise ValueError(f"add_noto={bad}: only the train and val Noto images may be added (never test)")
     import tempfile
 
     from mmtl.data.shardwriter import ShardWriter, remove_stale_shards
@@ -165,7 +184,8 @@ def build_openmoji_unpaired(out_dir: str | Path, npm_dir: Optional[str | Path] =
 
     if npm_dir is None:
         with tempfile.TemporaryDirectory(prefix="mmtl-openmoji-npm-") as tmp:
-            return build_openmoji_unpaired(out_dir, em.npm_install(tmp), emoji_dir, skin_tones, progress)
+            return build_openmoji_unpaired(out_dir, em.npm_install(tmp), emoji_dir, skin_tones, progress, add_noto,
+                                           seed)
     from tqdm import tqdm
 
     nm = Path(npm_dir)
@@ -181,10 +201,21 @@ def build_openmoji_unpaired(out_dir: str | Path, npm_dir: Optional[str | Path] =
     for e in entries:
         e["has_svg"] = (om / "color" / "svg" / f"{e['hexcode']}.svg").is_file()
     kept, left = select_entries(entries, test_keys, split_of, skin_tones)
+    noto = [(split, key, data) for split in add_noto for key, data in _shard_images(root / split)]
+    order = [("openmoji", e) for e in kept] + [("noto", n) for n in noto]
+    if noto:
+        import random
+
+        random.Random(seed).shuffle(order)
     out = Path(out_dir)
     prefix = "openmoji-unpaired"
     with ShardWriter(out, prefix) as w:
-        for e in tqdm(kept, disable=not progress, desc="openmoji unpaired", unit="img"):
+        for kind, e in tqdm(order, disable=not progress, desc="openmoji unpaired", unit="img"):
+            if kind == "noto":
+                split, key, data = e
+                w.write(f"noto-{key}", data, "png", None, {"split": split, "style": "noto",
+                                                            "source": f"{root.name}/{split}/{key}.png"})
+                continue
             svg = om / "color" / "svg" / f"{e['hexcode']}.svg"
             meta = {"hexcode": e["hexcode"], "annotation": e.get("annotation", ""), "group": e.get("group", ""),
                     "split": e["split"], "style": "openmoji", "width": em.IMAGE_SIZE, "height": em.IMAGE_SIZE,
@@ -197,6 +228,7 @@ def build_openmoji_unpaired(out_dir: str | Path, npm_dir: Optional[str | Path] =
         "image_size": em.IMAGE_SIZE, "openmoji_entries": len(entries), "test_emoji": len(test_keys),
         "emoji_dir": str(root), "skin_tones": skin_tones, "samples": w.samples, "bytes": w.bytes,
         "kept_by_split": dict(sorted(Counter(e["split"] for e in kept).items())),
+        "noto_added": {split: sum(1 for n in noto if n[0] == split) for split in add_noto}, "seed": seed,
         "left_out": {r: left.get(r, 0) for r in REASONS},
         "shards": [p.relative_to(out).as_posix() for p in w.shards],
     }
