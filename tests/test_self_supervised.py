@@ -155,3 +155,41 @@ def test_map_stage_views_and_masks_then_simclr_steps(tmp_path, ray_local):
     ids = np.stack([r["input_ids"] for r in trows])
     assert trows and min(int(r["attention_mask"].sum()) for r in trows) >= 7 + 2  # "ok" (1 token) was skipped
     assert (labels != -100).sum() > 0 and (ids[labels != -100] != labels[labels != -100]).mean() > 0.5
+
+
+def test_partial_unlock_trains_only_the_tail_and_keeps_frozen_batchnorm_stats():
+    """strategy.unlock_image_blocks with the self_supervised recipe: the last N blocks and what follows the block
+    container train; earlier layers are frozen and their BatchNorm stays in eval mode (running stats kept)."""
+    from torch import nn
+
+    from mmtl.config.schema import StrategyConfig
+    from mmtl.strategies.self_supervised import SelfSupervisedStrategy
+    from mmtl.train.loop import set_train_modes
+
+    def blk():
+        return nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))
+
+    class Tower(nn.Module):  # the layout of a timm EfficientNet: stem, blocks, conv_head + bn2, pooling
+        def __init__(self):
+            super().__init__()
+            self.conv_stem, self.bn1 = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+            self.blocks = nn.Sequential(blk(), blk(), blk())
+            self.conv_head, self.bn2 = nn.Conv2d(4, 8, 1), nn.BatchNorm2d(8)
+
+    model = nn.Module()
+    model.image_tower, model.text_tower = Tower(), nn.Linear(3, 3)
+    cfg = StrategyConfig(kind="self_supervised", unlock_image_blocks=2,
+                         self_supervised={"tower": "image", "method": "simclr"})
+    SelfSupervisedStrategy().apply(model, cfg)
+    trainable = {n.split(".")[1] + ("." + n.split(".")[2] if n.split(".")[1] == "blocks" else "")
+                 for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"blocks.1", "blocks.2", "conv_head", "bn2"}
+    set_train_modes(model)
+    t = model.image_tower
+    assert not t.bn1.training and not t.blocks[0][1].training
+    assert t.blocks[1][1].training and t.bn2.training
+    SelfSupervisedStrategy().apply(model, cfg.model_copy(update={"unlock_image_blocks": 0}))
+    assert all(p.requires_grad for p in model.image_tower.parameters())
+    assert not any(p.requires_grad for p in model.text_tower.parameters())
+    with pytest.raises(ValueError, match="has 3"):
+        SelfSupervisedStrategy().apply(model, cfg.model_copy(update={"unlock_image_blocks": 4}))

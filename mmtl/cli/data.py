@@ -160,6 +160,37 @@ def datasets_emoji(
     print(json.dumps(build_emoji_dataset(str(out), str(npm_dir) if npm_dir else None), indent=2))
 
 
+@datasets_app.command("openmoji-unpaired")
+def datasets_openmoji_unpaired(
+    out: Path = typer.Option(Path("data/openmoji-unpaired"), "--out", help="Output folder (image-only shards)"),
+    npm_dir: Optional[Path] = typer.Option(None, help="Folder with node_modules/openmoji already unpacked "
+                                           "(default: npm install the pinned version)"),
+    emoji_dir: Optional[Path] = typer.Option(None, "--emoji-dir", help="Emoji data set whose test split is left "
+                                             "out (default: the bundled mmtl/assets/emoji)"),
+    skin_tones: bool = typer.Option(False, "--skin-tones", help="Keep skin-tone variants of kept emoji"),
+    add_noto: Optional[str] = typer.Option(None, "--add-noto", help="train and/or val (comma separated): add those "
+                                           "bundled Noto images (no captions), all samples in one seeded order"),
+) -> None:
+    """Image-only shards of the OpenMoji drawings that show no test emoji (train / val emoji and OpenMoji emoji in
+    no split; test emoji and their skin-tone / gender variants left out and counted), for the self-supervised
+    stage (needs rsvg-convert). Left-out counts per reason go to stats.json.
+
+    Example:
+
+    \b
+        mmtl datasets openmoji-unpaired --out data/openmoji-unpaired --npm-dir /tmp/emoji-npm
+        mmtl datasets openmoji-unpaired --out data/openmoji-noto-unpaired --npm-dir /tmp/emoji-npm --add-noto train
+    """
+    from mmtl.datasets.openmoji_unpaired import build_openmoji_unpaired
+
+    try:
+        noto = tuple(x.strip() for x in (add_noto or "").split(",") if x.strip())
+        stats = build_openmoji_unpaired(out, npm_dir, emoji_dir, skin_tones, add_noto=noto)
+    except (FileNotFoundError, RuntimeError, ValueError) as exc:
+        fail(str(exc), 1)
+    print(json.dumps(stats, indent=2))
+
+
 @datasets_app.command("diagrams")
 def datasets_diagrams(
     out: Path = typer.Option(Path("data/diagrams"), "--out", help="Output folder (train/, test/, answers.txt)"),

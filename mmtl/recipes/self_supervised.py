@@ -86,22 +86,24 @@ class SelfSupervisedRecipe(Recipe):
 
         ctx, pipe = self.ctx, self.ctx.pipe
         s = pipe.strategy.self_supervised
+        n = pipe.strategy.unlock_image_blocks if s.tower == "image" else pipe.strategy.unlock_text_blocks
+        part = f"last {n} blocks of the " if n else ""
         self.module = SelfSupervisedModule.from_pipeline(pipe, ctx.model)
         self.warnings: list[str] = []
         if s.tower == "text":
             self.masker = MLMMasker(ctx.model.tokenizer.tokenizer, s.mlm_probability)
-            what = "text tower + MLM head" if s.train_tower else "MLM head only (text tower frozen)"
+            what = f"{part}text tower + MLM head" if s.train_tower else "MLM head only (text tower frozen)"
             ctx.say(f"trains: {what}, masked-LM ({s.mlm_probability:.0%} masking; MLM head "
                     f"{self.module.head_source}, decoder tied to the word embeddings)")
         elif s.method == "dino":
             self.views = image_views(pipe.model, s)
-            what = "image tower + DINO head" if s.train_tower else "DINO head only (image tower frozen)"
+            what = f"{part}image tower + DINO head" if s.train_tower else "DINO head only (image tower frozen)"
             ctx.say(f"trains: {what}, DINO self-distillation (EMA teacher from momentum {s.teacher_momentum}, 2 "
                     f"global + {s.local_crops} local crops of {s.local_px(pipe.model.image_size)} px, K "
                     f"{s.dino_out_dim}, tau student {s.student_temp} / teacher {s.teacher_temp})")
         else:
             self.views = image_views(pipe.model, s)
-            what = "image tower + projector" if s.train_tower else "projector only (image tower frozen)"
+            what = f"{part}image tower + projector" if s.train_tower else "projector only (image tower frozen)"
             ctx.say(f"trains: {what}, SimCLR NT-Xent (tau {s.temperature}, projection {s.proj_hidden}->{s.proj_dim})")
         head, stats = self._samples(pipe.data.train, DUPLICATE_SCAN)
         digests = {hashlib.sha256(x.encode() if isinstance(x, str) else x.tobytes()).digest() for x in head}
