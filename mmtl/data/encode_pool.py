@@ -35,18 +35,24 @@ RAY_MIN_SAMPLES = 512
 
 
 @contextlib.contextmanager
-def fast_inference(model, threads: Optional[int] = None):
+def fast_inference(model, threads: Optional[int] = None, convert: bool = True):
     """``torch.inference_mode``, the model's 4-D weights channels-last, ``threads`` torch threads (None: as
-    is); the weights' memory format and the thread count are restored on exit."""
+    is); the weights' memory format and the thread count are restored on exit.
+
+    ``convert=False`` leaves the weights' memory format alone: for a model that stays in memory for many
+    small calls (serving), which converts once at load, since converting and restoring the image tower's
+    kernels costs ~10 ms a call on a CPU (measured: a one-text query 22 ms with it, 11 ms without)."""
     prev = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
-    model.to(memory_format=torch.channels_last)
+    if convert:
+        model.to(memory_format=torch.channels_last)
     try:
         with torch.inference_mode():
             yield
     finally:
-        model.to(memory_format=torch.contiguous_format)
+        if convert:
+            model.to(memory_format=torch.contiguous_format)
         torch.set_num_threads(prev)
 
 

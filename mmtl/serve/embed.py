@@ -40,6 +40,7 @@ class Embedder:
 
     def __init__(self, model, pipe, threads: Optional[int] = None) -> None:
         self.model, self.pipe, self.threads = model.eval(), pipe, threads
+        self.model.to(memory_format=torch.channels_last)  # once for the model's life (not per request)
         self.tf = model.image_transform(train=False)
         self.dim = int(model.embed_dim)
         self.max_pixels = int(pipe.data.max_image_pixels)
@@ -74,7 +75,7 @@ class Embedder:
     def _run(self, fn):
         from mmtl.data.encode_pool import fast_inference
 
-        with fast_inference(self.model, self.threads):
+        with fast_inference(self.model, self.threads, convert=False):
             return F.normalize(fn().float(), dim=-1).cpu().numpy().astype(np.float32)
 
     def encode_images(self, images: Sequence) -> np.ndarray:
