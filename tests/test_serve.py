@@ -162,6 +162,29 @@ def test_embedder_trims_padding_only_when_exact(tmp_path, tiny_shards):
     assert not emb._trimming_is_exact()
 
 
+def test_embedder_keeps_the_weights_layout_between_requests(tmp_path, tiny_shards, monkeypatch):
+    """The model is made channels-last once at load; a request converts no weights (that cost ~10 ms a query on
+    CPU), and the images embed as the per-call conversion did."""
+    from mmtl.data.encode_pool import fast_inference
+    from mmtl.serve.embed import Embedder
+
+    emb = Embedder.from_export(_export(tmp_path / "a", tiny_shards, 0))
+    convs = [p for p in emb.model.parameters() if p.dim() == 4]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    from PIL import Image
+
+    images = [Image.new("RGB", (40, 40), c) for c in ("red", "navy")]
+    x = torch.stack([emb.tf(im) for im in images])
+    with fast_inference(emb.model):  # the old per-call path, as a reference
+        want = torch.nn.functional.normalize(emb.model.encode_image(x).float(), dim=-1).numpy()
+    calls = []
+    monkeypatch.setattr(emb.model, "to", lambda *a, **k: calls.append((a, k)))
+    got = emb.encode_images(images)
+    emb.encode_texts(["a red circle"])
+    assert calls == []
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def served(ray_local, tmp_path_factory, tiny_shards):
     """Index the tiny train shards (Ray Data), append val, start the app with a token; stop Serve + Ray after."""
