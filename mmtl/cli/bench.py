@@ -210,13 +210,11 @@ def bench_serve_cmd(
         mmtl bench serve runs/quickstart --index runs/emoji-index --requests 200 --json
     """
     from mmtl.eval.resolve import ModelSpecError
-    from mmtl.runtime import init_ray
     from mmtl.serve.index import IndexFolderError
     from mmtl.serve.loadtest import bench_serve
 
     try:
         levels = tuple(int(c) for c in concurrency.split(","))
-        init_ray()
         r = bench_serve(model, str(index), requests=requests, concurrencies=levels, time_limit_s=time_limit, port=port,
                         config_path=str(config) if config else None, say=say_to_console("bench serve"))
     except (ModelSpecError, IndexFolderError, ValueError) as exc:

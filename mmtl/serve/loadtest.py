@@ -97,6 +97,7 @@ def bench_serve(model: str, index_dir: str, *, requests: int = 200, concurrencie
     cells: list[dict] = []
     load = [round(x, 1) for x in os.getloadavg()]
     running = None
+    served: dict = {}  # what the replicas report: HTTP proxy mode, text-tower precision
     mean_batch: dict = {}  # batching on/off -> mean batch size of the last 1000 batches per encoder (/readyz)
     try:
         for batching in (True, False):  # one Serve instance; the app is redeployed with the other setting
@@ -114,8 +115,9 @@ def bench_serve(model: str, index_dir: str, *, requests: int = 200, concurrencie
                         f"p99 {cell['p99_ms']} ms, errors {cell['errors'] or 0}")
             import httpx
 
-            mean_batch[("on" if batching else "off")] = httpx.get(f"{running.url}/readyz", timeout=30).json()[
-                "batching"]["mean_batch_size"]
+            ready = httpx.get(f"{running.url}/readyz", timeout=30).json()
+            mean_batch[("on" if batching else "off")] = ready["batching"]["mean_batch_size"]
+            served = {"http_proxy": ready.get("http_proxy"), "text_precision": ready["serves"].get("text_precision")}
     finally:
         if running is not None:
             stop(running)
@@ -132,5 +134,5 @@ def bench_serve(model: str, index_dir: str, *, requests: int = 200, concurrencie
                                                                    "met": ratios["batching/search_text"] >= 3}
     return {"cells": cells, "ratios": ratios, "targets": targets, "mean_batch_size": mean_batch,
             "setup": {"model": model, "index": index_dir, "requests": requests, "time_limit_s": time_limit_s,
-                      "top_k": top_k, "cpus": os.cpu_count(), "config": cfg.model_dump(),
+                      "top_k": top_k, "cpus": os.cpu_count(), "config": cfg.model_dump(), **served,
                       "loadavg_before": load, "loadavg_after": [round(x, 1) for x in os.getloadavg()]}}

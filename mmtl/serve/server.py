@@ -89,7 +89,8 @@ def start(model_spec: str, *, index_dir: Optional[str] = None, host: str = "127.
     serve.start(http_options={"host": host, "port": int(port)})  # a running Serve is joined (app redeployed)
     app = MmtlService.options(**config.deployment_options()).bind(
         [ref], info, index_dir, config.model_dump(), token or None)
-    say(f"deploying on http://{host}:{port} (model {model_spec}, index {index_dir or 'none'})")
+    say(f"deploying on http://{host}:{port} through {'HAProxy' if proxy == 'haproxy' else 'Ray Serve proxy'} "
+        f"(model {model_spec}, index {index_dir or 'none'})")
     serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
     url = f"http://{host}:{port}"
     _wait_ready(url, ready_timeout_s, info["deploy_id"])
