@@ -43,7 +43,8 @@ def start(model_spec: str, *, index_dir: Optional[str] = None, host: str = "127.
 
     Raises:
         ModelSpecError: MODEL names nothing loadable. IndexFolderError / IndexModelMismatch: bad index, or one
-            built with another model. ValueError: an index for a model that does not embed (generative, fusion). TimeoutError: not ready within ``ready_timeout_s``.
+            built with another model. ValueError: an index for a model that does not embed (generative, fusion), or
+            ``host:port`` taken by another server. TimeoutError: not ready within ``ready_timeout_s``.
     """
     import ray
     from ray import serve
@@ -84,6 +85,7 @@ def start(model_spec: str, *, index_dir: Optional[str] = None, host: str = "127.
     else:  # a running Ray (joined, or started by this process before): its Serve proxy mode is fixed
         init_ray(ray_address)
         proxy = active_proxy()
+    _check_port_free(host, int(port))
     ref = ray.put(files)
     del files
     serve.start(http_options={"host": host, "port": int(port)})  # a running Serve is joined (app redeployed)
@@ -116,6 +118,38 @@ def build_app(args: dict):
     info = {"spec": str(args["model"]), "tracking_uri": args.get("tracking_uri"), "deploy_id": uuid.uuid4().hex[:12]}
     return MmtlService.options(**cfg.deployment_options()).bind(
         None, info, args.get("index"), cfg.model_dump(), os.environ.get("MMTL_SERVE_TOKEN") or None)
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Refuse a ``host:port`` that something else listens on, unless Serve already runs in this Ray (then the
+    port is its own and :func:`start` redeploys in place). Without this, HAProxy (or Serve's proxy) fails to
+    bind and ``serve.start`` ends, after its health-check retries, in a long traceback.
+
+    Raises:
+        ValueError: the port is taken, or ``host`` is not an address of this machine.
+    """
+    import socket
+
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    try:
+        ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+        return  # Serve runs: its HTTP front holds the port
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise ValueError(f"--host {host!r} is not an address: {e.strerror}") from None
+    family, kind, proto, _, addr = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as HAProxy does: a TIME_WAIT port is free
+        try:
+            s.bind(addr)
+        except OSError as e:
+            raise ValueError(f"cannot serve on {host}:{port}: {e.strerror} (another server listens there? "
+                             "choose another --port)") from None
 
 
 def _wait_ready(url: str, timeout_s: float, deploy_id: str) -> None:
