@@ -536,3 +536,24 @@ def test_watch_alias_rebuilds_the_index_and_redeploys(served, tmp_path):
     assert ready["index"]["folder"].endswith("idx-v2") and ready["index"]["count"] == 216
     r = _client(served["url"]).post("/search", json={"text": "a red circle", "top_k": 3})
     assert r.status_code == 200 and len(r.json()["results"]) == 3
+
+
+def test_check_port_free_refuses_a_taken_port_and_a_bad_host(monkeypatch):
+    """A port another server listens on, or a host that does not resolve, is a ValueError before Serve starts."""
+    import ray
+
+    from mmtl.serve.server import _check_port_free
+
+    def no_serve(*a, **k):
+        raise ValueError("no such actor")
+
+    monkeypatch.setattr(ray, "get_actor", no_serve)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with pytest.raises(ValueError, match=f"127.0.0.1:{port}: Address already in use"):
+            _check_port_free("127.0.0.1", port)
+    _check_port_free("127.0.0.1", port)  # closed: free again
+    with pytest.raises(ValueError, match="is not an address"):
+        _check_port_free("no-such-host.invalid", port)
