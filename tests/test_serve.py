@@ -278,7 +278,7 @@ def served(tmp_path_factory, tiny_shards):
                             ready_timeout_s=240)
             break
         except Exception as e:  # noqa: BLE001
-            if "Failed to bind" not in str(e) or attempt == 2:
+            if ("Failed to bind" not in str(e) and "cannot serve on" not in str(e)) or attempt == 2:
                 raise
             serve.shutdown()
     print(f"serve {time.perf_counter() - t0:.1f}s", file=sys.stderr)
