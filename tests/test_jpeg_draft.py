@@ -1,4 +1,4 @@
-"""JPEG draft decoding (data.jpeg_draft): off by default (null or 0); when set (e.g. 1.5), large JPEGs of the
+"""JPEG draft decoding (data.jpeg_draft): on by default (1.5), off with null or 0; when on, large JPEGs of the
 training stream decode at a reduced DCT scale that keeps the shorter side >= jpeg_draft * image_size; other
 formats, small JPEGs, evaluation and frozen-feature options decode in full."""
 from __future__ import annotations
@@ -41,12 +41,13 @@ def test_other_formats_decode_in_full():
     assert decode_image(buf.getvalue(), 10**8, draft_px=32).size == (224, 224)
 
 
-def test_setting_is_off_by_default_and_train_stream_only(tmp_path):
+def test_setting_is_on_by_default_and_train_stream_only(tmp_path):
     model = tiny_two_tower_config(image_size=64).model_dump(mode="json")
     pipe = build_pipeline({"data": {"train": str(tmp_path)}, "model": model})
-    assert pipe.data.jpeg_draft is None and draft_px(pipe) is None
-    assert CleanOptions().draft_px is None and clean_options(pipe).draft_px is None
-    assert draft_px(build_pipeline({"data": {"train": str(tmp_path), "jpeg_draft": 0}, "model": model})) is None
-    on = build_pipeline({"data": {"train": str(tmp_path), "jpeg_draft": 1.5}, "model": model})
-    assert draft_px(on) == 96
-    assert clean_options(on).draft_px is None  # evaluation / frozen features / index building: full decodes
+    assert pipe.data.jpeg_draft == 1.5 and draft_px(pipe) == 96  # ceil(1.5 * 64)
+    assert CleanOptions().draft_px is None
+    assert clean_options(pipe).draft_px is None  # evaluation / frozen features / index building: full decodes
+    for off in (0, None):
+        assert draft_px(build_pipeline({"data": {"train": str(tmp_path), "jpeg_draft": off}, "model": model})) is None
+    two = build_pipeline({"data": {"train": str(tmp_path), "jpeg_draft": 2}, "model": model})
+    assert draft_px(two) == 128 and clean_options(two).draft_px is None

@@ -224,10 +224,10 @@ def _limits(r: dict) -> str:
         f"samples/s. On top, each side shares the cores with its consumer (DataLoader main process: collation, "
         "unpickling; Ray: the driver's streaming executor, iter_torch_batches, raylet/GCS, object-store copies of "
         "model-ready tensors); cpu_ms_per_sample counts all of it. The JPEG decode and the bicubic crop of the "
-        "full 224-px image dominate: JPEG draft decoding (data.jpeg_draft, off by default: libjpeg DCT downscale "
-        "to >= jpeg_draft x image_size before the transform; side mmtl_draft) cuts both (training stream only; "
-        "evaluation and frozen features always decode in full); it stays off by default because one retrieval "
-        "metric moved beyond run-to-run noise in a training comparison (docs/benchmarks.md). Load average {r['load_avg']['before']} -> {r['load_avg']['after']} on {os.cpu_count()} cores: "
+        "full 224-px image dominate: JPEG draft decoding (data.jpeg_draft, on by default at 1.5: libjpeg DCT "
+        "downscale to >= jpeg_draft x image_size before the transform; side mmtl; side mmtl_nodraft decodes in "
+        "full) cuts both (training stream only; evaluation and frozen features always decode in full); a training "
+        "comparison (19 + 19 runs) found no metric moved beyond run-to-run noise (docs/benchmarks.md). Load average {r['load_avg']['before']} -> {r['load_avg']['after']} on {os.cpu_count()} cores: "
         "outside load slows both sides; runs are interleaved so that it hits both alike.")
 
 
@@ -237,7 +237,7 @@ PRESETS = {"default": {"samples": 10000, "runs": 3}, "full": {"samples": 30000, 
 
 def bench_ingest(path: str | None = None, samples: int = 10000, runs: int = 3, image_size: int = 64,
                  processes: int = 2, batch_size: int = 64, warmup: bool = True, worker_niceness: Optional[int] = 0,
-                 draft: Optional[float] = 1.5, say: Optional[Callable[[str], None]] = None) -> dict:
+                 draft: Optional[float] = 0.0, say: Optional[Callable[[str], None]] = None) -> dict:
     """Measure samples/s of ``build_image_dataset`` against webdataset + DataLoader on the same shards.
 
     Args:
@@ -246,15 +246,15 @@ def bench_ingest(path: str | None = None, samples: int = 10000, runs: int = 3, i
             (the second mmtl side reuses the Ray workers that ``mmtl``'s warm-up warmed).
         processes: DataLoader workers = Ray CPUs when this call starts Ray (a running Ray, e.g. pytest's
             ``ray_local``, is used as is) = concurrent mmtl tasks. ``batch_size``: both sides (= rows_per_block).
-        draft: also measure mmtl with ``data.jpeg_draft = draft`` (:func:`alt_side`: side ``mmtl_draft``, or
-            ``mmtl_nodraft`` for 0: full JPEG decodes); None skips that side. Side ``mmtl`` runs the pipeline
-            defaults (``data.jpeg_draft`` off: full decodes).
+        draft: also measure mmtl with ``data.jpeg_draft = draft`` (:func:`alt_side`: side ``mmtl_nodraft`` for
+            0, the default: full JPEG decodes, or ``mmtl_draft``); None skips that side. Side ``mmtl`` runs the
+            pipeline defaults (``data.jpeg_draft`` 1.5: draft decodes).
         worker_niceness: of Ray workers when this call starts Ray (Ray's default, 15, starves them under
             outside load; DataLoader workers inherit the caller's); None keeps Ray's.
         say: progress lines (e.g. ``print``); None is quiet.
 
     Returns: ``ratios`` {"mmtl/baseline" (steady state), "mmtl/baseline_total" (whole runs), and with ``draft``
-        the same for the second mmtl side, e.g. "mmtl_draft/baseline"}, ``samples_per_s``
+        the same for the second mmtl side, e.g. "mmtl_nodraft/baseline"}, ``samples_per_s``
         {"mmtl", "baseline"} (steady state: samples between 10% and 90% of a run over the time between them,
         median over runs), ``samples_per_s_total`` (whole runs, start-up included), ``ratio`` / ``ratio_total``
         (the same as in ``ratios``), ``samples`` / ``baseline_samples`` (per run), ``startup_s`` (Ray start-up;

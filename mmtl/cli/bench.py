@@ -22,8 +22,9 @@ def bench_ingest_cmd(
     image_size: int = typer.Option(64, help="Model input size (px)"),
     processes: int = typer.Option(2, help="Reader processes on both sides"),
     batch_size: int = typer.Option(64),
-    draft: float = typer.Option(1.5, help="Also measure mmtl with data.jpeg_draft=DRAFT (side mmtl_draft; the mmtl "
-                                "side runs the defaults: full decodes; negative: skip that side)"),
+    draft: float = typer.Option(0.0, help="Also measure mmtl with data.jpeg_draft=DRAFT (0: side mmtl_nodraft, full "
+                                "decodes; > 0: side mmtl_draft; the mmtl side runs the defaults: draft 1.5; "
+                                "negative: skip that side)"),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (progress goes to stderr)"),
 ) -> None:
     """samples/s of mmtl's Ray Data ingest vs webdataset + torch DataLoader on the same shards and transform.

@@ -33,10 +33,10 @@ class DataConfig(_Section):
     shuffle_buffer: int = Field(512, ge=0, description="Sample-level shuffle buffer per worker (rows).")
     seed: int = 0
     decode_cpus: float = Field(0.25, gt=0, description="CPUs reserved per Ray Data read/decode task.")
-    jpeg_draft: Optional[float] = Field(None, ge=0, description="Training stream: decode JPEGs at the smallest libjpeg "
-                                        "DCT scale keeping the shorter side >= jpeg_draft * model.image_size, e.g. 1.5 "
-                                        "(off: null or 0, the default: full decodes). Evaluation and cached features "
-                                        "always decode in full.")
+    jpeg_draft: Optional[float] = Field(1.5, ge=0, description="Training stream: decode JPEGs at the smallest libjpeg "
+                                        "DCT scale keeping the shorter side >= jpeg_draft * model.image_size (default "
+                                        "1.5; off: null or 0, full decodes). Evaluation and cached features always "
+                                        "decode in full.")
     cache_frozen_features: bool = Field(True, description="Compute frozen, non-augmented tower outputs once.")
     caption_locales: Optional[Union[Literal["all"], dict[str, float]]] = Field(
         None, description="Training captions per sample and epoch drawn among locales with these weights ('en' = "

@@ -42,7 +42,7 @@ def clean_options(pipe: Pipeline, count_tokens=None) -> CleanOptions:
 
 def draft_px(pipe: Pipeline) -> Optional[int]:
     """JPEG draft target of the training stream: ``ceil(data.jpeg_draft * model.image_size)`` px for the shorter
-    side, or None (``data.jpeg_draft`` null or 0, the default: full decodes). Evaluation, frozen-feature
+    side (``data.jpeg_draft`` defaults to 1.5), or None (null or 0: full decodes). Evaluation, frozen-feature
     extraction (whose cache is keyed by the towers only) and index building always decode in full."""
     factor = pipe.data.jpeg_draft
     return math.ceil(factor * pipe.model.image_size) if factor else None
