@@ -49,15 +49,15 @@ class Embedder:
 
     Attributes:
         dim: embedding width D.
-        text_bf16: whether texts are encoded under bf16 autocast.
+        text_bf16: whether texts are encoded under bf16 autocast. device: the weights' device type (``"cpu"``, ``"cuda"``).
     """
 
     def __init__(self, model, pipe, threads: Optional[int] = None, text_precision: str = "fp32") -> None:
         if text_precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"text_precision must be auto, fp32 or bf16, got {text_precision!r}")
         self.model, self.pipe, self.threads = model.eval(), pipe, threads
-        device = next(iter(model.parameters())).device.type
-        self.text_bf16 = text_precision == "bf16" or (text_precision == "auto" and native_bf16(device))
+        self.device = next(iter(model.parameters())).device.type
+        self.text_bf16 = text_precision == "bf16" or (text_precision == "auto" and native_bf16(self.device))
         self.model.to(memory_format=torch.channels_last)  # once for the model's life (not per request)
         self.tf = model.image_transform(train=False)
         self.dim = int(model.embed_dim)
@@ -94,9 +94,8 @@ class Embedder:
     def _run(self, fn, bf16: bool = False):
         from mmtl.data.encode_pool import fast_inference
 
-        device = next(iter(self.model.parameters())).device.type
         with fast_inference(self.model, self.threads, convert=False), \
-                torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+                torch.autocast(self.device, dtype=torch.bfloat16, enabled=bf16):
             return F.normalize(fn().float(), dim=-1).cpu().numpy().astype(np.float32)
 
     def encode_images(self, images: Sequence) -> np.ndarray:
