@@ -82,7 +82,7 @@ def test_import_tiny_idx(tmp_path, gz):
 def test_limit_shots_and_determinism(tmp_path):
     src = _fake_source(tmp_path / "src", n_train=200, n_test=30)
     a = fm.import_fashion_mnist(src, tmp_path / "a", shots_per_class=3, seed=5, limit=25, max_samples_per_shard=10)
-    b = fm.import_fashion_mnist(src, tmp_path / "b", shots_per_class=3, seed=5, limit=25, max_samples_per_shard=10)
+    fm.import_fashion_mnist(src, tmp_path / "b", shots_per_class=3, seed=5, limit=25, max_samples_per_shard=10)
     assert a["splits"]["train"]["samples"] == 25  # 3 shots x 10 classes, then the first 25
     for split in ("train", "test"):
         for sa, sb in zip(sorted((tmp_path / "a" / split).glob("*.tar")), sorted((tmp_path / "b" / split).glob("*.tar"))):
@@ -91,7 +91,7 @@ def test_limit_shots_and_determinism(tmp_path):
     full = fm.import_fashion_mnist(src, tmp_path / "c", shots_per_class=3, seed=5)
     assert set(full["splits"]["train"]["per_class"].values()) == {3} and full["splits"]["train"]["samples"] == 30
     assert full["splits"]["test"]["samples"] == 30
-    other = fm.import_fashion_mnist(src, tmp_path / "d", shots_per_class=3, seed=6)
+    fm.import_fashion_mnist(src, tmp_path / "d", shots_per_class=3, seed=6)
     keys = lambda d: [s.key for s in _read(tmp_path / d / "train")]  # noqa: E731
     assert keys("c") != keys("d") and keys("c") == sorted(keys("c"))
     # a smaller re-import into the same folder removes the stale shards

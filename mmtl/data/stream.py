@@ -23,6 +23,7 @@ from typing import Any, Iterator, Optional
 import numpy as np
 
 from mmtl.config import Pipeline
+from mmtl.data.imagebatch import ImageBatcher
 from mmtl.data.samples import CleanOptions
 from mmtl.data.shardio import iter_shard, resolve_shards
 
@@ -78,6 +79,16 @@ def _shuffled(it: Iterator, buffer: int, rng: random.Random) -> Iterator:
     yield from buf
 
 
+def tokenize_flagged(tokenize, texts: list[str], context_length: int) -> tuple[dict, list[bool]]:
+    """``(tokenize(texts), truncated)``: ``truncated[i]`` says ``texts[i]`` has more than ``context_length``
+    tokens (special tokens included). Uses the tokenizer's one-call ``tokenize_flagged`` when it has one, else
+    ``tokenize.count`` per text."""
+    fn = getattr(tokenize, "tokenize_flagged", None)
+    if fn is not None:
+        return fn(texts)
+    return tokenize(texts), [tokenize.count(t) > context_length for t in texts]
+
+
 @functools.lru_cache(maxsize=4)
 def _preprocessor(model_cfg_json: str, train: bool):
     """(image transform, tokenizer) for a model config, built once per worker process without the towers."""
@@ -105,20 +116,26 @@ def _shard_batches(items: dict, opts: CleanOptions, buffer: int, seed: int, stat
 
     torch.set_num_threads(1)
     tf, tokenize = _preprocessor(model_cfg_json, train)
-    if opts.context_length is not None and opts.count_tokens is None:  # the tokenizer is not shipped per task
-        opts = dataclasses.replace(opts, count_tokens=tokenize.count)
+    # Truncated captions are counted from the batched tokenizer call (one tokenization per caption) unless a
+    # locale mix draws captions other than the one the reader cleans: then the reader counts per sample.
+    batch_flags = opts.context_length is not None and not mix
+    if opts.context_length is not None and opts.count_tokens is None and not batch_flags:
+        opts = dataclasses.replace(opts, count_tokens=tokenize.count)  # the tokenizer is not shipped per task
+    images = ImageBatcher(tf)
     for shard, epoch, shard_id in zip(items["shard"], items["epoch"], items["shard_id"]):
         shard, epoch, shard_id = str(shard), int(epoch), str(shard_id)
         stats: collections.Counter = collections.Counter()
         rng = random.Random(f"{seed}:{epoch}:{shard}")
-        images: list = []
         captions: list[str] = []
 
         def flush() -> dict:
-            tok = tokenize(captions)
-            out = {"image": torch.stack(images).numpy(), "input_ids": tok["input_ids"].numpy(),
+            if batch_flags:
+                tok, cut = tokenize_flagged(tokenize, captions, opts.context_length)
+                stats["caption_truncated"] += sum(cut)
+            else:
+                tok = tokenize(captions)
+            out = {"image": images.flush(), "input_ids": tok["input_ids"].numpy(),
                    "attention_mask": tok["attention_mask"].numpy()}
-            images.clear()
             captions.clear()
             return out
 
@@ -128,7 +145,7 @@ def _shard_batches(items: dict, opts: CleanOptions, buffer: int, seed: int, stat
             lm = mixes.setdefault(d, LocaleMix.from_dir(d, mix, seed))
             before = dict(lm.counts)
         for s in _shuffled(iter_shard(shard, opts, stats, shard_id=shard_id), buffer, rng):
-            images.append(tf(s.image))
+            images.add(s.image)
             cap, loc = lm.caption(s.key, s.caption, epoch) if lm else (s.caption, None)
             captions.append(cap)
             if loc is not None and (s.caption_truncated if loc == ENGLISH else (
@@ -137,7 +154,7 @@ def _shard_batches(items: dict, opts: CleanOptions, buffer: int, seed: int, stat
                 stats[f"caption_truncated:{loc}"] += 1
             if len(images) >= rows_per_block:
                 yield flush()
-        if images:
+        if len(images):
             yield flush()
         if lm is not None:
             stats.update({f"caption_locale:{k}": v - before.get(k, 0) for k, v in lm.counts.items()

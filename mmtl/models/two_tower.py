@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from PIL import Image
+import torch
 from torch import Tensor, nn
 from torchvision import transforms as T
 
@@ -130,6 +131,25 @@ class HFTokenize:
     def count(self, text: str) -> int:
         """Tokens in ``prefix + text`` including special tokens ([CLS], [SEP]), without truncation."""
         return len(self.tokenizer(self.prefix + text, truncation=False, verbose=False)["input_ids"])
+
+    def tokenize_flagged(self, texts: list[str]) -> tuple[dict[str, Tensor], list[bool]]:
+        """``(self(texts), truncated)`` in one batched call: ``truncated[i]`` is ``count(texts[i]) >
+        context_length`` (the text was cut). A fast tokenizer returns the overflow rows of cut texts
+        (``return_overflowing_tokens``); their first row is exactly the truncated encoding. A slow tokenizer
+        counts each text apart."""
+        if isinstance(texts, str):
+            raise TypeError("tokenize expects a list of strings, got one str")
+        if not getattr(self.tokenizer, "is_fast", False):
+            return self(texts), [self.count(t) > self.context_length for t in texts]
+        enc = self.tokenizer([self.prefix + t for t in texts], padding="max_length", truncation=True,
+                             max_length=self.context_length, return_overflowing_tokens=True, return_tensors="pt",
+                             return_token_type_ids=False)
+        rows = enc["overflow_to_sample_mapping"]
+        first = torch.ones(len(rows), dtype=torch.bool)
+        first[1:] = rows[1:] != rows[:-1]
+        per_text = torch.bincount(rows, minlength=len(texts))
+        return ({"input_ids": enc["input_ids"][first].long(), "attention_mask": enc["attention_mask"][first].long()},
+                (per_text > 1).tolist())
 
 
 def _tokenizer_dir(spec: str) -> Path:
