@@ -24,12 +24,13 @@ def test_bench_ingest_result_is_well_formed(ray_local, tmp_path):
     assert set(r["ratios"]) == {"mmtl/baseline", "mmtl/baseline_total", "mmtl_nodraft/baseline",
                                 "mmtl_nodraft/baseline_total"} and all(v > 0 for v in r["ratios"].values())
     assert r["jpeg_draft"] == {"mmtl": 1.5, "mmtl_nodraft": 0.0}  # side mmtl: the defaults (draft on)
-    assert {"mmtl_decode_image_draft", "transform_after_draft"} <= set(r["per_sample_ms"])
+    assert {"mmtl_decode_image_draft", "transform_after_draft", "transform_batched_64_after_draft"} <= set(r["per_sample_ms"])
     assert all(0 < r["first_batch_s"][k] <= r["times_s"][k][0] for k in ("mmtl", "baseline", "mmtl_nodraft"))
     assert all(v > 0 for v in r["cpu_ms_per_sample"].values())
     assert r["runs"] == 1 and r["image_size"] == 64 and r["processes"] == 2 and r["startup_s"] == 0.0
     assert len(r["times_s"]["mmtl"]) == len(r["times_s"]["baseline"]) == 1 and r["warmup_s"] == {}
-    assert set(r["per_sample_ms"]) >= {"pil_decode_rgb", "mmtl_decode_image", "transform", "mmtl_read_clean"}
+    assert set(r["per_sample_ms"]) >= {"pil_decode_rgb", "mmtl_decode_image", "transform", "transform_batched_64",
+                                       "mmtl_read_clean", "tokenize_batched_64"}
     assert set(r["load_avg"]) == {"before", "after"}
     assert isinstance(r["limits"], str) and "draft" in r["limits"]
 
