@@ -43,6 +43,24 @@ def write_split(out: Path, n: int, start: int = 0, per_shard: int = 32, prefix: 
     return out
 
 
+@pytest.fixture
+def stats_actor_calls(monkeypatch) -> list:
+    """The reject counts read tasks send to the sample-stats actor (``ray.get_actor(name).add.remote(stats)``),
+    captured in order without a Ray instance."""
+    import ray
+
+    added: list[dict] = []
+
+    class _Actor:
+        class add:  # mimics actor.add.remote
+            @staticmethod
+            def remote(stats):
+                added.append(stats)
+
+    monkeypatch.setattr(ray, "get_actor", lambda name: _Actor)
+    return added
+
+
 @pytest.fixture(scope="session")
 def tiny_shards(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("tiny_shards")

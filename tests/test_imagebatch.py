@@ -82,9 +82,7 @@ def test_tokenize_flagged_matches_tokenize_and_count():
     assert torch.equal(enc2["input_ids"], ref["input_ids"]) and cut2 == cut
 
 
-def test_shard_batches_counts_truncated_captions_from_the_batch(tmp_path, monkeypatch):
-    import ray
-
+def test_shard_batches_counts_truncated_captions_from_the_batch(tmp_path, stats_actor_calls):
     from mmtl.config import build_pipeline
     from mmtl.data.build import ShardWriter
 
@@ -97,20 +95,11 @@ def test_shard_batches_counts_truncated_captions_from_the_batch(tmp_path, monkey
             w.write(f"{i:04d}", buf.getvalue(), "png", cap, {})
     model = tiny_two_tower_config(image_size=16).model_dump(mode="json")
     pipe = build_pipeline({"data": {"train": str(tmp_path)}, "model": model})
-    added: list[dict] = []
-
-    class _Actor:
-        class add:  # mimics actor.add.remote
-            @staticmethod
-            def remote(stats):
-                added.append(stats)
-
-    monkeypatch.setattr(ray, "get_actor", lambda name: _Actor)
     opts = dataclasses.replace(stream.clean_options(pipe, count_tokens=True), count_tokens=None)  # as the dataset
     items = {"shard": [str(w.shards[0])], "epoch": [0], "shard_id": ["t0"]}
     batches = list(stream._shard_batches(items, opts, 0, 0, "stats", pipe.model.model_dump_json(), False, 4))
     assert [len(b["image"]) for b in batches] == [4, 4, 2]
-    assert added == [{"samples_ok": 10, "caption_truncated": 4}]
+    assert stats_actor_calls == [{"samples_ok": 10, "caption_truncated": 4}]
     tf, tok = build_image_transform(pipe.model, False), build_tokenizer(pipe.model)
     want = torch.stack([tf(_images(1, seed=i)[0]) for i in range(10)]).numpy()
     assert np.array_equal(np.concatenate([b["image"] for b in batches]), want)

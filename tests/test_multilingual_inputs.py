@@ -67,12 +67,10 @@ def test_rtl_and_cjk_captions_round_trip_through_shards(tmp_path):
     assert got == {f"{i:09d}": t for i, t in enumerate(MIXED)}  # code point for code point, marks included
 
 
-def test_mixed_language_shards_draw_partial_sidecars_and_count_truncation_per_locale(tmp_path, monkeypatch):
+def test_mixed_language_shards_draw_partial_sidecars_and_count_truncation_per_locale(tmp_path, stats_actor_calls):
     """Shard captions in ten scripts (locale ``en`` = whatever the shard holds) plus a German sidecar for
     three samples, one of them too long for the context: every streamed row is the sample's own caption or
     its German one, and truncated drawn captions are counted under their locale."""
-    import ray
-
     from mmtl.data import stream
 
     split = _build(tmp_path)
@@ -86,15 +84,7 @@ def test_mixed_language_shards_draw_partial_sidecars_and_count_truncation_per_lo
     pipe = Pipeline.model_validate(raw)
     tok = build_tokenizer(pipe.model)
     assert tok.count(de["000000004"]) > 12 and tok.count(de["000000000"]) <= 12
-    added: list[dict] = []
-
-    class _Actor:
-        class add:  # mimics actor.add.remote
-            @staticmethod
-            def remote(stats):
-                added.append(stats)
-
-    monkeypatch.setattr(ray, "get_actor", lambda name: _Actor)
+    added = stats_actor_calls
     (shard,) = sorted(split.glob("*.tar"))
     opts = dataclasses.replace(stream.clean_options(pipe, count_tokens=True), count_tokens=None)  # as the dataset
     counts: Counter = Counter()
