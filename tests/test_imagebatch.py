@@ -41,10 +41,31 @@ def test_batched_normalisation_is_bitwise_equal_to_the_per_image_transform(train
         b.flush()
 
 
+@pytest.mark.parametrize("train", [True, False])
+def test_open_clip_transforms_take_the_batched_path_with_equal_values(train):
+    import open_clip
+
+    tf = open_clip.image_transform(20, is_train=train, mean=MEAN, std=STD)  # MaybeConvertMode + MaybeToTensor
+    assert split_normalize(tf) is not None
+    torch.manual_seed(5)
+    want = torch.stack([tf(im) for im in _images(4)]).numpy()
+    torch.manual_seed(5)
+    b = ImageBatcher(tf)
+    for im in _images(4):
+        b.add(im)
+    assert np.array_equal(b.flush(), want)
+
+
 def test_other_transforms_and_odd_geometry_outputs_fall_back_to_per_image():
     plain = T.Compose([T.Resize((8, 8)), T.ToTensor()])  # no Normalize: not split
     assert split_normalize(plain) is None and split_normalize(lambda im: im) is None
     assert split_normalize(T.Compose([T.ToTensor(), T.Normalize((0.5,), (0.5,))])) is None  # not 3 channels
+
+    class ScaledToTensor(T.ToTensor):  # a subclass with its own conversion is not assumed equal
+        def __call__(self, pic):
+            return super().__call__(pic) * 2
+
+    assert split_normalize(T.Compose([ScaledToTensor(), T.Normalize(MEAN, STD)])) is None
     b = ImageBatcher(plain)
     for im in _images(3):
         b.add(im)

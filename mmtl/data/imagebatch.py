@@ -12,9 +12,19 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 
+def _pil_to_tensor(step) -> bool:
+    """``step`` converts a PIL image exactly as torchvision's ``ToTensor`` does: ``ToTensor`` itself, or open_clip's
+    ``MaybeToTensor`` (a subclass that passes tensors through and calls ``F.to_tensor`` on anything else)."""
+    from torchvision import transforms as T
+
+    cls = type(step)
+    return isinstance(step, T.ToTensor) and (cls.__call__ is T.ToTensor.__call__ or (
+        cls.__name__ == "MaybeToTensor" and cls.__module__.startswith("open_clip")))
+
+
 def split_normalize(transform: Callable) -> Optional[tuple[Callable, np.ndarray, np.ndarray]]:
     """``(geometry, mean (3,), std (3,))`` when ``transform`` is a torchvision ``Compose`` ending in ``ToTensor()``
-    then ``Normalize(mean, std)`` (``geometry``: the PIL-to-PIL steps before them, a ``Compose``); None for any
+    (or open_clip's ``MaybeToTensor()``) then ``Normalize(mean, std)`` (``geometry``: the PIL-to-PIL steps before them, a ``Compose``); None for any
     other transform (it is then applied per image as is)."""
     from torchvision import transforms as T
 
@@ -22,9 +32,9 @@ def split_normalize(transform: Callable) -> Optional[tuple[Callable, np.ndarray,
     if not isinstance(transform, T.Compose) or not steps or len(steps) < 2:
         return None
     to_tensor, norm = steps[-2], steps[-1]
-    if type(to_tensor) is not T.ToTensor or type(norm) is not T.Normalize:
+    if not _pil_to_tensor(to_tensor) or type(norm) is not T.Normalize:
         return None
-    if any(isinstance(t, (T.ToTensor, T.Normalize)) for t in steps[:-2]):
+    if any(isinstance(t, (T.ToTensor, T.Normalize)) for t in steps[:-2]):  # tensor steps before the end
         return None
     mean = np.asarray(norm.mean, dtype=np.float32).reshape(-1)
     std = np.asarray(norm.std, dtype=np.float32).reshape(-1)
