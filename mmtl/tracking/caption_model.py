@@ -61,12 +61,16 @@ except ImportError:  # pragma: no cover
 
 def log_caption_model(uri: str, run_id: str, export_dir: Path, model_name: Optional[str]) -> dict:
     """Log ``export_dir`` as the run's MLflow model ``model`` (pyfunc above, logged as code: nothing pickled),
-    registered under ``model_name`` when given. Returns ``{"uri"}`` plus ``{"name", "version"}`` when registered."""
+    registered under ``model_name`` when given; a retrieval-augmented export's datastore and retrieval tower
+    (:mod:`mmtl.models.caption_retrieval`) ride along next to the weights. Returns ``{"uri"}`` plus
+    ``{"name", "version"}`` when registered."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
 
+    from mmtl.models.caption_retrieval import DATASTORE_FILE, TOWER_FILE
     from mmtl.tracking.registry import log_pyfunc
 
+    extra = tuple(n for n in (DATASTORE_FILE, TOWER_FILE) if (Path(export_dir) / n).is_file())
     sig = ModelSignature(inputs=Schema([ColSpec("binary", "image"), ColSpec("string", "prompt", required=False)]),
                          outputs=Schema([ColSpec("string", "text")]))
-    return log_pyfunc(uri, run_id, export_dir, MmtlCaptionModel, sig, model_name)
+    return log_pyfunc(uri, run_id, export_dir, MmtlCaptionModel, sig, model_name, extra)
