@@ -3,7 +3,8 @@
 The MLflow model holds the export's ``model.safetensors`` + ``pipeline.yaml`` (so ``mmtl eval models:/NAME/1
 --task captioning`` resolves it like any mmtl model) and a pyfunc whose ``predict`` takes a DataFrame with an
 ``image`` column (encoded image bytes) and an optional ``prompt`` column (text the caption continues; default
-``model.decoder.prompt``) and returns a DataFrame with ``text`` (the generated caption, beam search with the
+``model.decoder.prompt``; with ``strategy.caption.retrieval_k`` it follows the image's retrieval prompt, from the
+datastore logged with the model) and returns a DataFrame with ``text`` (the generated caption, beam search with the
 pipeline's ``strategy.caption.num_beams`` / ``max_new_tokens``).
 
 Raises (predict): KeyError for a missing ``image`` column; undecodable images raise the decoder's error.
