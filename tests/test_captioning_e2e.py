@@ -3,6 +3,7 @@
 `mmtl generate` on the run."""
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -100,6 +101,8 @@ def test_retrieval_augmented_captioning_end_to_end(ray_local, tiny_shards, tmp_p
     assert summary["steps"] == 4 and math.isfinite(m["train/loss"]) and 0 <= m["test/captioning/cider_d"] <= 10
     export = Path(summary["export_path"]).parent
     assert (export / DATASTORE_FILE).is_file() and (export / TOWER_FILE).is_file()
+    rows = json.loads((Path(summary["run_dir"]) / "captioning" / "captions_test.json").read_text())
+    assert all(r["prompt"].startswith("similar: ") and r["prompt"].count(". ") >= 2 for r in rows)
     model, p = load_exported(export)
     assert model.retriever is not None and model.retriever.k == 2 and len(model.retriever.captions) == 192
     report = run_eval(str(summary["run_dir"]), "captioning", tiny_shards["test"], out_dir=str(tmp_path / "ev"))

@@ -149,7 +149,10 @@ def evaluate_caption_sets(model, pipe, sets: dict[str, CaptionSet], *, out: Opti
             files[f"gallery_{name}"] = write_gallery(out / f"gallery_{name}.png", cs.pixels, cs.captions, hyp, nn,
                                                      pipe.strategy.caption.gallery)
         if out is not None:
-            rows = [{"uid": u, **({"prompt": cs.prompts[i]} if cs.prompts else {}), "reference": r,
+            ret = getattr(model, "retriever", None)  # retrieval-augmented: each image's retrieval prompt, for reading
+            prompts = (generate_all(ret.prompts_for_images, cs.pixels, model.mean, model.std)
+                       if ret is not None and cs.prompts is None else cs.prompts)
+            rows = [{"uid": u, **({"prompt": prompts[i]} if prompts else {}), "reference": r,
                      "references": refs[i], "generated": h, **({"nearest_neighbour": nn[i]} if nn else {})}
                     for i, (u, r, h) in enumerate(zip(cs.uids, cs.captions, hyp))]
             p = out / f"captions_{name}.json"
