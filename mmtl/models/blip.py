@@ -18,7 +18,9 @@ Text: the BERT tokenizer's ``[CLS] w_1 .. w_n [SEP] [PAD]..`` is the decoder inp
 teacher-forced next-token cross-entropy, ``-1/T sum_t log p(w_{t+1} | w_{<=t}, image)`` over the caption
 tokens and ``[SEP]`` (padding and the optional ``model.decoder.prompt`` tokens ignored, as BLIP does), with
 optional label smoothing (Szegedy et al. 2016). :meth:`BlipCaptioner.generate` runs transformers' ``generate``
-(greedy or beam search, KV cache) from ``[CLS]`` + prompt.
+(greedy or beam search, KV cache) from ``[CLS]`` + prompt. Retrieval augmentation (``strategy.caption.retrieval_k``,
+SmallCap; :mod:`mmtl.models.caption_retrieval`) generalises the fixed prompt to a per-sample one: :meth:`tokenize`
+with ``prompts`` returns each sample's ``prompt_len`` for the loss, and :meth:`generate` asks :attr:`retriever`.
 
 Limits: timm image towers only (open_clip / hf vision towers would need their own token call here);
 one caption per image per training row.
