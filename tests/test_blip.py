@@ -262,3 +262,21 @@ def test_emoji_captioning_pipelines_validate():
     assert frozen.model == lora.model and frozen.data == lora.data
     assert frozen.train.model_copy(update={"name": None}) == lora.train.model_copy(update={"name": None})
     assert frozen.strategy.caption == lora.strategy.caption
+
+
+def test_emoji_captioning_ra_pipeline_differs_only_in_retrieval():
+    from pathlib import Path
+
+    from mmtl.config import load_pipeline
+    from mmtl.recipes import check_pipeline
+
+    root = Path(__file__).resolve().parents[1] / "pipelines"
+    frozen, ra = load_pipeline(root / "emoji-captioning.yaml"), load_pipeline(root / "emoji-captioning-ra.yaml")
+    check_pipeline(ra)
+    assert ra.strategy.caption.retrieval_k == 3 and frozen.strategy.caption.retrieval_k == 0
+    assert "{captions}" in ra.strategy.caption.retrieval_prompt and ra.model.context_length == 96
+    # the same data, strategy, budget and decoding; only the retrieval and the room for its prompt differ
+    assert ra.model.model_copy(update={"context_length": 32}) == frozen.model and ra.data == frozen.data
+    assert ra.strategy.caption.model_copy(update={"retrieval_k": 0}) == frozen.strategy.caption
+    assert ra.strategy.model_copy(update={"caption": frozen.strategy.caption}) == frozen.strategy
+    assert ra.train.model_copy(update={"name": None}) == frozen.train.model_copy(update={"name": None})

@@ -13,7 +13,8 @@ from mmtl.cli.common import fail
 def generate_cmd(
     model: str = typer.Argument(..., help="Run directory, export folder, runs:/<id>/model or models:/<name>/<v>"),
     image: List[Path] = typer.Option(..., "--image", help="Image file (repeat for several)."),
-    prompt: Optional[str] = typer.Option(None, help="Text the output continues; default model.decoder.prompt."),
+    prompt: Optional[str] = typer.Option(None, help="Text the output continues; default model.decoder.prompt "
+                                         "(with strategy.caption.retrieval_k: after the retrieval prompt)."),
     num_beams: int = typer.Option(1, "--num-beams", min=1, help="1: greedy; N: beam search with N beams."),
     max_new_tokens: int = typer.Option(24, "--max-new-tokens", min=1, help="Most tokens to generate."),
     tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI for runs:/ and models:/ specs."),

@@ -192,6 +192,20 @@ class CaptionConfig(_Section):
     nn_baseline: bool = Field(True, description="Evaluate the nearest-neighbour caption baseline (Devlin et al. "
                               "2015) on the same split.")
     gallery: int = Field(16, ge=0, description="Images in the PNG gallery logged to MLflow (0: none).")
+    retrieval_k: int = Field(0, ge=0, description="Retrieval-augmented captioning (SmallCap, Ramos et al. 2023; "
+                             "blip): the decoder is prompted with the captions of the k training images nearest "
+                             "by the frozen pretrained image tower's features (the nearest-neighbour baseline's); "
+                             "training leaves each image itself out; the export carries the datastore. 0: off.")
+    retrieval_prompt: str = Field("similar: {captions}. caption:", description="Retrieval prompt (input only, "
+                                  "never in the loss); {captions}: the k retrieved captions, nearest first, joined "
+                                  "by '. '. model.decoder.prompt, if any, follows it.")
+
+    @model_validator(mode="after")
+    def _retrieval_prompt_has_captions(self) -> "CaptionConfig":
+        if self.retrieval_k and "{captions}" not in self.retrieval_prompt:
+            raise ValueError(f"strategy.caption.retrieval_prompt={self.retrieval_prompt!r} needs a {{captions}} "
+                             "field (retrieval_k > 0)")
+        return self
 
 
 class SelfSupervisedConfig(_Section):

@@ -86,6 +86,35 @@ def baseline_features(base_model, cs: CaptionSet):
     return image_features(base_model.image_tokens, cs.pixels, base_model.mean, base_model.std)
 
 
+def build_retriever(pipe, train: CaptionSet):
+    """The :class:`~mmtl.models.caption_retrieval.CaptionRetriever` of ``strategy.caption.retrieval_k`` over the
+    training set ``train``: the frozen pretrained image tower of ``model.vision`` (its weights file, as the
+    nearest-neighbour baseline's), its features of every training image, the training captions.
+
+    Raises:
+        ValueError: the training set has fewer than ``k + 1`` captions (leave-one-out needs k others).
+    """
+    from mmtl.models.caption_retrieval import CaptionRetriever
+    from mmtl.models.tokens import timm_image_tokens
+    from mmtl.models.two_tower import build_vision_tower, vision_mean_std
+
+    c, m = pipe.strategy.caption, pipe.model
+    if len(train) <= c.retrieval_k:
+        raise ValueError(f"strategy.caption.retrieval_k={c.retrieval_k} needs more than k training captions "
+                         f"(data.train has {len(train)}; each image leaves itself out)")
+    tower, _ = build_vision_tower(m.vision)
+    mean, std = vision_mean_std(m.vision)
+    feats = image_features(lambda x: timm_image_tokens(tower, x, m.decoder.image_layer), train.pixels, mean, std)
+    return CaptionRetriever(tower, m.decoder.image_layer, train.captions, feats, c.retrieval_k, c.retrieval_prompt)
+
+
+def training_prompts(retriever, train: CaptionSet) -> list[str]:
+    """Retrieval prompts of the training images: each from its k nearest OTHER training images (samples of the
+    same image, :attr:`CaptionSet.image_ids`, are left out), or the decoder would learn to copy its own caption."""
+    groups = list(train.image_ids or train.uids)
+    return retriever.prompts(retriever.features, leave_out=groups, key_groups=groups)
+
+
 def evaluate_caption_sets(model, pipe, sets: dict[str, CaptionSet], *, out: Optional[Path] = None,
                           nn_train: Optional[tuple] = None, say: Say = print) -> tuple[dict, dict]:
     """Generate and score every set of ``sets``.
@@ -120,7 +149,10 @@ def evaluate_caption_sets(model, pipe, sets: dict[str, CaptionSet], *, out: Opti
             files[f"gallery_{name}"] = write_gallery(out / f"gallery_{name}.png", cs.pixels, cs.captions, hyp, nn,
                                                      pipe.strategy.caption.gallery)
         if out is not None:
-            rows = [{"uid": u, **({"prompt": cs.prompts[i]} if cs.prompts else {}), "reference": r,
+            ret = getattr(model, "retriever", None)  # retrieval-augmented: each image's retrieval prompt, for reading
+            prompts = (generate_all(ret.prompts_for_images, cs.pixels, model.mean, model.std)
+                       if ret is not None and cs.prompts is None else cs.prompts)
+            rows = [{"uid": u, **({"prompt": prompts[i]} if prompts else {}), "reference": r,
                      "references": refs[i], "generated": h, **({"nearest_neighbour": nn[i]} if nn else {})}
                     for i, (u, r, h) in enumerate(zip(cs.uids, cs.captions, hyp))]
             p = out / f"captions_{name}.json"

@@ -22,6 +22,8 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from mmtl.models.caption_retrieval import pooled_features, top_k_neighbours
+
 #: pycocoevalcap's PTBTokenizer drops these tokens (``tokenizer/ptbtokenizer.py``).
 PUNCTUATION = {"''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-", "--",
                "...", ";"}
@@ -124,16 +126,15 @@ def generate_all(generate: Callable[[torch.Tensor], list[str]], pixels: np.ndarr
 def image_features(image_tokens: Callable[[torch.Tensor], torch.Tensor], pixels: np.ndarray, mean, std,
                    batch_size: int = 64) -> torch.Tensor:
     """(N, D) L2-normalised mean image tokens of ``pixels`` (``image_tokens``: images -> (B, N_tok, D))."""
-    feats = [image_tokens(normalized_images(pixels[i:i + batch_size], mean, std)).mean(dim=1)
-             for i in range(0, len(pixels), batch_size)]
-    return torch.nn.functional.normalize(torch.cat(feats).float(), dim=-1)
+    return torch.cat([pooled_features(image_tokens, normalized_images(pixels[i:i + batch_size], mean, std))
+                      for i in range(0, len(pixels), batch_size)])
 
 
 def nearest_neighbour_captions(train_feat: torch.Tensor, train_captions: Sequence[str],
                                query_feat: torch.Tensor) -> list[str]:
     """Devlin et al. 2015 (k = 1): for each query (Q, D) the caption of the most cosine-similar training image
     among (N, D) (features already L2-normalised)."""
-    best = (query_feat @ train_feat.t()).argmax(dim=1).tolist()
+    best = top_k_neighbours(query_feat, train_feat, 1)[:, 0].tolist()
     return [train_captions[j] for j in best]
 
 

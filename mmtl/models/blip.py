@@ -18,7 +18,9 @@ Text: the BERT tokenizer's ``[CLS] w_1 .. w_n [SEP] [PAD]..`` is the decoder inp
 teacher-forced next-token cross-entropy, ``-1/T sum_t log p(w_{t+1} | w_{<=t}, image)`` over the caption
 tokens and ``[SEP]`` (padding and the optional ``model.decoder.prompt`` tokens ignored, as BLIP does), with
 optional label smoothing (Szegedy et al. 2016). :meth:`BlipCaptioner.generate` runs transformers' ``generate``
-(greedy or beam search, KV cache) from ``[CLS]`` + prompt.
+(greedy or beam search, KV cache) from ``[CLS]`` + prompt. Retrieval augmentation (``strategy.caption.retrieval_k``,
+SmallCap; :mod:`mmtl.models.caption_retrieval`) generalises the fixed prompt to a per-sample one: :meth:`tokenize`
+with ``prompts`` returns each sample's ``prompt_len`` for the loss, and :meth:`generate` asks :attr:`retriever`.
 
 Limits: timm image towers only (open_clip / hf vision towers would need their own token call here);
 one caption per image per training row.
@@ -109,6 +111,9 @@ class BlipCaptioner(nn.Module):
         d_img, d_dec = timm_token_dim(self.image_tower, self.image_layer), self.text_decoder.config.hidden_size
         self.image_proj = nn.Sequential(nn.LayerNorm(d_img), nn.Linear(d_img, d_dec))
         self.mean, self.std = vision_mean_std(cfg.vision)
+        #: :class:`~mmtl.models.caption_retrieval.CaptionRetriever` (``strategy.caption.retrieval_k > 0``, set by the
+        #: recipe / :func:`~mmtl.models.caption_retrieval.attach_retriever`); None: the fixed prompt only
+        self.retriever = None
         tok = self.tokenizer.tokenizer
         self.bos_id, self.eos_id, self.pad_id = tok.cls_token_id, tok.sep_token_id, tok.pad_token_id
         max_pos = getattr(self.text_decoder.config, "max_position_embeddings", None)
@@ -143,7 +148,7 @@ class BlipCaptioner(nn.Module):
         return len(self.tokenizer.tokenizer(self.prompt, add_special_tokens=False)["input_ids"]) + 1
 
     def caption_loss(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor,
-                     label_smoothing: float = 0.0) -> Tensor:
+                     label_smoothing: float = 0.0, prompt_len: Optional[Tensor] = None) -> Tensor:
         """Teacher-forced next-token cross-entropy (nats per target token, module docstring).
 
         The batch is trimmed to its longest caption and the LM head runs only at positions with a target (the
@@ -152,6 +157,8 @@ class BlipCaptioner(nn.Module):
         Args:
             images: (B, 3, S, S); input_ids / attention_mask: (B, L) ``[CLS] prompt caption [SEP] [PAD]..``.
             label_smoothing: in [0, 1) (``torch.nn.functional.cross_entropy``'s).
+            prompt_len: (B,) tokens of ``[CLS] + prompt`` per sample (per-sample retrieval prompts, from
+                :meth:`tokenize`); None: :meth:`prompt_length` for every sample.
         Raises:
             ValueError: no target token in the batch (every caption empty after the prompt).
         """
@@ -160,7 +167,11 @@ class BlipCaptioner(nn.Module):
         hidden = self.text_decoder.bert(input_ids=ids, attention_mask=mask, encoder_hidden_states=self.image_embeds(
             images), use_cache=False).last_hidden_state[:, :-1]  # (B, n-1, D_dec): position t predicts token t+1
         target = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-        target[:, : self.prompt_length() - 1] = -100  # the prompt is given, not predicted
+        if prompt_len is None:
+            target[:, : self.prompt_length() - 1] = -100  # the prompt is given, not predicted
+        else:  # position t predicts token t + 1: targets before the sample's first caption token are prompt
+            pos = torch.arange(target.shape[1], device=target.device)
+            target = target.masked_fill(pos[None, :] < prompt_len.to(target.device)[:, None] - 1, -100)
         keep = target != -100
         if not keep.any():
             raise ValueError("caption_loss: the batch has no caption token to predict")
@@ -173,15 +184,35 @@ class BlipCaptioner(nn.Module):
         """(B, 3, S, S) images -> B captions (the prompt is not repeated), greedy (``num_beams`` 1) or beam search
         through transformers' ``generate`` with the KV cache.
 
+        With a :attr:`retriever` each image's prompt starts with its retrieval prompt (the k nearest training
+        captions) followed by ``prompt`` (None: ``model.decoder.prompt``); images whose prompts have the same
+        token count are decoded together (no left padding: BERT's positions are absolute).
+
         Raises:
             ValueError: ``num_beams`` or ``max_new_tokens`` below 1.
         """
         if num_beams < 1 or max_new_tokens < 1:
             raise ValueError(f"num_beams={num_beams} and max_new_tokens={max_new_tokens} must be >= 1")
         prompt = self.prompt if prompt is None else prompt
+        if self.retriever is None:
+            return self._generate(images, [self.tokenizer.tokenizer(prompt, add_special_tokens=False)["input_ids"]]
+                                  * images.shape[0], num_beams, max_new_tokens)
+        ids = [self._prompt_ids(with_prompt(r, prompt)) for r in self.retriever.prompts_for_images(images)]
+        out: list[str] = [""] * len(ids)
+        for n in dict.fromkeys(len(i) for i in ids):
+            idx = [j for j, i in enumerate(ids) if len(i) == n]
+            for j, text in zip(idx, self._generate(images[idx], [ids[j] for j in idx], num_beams, max_new_tokens)):
+                out[j] = text
+        return out
+
+    def _prompt_ids(self, prompt: str) -> list[int]:
+        """Word-piece ids of a prompt, cut to leave room for ``[CLS]`` and ``[SEP]`` in ``model.context_length``."""
+        return self.tokenizer.tokenizer(prompt, add_special_tokens=False)["input_ids"][: self.context_length - 2]
+
+    def _generate(self, images: Tensor, prompt_ids: list[list[int]], num_beams: int, max_new_tokens: int) -> list[str]:
+        """:meth:`generate` of B images whose B prompts (word-piece ids) have the same length."""
         mem = self.image_embeds(images)
-        ids = self.tokenizer.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        start = torch.tensor([[self.bos_id, *ids]] * images.shape[0], device=images.device)
+        start = torch.tensor([[self.bos_id, *ids] for ids in prompt_ids], device=images.device)
         tf = transformers_offline()  # BERT's cross-attention keeps its keys/values in an encoder-decoder cache
         cache = tf.EncoderDecoderCache(tf.DynamicCache(), tf.DynamicCache())
         out = self.text_decoder.generate(cache=cache,
@@ -193,9 +224,30 @@ class BlipCaptioner(nn.Module):
                                                                           skip_special_tokens=True)]
 
     # ---- preprocessing (what the recipes and CLI need) ------------------------------------------------------
-    def tokenize(self, texts: list[str]) -> dict[str, Tensor]:
-        """B captions -> ``input_ids`` / ``attention_mask`` (B, L) with ``model.decoder.prompt`` in front."""
-        return self.tokenizer([with_prompt(self.prompt, t) for t in texts])
+    def tokenize(self, texts: list[str], prompts: Optional[list[str]] = None) -> dict[str, Tensor]:
+        """B captions -> ``input_ids`` / ``attention_mask`` (B, L) with ``model.decoder.prompt`` in front.
+
+        With ``prompts`` (B per-sample prompts, e.g. retrieval prompts; ``model.decoder.prompt`` follows each):
+        ``[CLS] prompt_i caption_i [SEP] [PAD]..`` where the caption keeps up to L - 2 tokens and the prompt is cut
+        to the room left (the caption is the target, the prompt only context), plus ``prompt_len`` (B,) long:
+        tokens of ``[CLS] + prompt_i`` (for :meth:`caption_loss`) and ``prompt_truncated`` (int): prompts cut.
+        """
+        if prompts is None:
+            return self.tokenizer([with_prompt(self.prompt, t) for t in texts])
+        if len(prompts) != len(texts):
+            raise ValueError(f"tokenize: {len(texts)} captions but {len(prompts)} prompts")
+        tok, n = self.tokenizer.tokenizer, self.context_length
+        ids = torch.full((len(texts), n), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(texts), n), dtype=torch.long)
+        plen, cut = torch.zeros(len(texts), dtype=torch.long), 0
+        for i, (p, t) in enumerate(zip(prompts, texts)):
+            cap = tok(t, add_special_tokens=False)["input_ids"][: n - 2]
+            pr = tok(with_prompt(p, self.prompt), add_special_tokens=False)["input_ids"]
+            cut += len(pr) > n - 2 - len(cap)
+            row = [self.bos_id, *pr[: n - 2 - len(cap)], *cap, self.eos_id]
+            ids[i, : len(row)], mask[i, : len(row)] = torch.tensor(row), 1
+            plen[i] = len(row) - len(cap) - 1
+        return {"input_ids": ids, "attention_mask": mask, "prompt_len": plen, "prompt_truncated": cut}
 
     def count_tokens(self, text: str) -> int:
         """Tokens of ``[CLS] prompt text [SEP]`` untruncated (> context_length: the caption is truncated)."""

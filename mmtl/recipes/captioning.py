@@ -58,14 +58,15 @@ class CaptioningModule(nn.Module):
         return cls(model, pipe.strategy.caption.label_smoothing)
 
     def forward(self, pixels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+                labels: Optional[torch.Tensor] = None, prompt_len: Optional[torch.Tensor] = None) -> torch.Tensor:
         x = pixels.permute(0, 3, 1, 2).to(self.mean.dtype).div(255.0)
         images = (x - self.mean) / self.std
         if labels is not None:  # chat-format samples: loss on the assistant turns (model.chat_loss)
             loss = self.model.chat_loss(images, input_ids.long(), attention_mask.long(), labels.long(),
                                         self.label_smoothing)
         else:
-            loss = self.model.caption_loss(images, input_ids.long(), attention_mask.long(), self.label_smoothing)
+            kw = {} if prompt_len is None else {"prompt_len": prompt_len.long()}  # per-sample (retrieval) prompts
+            loss = self.model.caption_loss(images, input_ids.long(), attention_mask.long(), self.label_smoothing, **kw)
         self._loss_sum += float(loss.detach())
         self._steps += 1
         return loss
@@ -106,7 +107,10 @@ class CaptioningRecipe(Recipe):
         for n, cs in self.sets.items():
             ctx.say(f"data {n}: {len(cs)} image-caption pairs, {cs.stats}")
         train = self.sets["train"]
-        if train.conversations is not None:
+        self.retriever = None
+        if pipe.strategy.caption.retrieval_k:
+            self.arrays = self._retrieval_arrays(train)
+        elif train.conversations is not None:
             self.arrays = self._chat_arrays(train)
             train = self.sets["train"]
         else:
@@ -120,6 +124,28 @@ class CaptioningRecipe(Recipe):
         ctx.say(f"training arrays: {sum(a.nbytes for a in self.arrays.values()) / 2**20:.0f} MiB ({len(train)} "
                 f"captions, images {train.pixels.shape[1:]}) in {self.data_s:.0f}s")
         return self.arrays
+
+    def _retrieval_arrays(self, train) -> dict:
+        """Training arrays with per-sample retrieval prompts (SmallCap; ``prompt_len``: the tokens kept out of the
+        loss); sets :attr:`retriever` (saved into the export by :meth:`evaluate`).
+
+        Raises:
+            ValueError: a family without retrieval prompts (only ``blip``), chat-format samples, or a training
+                set of at most ``retrieval_k`` captions."""
+        from mmtl.eval.caption_eval import build_retriever, training_prompts
+
+        ctx, k = self.ctx, self.ctx.pipe.strategy.caption.retrieval_k
+        if not hasattr(ctx.model, "retriever") or train.conversations is not None:
+            raise ValueError(f"strategy.caption.retrieval_k={k} needs model.family: blip with image-caption samples "
+                             f"(got {ctx.pipe.model.family!r}"
+                             f"{', chat-format samples' if train.conversations is not None else ''})")
+        self.retriever = build_retriever(ctx.pipe, train)
+        prompts = training_prompts(self.retriever, train)
+        tok = ctx.model.tokenize(train.captions, prompts)
+        mlu.log_metrics(ctx.uri, ctx.run_id, {"data/train_prompt_truncated": float(tok["prompt_truncated"])})
+        ctx.say(f"retrieval prompts (k={k}, each training image leaves itself out; {tok['prompt_truncated']} cut to "
+                f"model.context_length), e.g. {prompts[0]!r} -> {train.captions[0]!r}")
+        return {"pixels": train.pixels, **{n: tok[n].numpy() for n in ("input_ids", "attention_mask", "prompt_len")}}
 
     def _chat_arrays(self, train) -> dict:
         """Training arrays of a chat-format set (labels on the assistant turns); conversations cut so that no image
@@ -148,6 +174,8 @@ class CaptioningRecipe(Recipe):
         from mmtl.tracking.registry import load_exported
 
         ctx = self.ctx
+        if self.retriever is not None and export_dir is not None:  # the export carries the datastore and its tower
+            self.retriever.save(export_dir)
         model, pipe = load_exported(export_dir)
         sets = {n: cs for n, cs in self.sets.items() if n != "train"}
         out = ctx.run_dir / "captioning"

@@ -3,7 +3,8 @@
 The MLflow model holds the export's ``model.safetensors`` + ``pipeline.yaml`` (so ``mmtl eval models:/NAME/1
 --task captioning`` resolves it like any mmtl model) and a pyfunc whose ``predict`` takes a DataFrame with an
 ``image`` column (encoded image bytes) and an optional ``prompt`` column (text the caption continues; default
-``model.decoder.prompt``) and returns a DataFrame with ``text`` (the generated caption, beam search with the
+``model.decoder.prompt``; with ``strategy.caption.retrieval_k`` it follows the image's retrieval prompt, from the
+datastore logged with the model) and returns a DataFrame with ``text`` (the generated caption, beam search with the
 pipeline's ``strategy.caption.num_beams`` / ``max_new_tokens``).
 
 Raises (predict): KeyError for a missing ``image`` column; undecodable images raise the decoder's error.
@@ -61,12 +62,16 @@ except ImportError:  # pragma: no cover
 
 def log_caption_model(uri: str, run_id: str, export_dir: Path, model_name: Optional[str]) -> dict:
     """Log ``export_dir`` as the run's MLflow model ``model`` (pyfunc above, logged as code: nothing pickled),
-    registered under ``model_name`` when given. Returns ``{"uri"}`` plus ``{"name", "version"}`` when registered."""
+    registered under ``model_name`` when given; a retrieval-augmented export's datastore and retrieval tower
+    (:mod:`mmtl.models.caption_retrieval`) ride along next to the weights. Returns ``{"uri"}`` plus
+    ``{"name", "version"}`` when registered."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
 
+    from mmtl.models.caption_retrieval import DATASTORE_FILE, TOWER_FILE
     from mmtl.tracking.registry import log_pyfunc
 
+    extra = tuple(n for n in (DATASTORE_FILE, TOWER_FILE) if (Path(export_dir) / n).is_file())
     sig = ModelSignature(inputs=Schema([ColSpec("binary", "image"), ColSpec("string", "prompt", required=False)]),
                          outputs=Schema([ColSpec("string", "text")]))
-    return log_pyfunc(uri, run_id, export_dir, MmtlCaptionModel, sig, model_name)
+    return log_pyfunc(uri, run_id, export_dir, MmtlCaptionModel, sig, model_name, extra)

@@ -49,14 +49,22 @@ def model_from_export(pipeline_yaml: str, state_dict: dict):
 def load_exported(export_dir: str | Path):
     """Rebuild a model from an export folder (``model.safetensors`` + ``pipeline.yaml``).
 
-    Returns ``(model, pipeline)``. Raises FileNotFoundError when a file is missing.
+    A retrieval-augmented captioner (``strategy.caption.retrieval_k > 0``) gets its datastore and retrieval tower
+    from the files next to the weights (:func:`mmtl.models.caption_retrieval.attach_retriever`).
+
+    Returns ``(model, pipeline)``. Raises FileNotFoundError when a file is missing (for retrieval: naming the
+    datastore file and the setting that needs it).
     """
     from safetensors.torch import load_file
 
+    from mmtl.models.caption_retrieval import attach_retriever
+
     export_dir = Path(export_dir)
     require_export_files(export_dir)
-    return model_from_export((export_dir / "pipeline.yaml").read_text(),
-                             load_file(str(export_dir / "model.safetensors")))
+    model, pipe = model_from_export((export_dir / "pipeline.yaml").read_text(),
+                                    load_file(str(export_dir / "model.safetensors")))
+    attach_retriever(model, pipe, export_dir)  # strategy.caption.retrieval_k > 0: the datastore files next to it
+    return model, pipe
 
 
 try:
@@ -109,7 +117,7 @@ def log_exported_model(uri: str, run_id: str, export_dir: Path, model_name: Opti
 
 
 def log_pyfunc(uri: str, run_id: str, export_dir: Path, model_class: type, signature,
-               model_name: Optional[str]) -> dict:
+               model_name: Optional[str], extra_files: tuple[str, ...] = ()) -> dict:
     """Log the pyfunc ``model_class`` (a ``PythonModel`` subclass from mmtl) with the export's ``model.safetensors``
     + ``pipeline.yaml`` as artifacts as the run's MLflow model ``model``, registered under ``model_name`` when given.
 
@@ -119,6 +127,8 @@ def log_pyfunc(uri: str, run_id: str, export_dir: Path, model_class: type, signa
     pinned to the running versions plus the weight packages the pipeline names, so ``mlflow models serve`` or a
     fresh virtualenv loads it without mmtl installed. Model folders given by a local path in the pipeline are not
     copied (logged as a warning).
+
+    ``extra_files``: more files of ``export_dir`` logged next to the weights (e.g. a retrieval datastore).
 
     Returns ``{"uri"}`` plus ``{"name", "version"}`` when registered.
     """
@@ -144,7 +154,8 @@ def log_pyfunc(uri: str, run_id: str, export_dir: Path, model_class: type, signa
         info = mlflow.pyfunc.log_model(
             name="model", python_model=str(code_file), signature=signature,
             pip_requirements=pip_requirements(model_section), code_paths=[str(code_snapshot(Path(tmp)))],
-            artifacts={"model": str(export_dir / "model.safetensors"), "pipeline": str(export_dir / "pipeline.yaml")},
+            artifacts={"model": str(export_dir / "model.safetensors"), "pipeline": str(export_dir / "pipeline.yaml"),
+                       **{name: str(export_dir / name) for name in extra_files}},
             registered_model_name=model_name, metadata={"mmtl_version": _mmtl_version()},
         )
     out = {"uri": info.model_uri}
