@@ -121,6 +121,15 @@ def test_shard_batches_counts_truncated_captions_from_the_batch(tmp_path, stats_
     batches = list(stream._shard_batches(items, opts, 0, 0, "stats", pipe.model.model_dump_json(), False, 4))
     assert [len(b["image"]) for b in batches] == [4, 4, 2]
     assert stats_actor_calls == [{"samples_ok": 10, "caption_truncated": 4}]
+    stats_actor_calls.clear()  # a shard without long captions reports no caption_truncated key, as before
+    with ShardWriter(str(tmp_path / "short"), prefix="u", max_samples_per_shard=100) as w2:
+        for i in range(3):
+            buf = io.BytesIO()
+            _images(1, seed=i)[0].save(buf, format="PNG")
+            w2.write(f"{i:04d}", buf.getvalue(), "png", f"short {i}", {})
+    items = {"shard": [str(w2.shards[0])], "epoch": [0], "shard_id": ["u0"]}
+    assert len(list(stream._shard_batches(items, opts, 0, 0, "stats", pipe.model.model_dump_json(), False, 4))) == 1
+    assert stats_actor_calls == [{"samples_ok": 3}]
     tf, tok = build_image_transform(pipe.model, False), build_tokenizer(pipe.model)
     want = torch.stack([tf(_images(1, seed=i)[0]) for i in range(10)]).numpy()
     assert np.array_equal(np.concatenate([b["image"] for b in batches]), want)

@@ -131,7 +131,8 @@ def _shard_batches(items: dict, opts: CleanOptions, buffer: int, seed: int, stat
         def flush() -> dict:
             if batch_flags:
                 tok, cut = tokenize_flagged(tokenize, captions, opts.context_length)
-                stats["caption_truncated"] += sum(cut)
+                if any(cut):  # counts stay non-zero only, as the reader's
+                    stats["caption_truncated"] += sum(cut)
             else:
                 tok = tokenize(captions)
             out = {"image": images.flush(), "input_ids": tok["input_ids"].numpy(),
