@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 from PIL import Image
-import torch
 from torch import Tensor, nn
 from torchvision import transforms as T
 
@@ -144,10 +143,9 @@ class HFTokenize:
         enc = self.tokenizer([self.prefix + t for t in texts], padding="max_length", truncation=True,
                              max_length=self.context_length, return_overflowing_tokens=True, return_tensors="pt",
                              return_token_type_ids=False)
-        rows = enc["overflow_to_sample_mapping"]
-        first = torch.ones(len(rows), dtype=torch.bool)
-        first[1:] = rows[1:] != rows[:-1]
-        per_text = torch.bincount(rows, minlength=len(texts))
+        rows = enc["overflow_to_sample_mapping"]  # (R,) text index of each row, ascending
+        first = rows.diff(prepend=rows[:1] - 1) != 0
+        per_text = rows.bincount(minlength=len(texts))
         return ({"input_ids": enc["input_ids"][first].long(), "attention_mask": enc["attention_mask"][first].long()},
                 (per_text > 1).tolist())
 
