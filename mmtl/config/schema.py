@@ -82,6 +82,12 @@ class DecoderConfig(_Section):
     num_queries: int = Field(32, ge=1, description="llava with projector qformer: learned queries = image tokens the "
                              "LLM sees.")
     qformer_layers: int = Field(2, ge=1, description="llava with projector qformer: Q-Former layers.")
+    pixel_shuffle: int = Field(1, ge=1, description="llava: fold each s x s block of the image-token grid into one "
+                               "token (s^2 x wider) before the projector (nanoVLM, Idefics3): s^2 x fewer image "
+                               "tokens in the LLM. 1: off.")
+    system_prompt: Optional[str] = Field(None, description="llava: the system message of prompts and conversations "
+                                         "without one ('' an empty one: fewer tokens than e.g. SmolLM2's default); "
+                                         "null: the chat template's default.")
 
 
 class ModelConfig(_Section):

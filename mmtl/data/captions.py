@@ -51,6 +51,7 @@ class CaptionSet:
         prompts: N first questions (chat-format sets), else None (the pipeline's ``model.decoder.prompt``).
         image_ids: N image identities (:func:`image_id_of`): the samples of one image (e.g. its 5 COCO
             references stored as 5 samples) share one, so evaluation can group their references.
+        question_types: N json ``question_type`` strings (VQA sets: evaluation scores each type), else None.
     """
 
     uids: list[str]
@@ -61,13 +62,15 @@ class CaptionSet:
     conversations: Optional[list] = None
     prompts: Optional[list[str]] = None
     image_ids: Optional[list[str]] = None
+    question_types: Optional[list[str]] = None
 
     def subset(self, keep: np.ndarray) -> "CaptionSet":
         """The rows where the (N,) bool ``keep`` is true (stats unchanged)."""
         idx = np.flatnonzero(keep)
         pick = (lambda xs: None if xs is None else [xs[i] for i in idx])
         return CaptionSet(pick(self.uids), pick(self.keys), self.pixels[idx], pick(self.captions), self.stats,
-                          pick(self.conversations), pick(self.prompts), pick(self.image_ids))
+                          pick(self.conversations), pick(self.prompts), pick(self.image_ids),
+                          pick(self.question_types))
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -140,7 +143,7 @@ def load_caption_set(spec, geometry: Callable, count_tokens: Callable[[str], int
                                        "captioning model needs one image per sample; add it or remove the sample")
 
     opts = CleanOptions(max_image_pixels=max_image_pixels, min_caption_chars=1)
-    uids, keys, pixels, caps, convs, prompts, image_ids = [], [], [], [], [], [], []
+    uids, keys, pixels, caps, convs, prompts, image_ids, qtypes = [], [], [], [], [], [], [], []
     for s in iter_samples(spec, opts, stats, on_reject=on_reject):
         if conversations_field:
             try:
@@ -164,6 +167,8 @@ def load_caption_set(spec, geometry: Callable, count_tokens: Callable[[str], int
         uids.append(s.uid)
         keys.append(s.key)
         image_ids.append(image_id_of(s.meta, s.image))
+        qtype = s.meta.get("question_type")
+        qtypes.append(qtype if isinstance(qtype, str) and qtype else None)
         pixels.append(np.asarray(geometry(s.image), dtype=np.uint8))
         caps.append(cap)
         if limit is not None and len(caps) >= limit:
@@ -171,4 +176,5 @@ def load_caption_set(spec, geometry: Callable, count_tokens: Callable[[str], int
     if not caps:
         raise ValueError(f"no usable image-caption sample in {spec!r} (counts: {dict(stats)})")
     return CaptionSet(uids, keys, np.stack(pixels), caps, dict(stats), convs if conversations_field else None,
-                      prompts if conversations_field else None, image_ids)
+                      prompts if conversations_field else None, image_ids,
+                      qtypes if all(q is not None for q in qtypes) else None)

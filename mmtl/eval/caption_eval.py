@@ -77,6 +77,21 @@ def by_image(cs: CaptionSet) -> tuple[CaptionSet, list[list[str]]]:
     return cs.subset(keep), refs
 
 
+def per_type_exact_match(types: list[str], refs: list[list[str]], hyp: list[str]) -> dict[str, float]:
+    """Normalised exact match (:func:`~mmtl.eval.captioning.normalize_caption`: the generated answer equals one of
+    the references; with one reference per question this is VQA accuracy) per question type, in [0, 1]:
+    ``{"vqa/<type>/exact_match": ..., "vqa/<type>/questions": n, "vqa/exact_match": overall}``."""
+    from mmtl.eval.captioning import normalize_caption
+
+    hits: dict[str, list[bool]] = {}
+    for t, r, h in zip(types, refs, hyp):
+        hits.setdefault(t, []).append(normalize_caption(h) in {normalize_caption(x) for x in r})
+    out = {f"vqa/{t}/exact_match": float(np.mean(v)) for t, v in sorted(hits.items())}
+    out.update({f"vqa/{t}/questions": float(len(v)) for t, v in sorted(hits.items())})
+    out["vqa/exact_match"] = float(np.mean([x for v in hits.values() for x in v])) if hits else 0.0
+    return out
+
+
 def _fmt(v) -> str:
     return "undefined" if v is None else f"{v:.3f}"
 
@@ -137,6 +152,11 @@ def evaluate_caption_sets(model, pipe, sets: dict[str, CaptionSet], *, out: Opti
         metrics.update({f"{name}/{k}": v for k, v in caption_metrics(refs, hyp).items()})
         metrics[f"{name}/images"] = float(len(cs))
         metrics[f"{name}/gen_seconds"] = round(time.time() - t0, 2)
+        if cs.question_types is not None:
+            metrics.update({f"{name}/{k}": v for k, v in per_type_exact_match(cs.question_types, refs, hyp).items()})
+            say(f"{name}: exact match by question type: " + ", ".join(
+                f"{k.split('/')[-2]} {v:.3f}" for k, v in metrics.items()
+                if k.startswith(f"{name}/vqa/") and k.endswith("/exact_match") and k.count("/") == 3))
         nn = None
         if nn_train is not None:
             base, train_set, train_feat = nn_train
@@ -152,7 +172,8 @@ def evaluate_caption_sets(model, pipe, sets: dict[str, CaptionSet], *, out: Opti
             ret = getattr(model, "retriever", None)  # retrieval-augmented: each image's retrieval prompt, for reading
             prompts = (generate_all(ret.prompts_for_images, cs.pixels, model.mean, model.std)
                        if ret is not None and cs.prompts is None else cs.prompts)
-            rows = [{"uid": u, **({"prompt": prompts[i]} if prompts else {}), "reference": r,
+            rows = [{"uid": u, **({"prompt": prompts[i]} if prompts else {}),
+                     **({"question_type": cs.question_types[i]} if cs.question_types else {}), "reference": r,
                      "references": refs[i], "generated": h, **({"nearest_neighbour": nn[i]} if nn else {})}
                     for i, (u, r, h) in enumerate(zip(cs.uids, cs.captions, hyp))]
             p = out / f"captions_{name}.json"

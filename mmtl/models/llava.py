@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from mmtl.config import DecoderConfig, ModelConfig, TextTowerConfig, VisionTowerConfig
 from mmtl.models.offline import transformers_offline
-from mmtl.models.projectors import build_projector
+from mmtl.models.projectors import build_projector, pixel_shuffle
 from mmtl.models.tokens import timm_image_tokens, timm_token_dim
 from mmtl.models.two_tower import (
     DEFAULT_TOKENIZER,
@@ -85,15 +85,17 @@ def build_llm(tcfg: TextTowerConfig):
     return llm.eval(), tok
 
 
-def chat_parts(tok, prompt: str) -> tuple[list[int], list[int]]:
+def chat_parts(tok, prompt: str, system_prompt: Optional[str] = None) -> tuple[list[int], list[int]]:
     """Token ids of the chat text before and after the image for a user turn ``<image>\n{prompt}`` with the
-    assistant header at the end (module docstring); the tokenizer's chat template, else
-    :data:`FALLBACK_TEMPLATE`."""
+    assistant header at the end (module docstring); the tokenizer's chat template (with a system message
+    ``system_prompt`` unless None), else :data:`FALLBACK_TEMPLATE`."""
     user = f"{IMAGE_MARK}\n{prompt}" if prompt else IMAGE_MARK
     if getattr(tok, "chat_template", None):
-        text = tok.apply_chat_template([{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True)
+        system = [] if system_prompt is None else [{"role": "system", "content": system_prompt}]
+        text = tok.apply_chat_template([*system, {"role": "user", "content": user}], tokenize=False,
+                                       add_generation_prompt=True)
     else:
-        text = FALLBACK_TEMPLATE.format(user=user)
+        text = ("" if system_prompt is None else f"System: {system_prompt}\n") + FALLBACK_TEMPLATE.format(user=user)
     before, after = text.split(IMAGE_MARK, 1)
     return (tok(before, add_special_tokens=False)["input_ids"], tok(after, add_special_tokens=False)["input_ids"])
 
@@ -141,15 +143,17 @@ class LlavaCaptioner(nn.Module):
         self.cfg = cfg.model_copy(deep=True)
         self.image_size, self.context_length = cfg.image_size, cfg.context_length
         self.image_layer, self.prompt = cfg.decoder.image_layer, cfg.decoder.prompt
+        self.shuffle, self.system_prompt = cfg.decoder.pixel_shuffle, cfg.decoder.system_prompt
         self.image_tower, _ = build_vision_tower(cfg.vision)
         self.llm, self.tok = build_llm(cfg.text)
-        d_img, d_llm = timm_token_dim(self.image_tower, self.image_layer), self.llm.config.hidden_size
+        d_img = timm_token_dim(self.image_tower, self.image_layer) * self.shuffle ** 2
+        d_llm = self.llm.config.hidden_size
         self.projector = build_projector(cfg.decoder.projector, d_img, d_llm, cfg.decoder.num_queries,
                                          cfg.decoder.qformer_layers)
         self.mean, self.std = vision_mean_std(cfg.vision)
         self.eos_id = self.tok.eos_token_id if self.tok.eos_token_id is not None else self.tok.sep_token_id
         self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.eos_id
-        pre, post = chat_parts(self.tok, self.prompt)
+        pre, post = chat_parts(self.tok, self.prompt, self.system_prompt)
         self.register_buffer("pre_ids", torch.tensor(pre, dtype=torch.long), persistent=False)
         self.post_ids = post
         self.tokenizer = LlavaTokenize(self.tok, post, self.eos_id, self.pad_id, cfg.context_length)
@@ -161,8 +165,9 @@ class LlavaCaptioner(nn.Module):
 
     # ---- 1 + 2: image tokens in LLM width --------------------------------------------------------------
     def image_tokens(self, images: Tensor) -> Tensor:
-        """(B, 3, S, S) normalised images -> (B, N, D_img) image-tower tokens (before the projector)."""
-        return timm_image_tokens(self.image_tower, images, self.image_layer)
+        """(B, 3, S, S) normalised images -> (B, N, D_img) image-tower tokens (before the projector; with
+        ``model.decoder.pixel_shuffle`` s: N / s^2 tokens of s^2 D_img, :func:`~mmtl.models.projectors.pixel_shuffle`)."""
+        return pixel_shuffle(timm_image_tokens(self.image_tower, images, self.image_layer), self.shuffle)
 
     def image_embeds(self, images: Tensor) -> Tensor:
         """(B, 3, S, S) normalised images -> (B, N, D_llm) projected image tokens."""
@@ -245,7 +250,8 @@ class LlavaCaptioner(nn.Module):
         arrays, ``kept`` and ``stats`` (:func:`mmtl.models.llava_chat.tokenize_chats`)."""
         from mmtl.models.llava_chat import tokenize_chats
 
-        return tokenize_chats(self.tok, conversations, self.eos_id, self.pad_id, self.context_length)
+        return tokenize_chats(self.tok, conversations, self.eos_id, self.pad_id, self.context_length,
+                              self.system_prompt)
 
     @torch.no_grad()
     def generate(self, images: Tensor, prompt: Optional[str] = None, num_beams: int = 1,
@@ -260,7 +266,7 @@ class LlavaCaptioner(nn.Module):
             raise ValueError(f"num_beams={num_beams} and max_new_tokens={max_new_tokens} must be >= 1")
         post = self.post_ids
         if prompt is not None and prompt != self.prompt:
-            pre, post = chat_parts(self.tok, prompt)
+            pre, post = chat_parts(self.tok, prompt, self.system_prompt)
             if pre != self.pre_ids.tolist():
                 raise ValueError("the chat text before the image depends on the prompt; not supported")
         x = self._prefix(images, torch.tensor(post, dtype=torch.long, device=images.device))
@@ -304,7 +310,8 @@ class LlavaFamily:
         tok = tf.AutoTokenizer.from_pretrained(str(resolve_weights(spec, "model_dir")), local_files_only=True)
         eos = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
         pad = tok.pad_token_id if tok.pad_token_id is not None else eos
-        return LlavaTokenize(tok, chat_parts(tok, cfg.decoder.prompt)[1], eos, pad, cfg.context_length)
+        return LlavaTokenize(tok, chat_parts(tok, cfg.decoder.prompt, cfg.decoder.system_prompt)[1], eos, pad,
+                             cfg.context_length)
 
     def image_transform(self, cfg: ModelConfig, train: bool):
         """As the two_tower family's for ``cfg.vision``."""

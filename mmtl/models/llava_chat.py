@@ -12,7 +12,7 @@ the N projected image tokens.
 from __future__ import annotations
 
 import collections
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -61,12 +61,15 @@ def _segments(tok, messages: list[dict], eos_id: int) -> list[tuple[list[int], b
     return segs
 
 
-def tokenize_chats(tok, conversations: Sequence, eos_id: int, pad_id: int, context_length: int) -> dict:
+def tokenize_chats(tok, conversations: Sequence, eos_id: int, pad_id: int, context_length: int,
+                   system_prompt: Optional[str] = None) -> dict:
     """Conversations -> right-padded arrays for training.
 
     Args:
         conversations: :class:`mmtl.data.conversations.Conversation` objects (exactly one ``<image>`` each).
         context_length: most text positions per sample (the image position counts as one).
+        system_prompt: the system message put first in a conversation without one (None: none added, the chat
+            template's default applies).
     Returns:
         ``{"input_ids": (B, L) int64 with one IMAGE_ID per row, "attention_mask": (B, L) int64, "labels": (B, L)
         int64 (-100 except supervised positions), "kept": (B,) bool, "stats": {reason: count}}`` with L =
@@ -82,7 +85,10 @@ def tokenize_chats(tok, conversations: Sequence, eos_id: int, pad_id: int, conte
     stats: collections.Counter = collections.Counter()
     for i, conv in enumerate(conversations):
         row, sup = [], []
-        for seg, supervised in _segments(tok, conv.messages, eos_id):
+        messages = conv.messages
+        if system_prompt is not None and (not messages or messages[0]["role"] != "system"):
+            messages = [{"role": "system", "content": system_prompt}, *messages]
+        for seg, supervised in _segments(tok, messages, eos_id):
             row += seg
             sup += [supervised] * len(seg)
         if row.count(IMAGE_ID) != 1:

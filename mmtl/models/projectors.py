@@ -56,6 +56,24 @@ class QueryTransformer(nn.Module):
         return self.out(self.norm(q))
 
 
+def pixel_shuffle(tokens: Tensor, s: int) -> Tensor:
+    """Fold each ``s x s`` block of a square row-major token grid into one token (space-to-depth; nanoVLM's
+    modality projector, Idefics3): (B, h*w, D) -> (B, h*w / s^2, s^2 * D). ``s == 1``: unchanged.
+
+    Raises:
+        ValueError: the grid is not square or its side is not divisible by ``s``.
+    """
+    if s == 1:
+        return tokens
+    b, n, d = tokens.shape
+    side = int(round(n ** 0.5))
+    if side * side != n or side % s:
+        raise ValueError(f"model.decoder.pixel_shuffle={s} needs a square token grid with a side divisible by {s}; "
+                         f"got {n} tokens")
+    x = tokens.reshape(b, side // s, s, side // s, s, d).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, (side // s) ** 2, s * s * d)
+
+
 def build_projector(kind: str, d_image: int, d_llm: int, num_queries: int = 32, qformer_layers: int = 2) -> nn.Module:
     """The projector ``kind`` (module docstring). Raises ValueError for an unknown kind."""
     if kind == "linear":
