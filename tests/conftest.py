@@ -241,3 +241,23 @@ def s3_env(info: dict) -> dict:
     """The standard AWS environment for :func:`s3_server`'s store."""
     return {"AWS_ENDPOINT_URL": info["endpoint"], "AWS_ACCESS_KEY_ID": info["key"],
             "AWS_SECRET_ACCESS_KEY": info["secret"], "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+          "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM<|im_end|>\n' }}{% endif %}"
+          "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")  # SmolLM2-Instruct's template
+
+
+@pytest.fixture()
+def chatml_tok():
+    """The MiniLM package tokenizer with ChatML tokens and SmolLM2-Instruct's chat template (:data:`CHATML`)."""
+    from transformers import AutoTokenizer
+
+    from mmtl.models.two_tower import DEFAULT_TOKENIZER
+    from mmtl.models.weights import resolve_weights
+
+    tok = AutoTokenizer.from_pretrained(str(resolve_weights(DEFAULT_TOKENIZER, "model_dir")), local_files_only=True)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = CHATML
+    return tok

@@ -87,25 +87,6 @@ def test_reader_skips_and_counts_by_reason(tmp_path):
     assert cs.prompts[i] == "What colour is this tile?" and cs.captions[i] == "Purple."
 
 
-CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-          "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM<|im_end|>\n' }}{% endif %}"
-          "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
-          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")  # SmolLM2-Instruct's template
-
-
-@pytest.fixture()
-def chatml_tok():
-    from transformers import AutoTokenizer
-
-    from mmtl.models.two_tower import DEFAULT_TOKENIZER
-    from mmtl.models.weights import resolve_weights
-
-    tok = AutoTokenizer.from_pretrained(str(resolve_weights(DEFAULT_TOKENIZER, "model_dir")), local_files_only=True)
-    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
-    tok.chat_template = CHATML
-    return tok
-
-
 def test_chat_template_labels_cover_exactly_the_answers(chatml_tok):
     tok = chatml_tok
     end = tok.convert_tokens_to_ids("<|im_end|>")

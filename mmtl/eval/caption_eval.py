@@ -82,13 +82,13 @@ def per_type_exact_match(types: list[str], refs: list[list[str]], hyp: list[str]
     the references; with one reference per question this is VQA accuracy) per question type, in [0, 1]:
     ``{"vqa/<type>/exact_match": ..., "vqa/<type>/questions": n, "vqa/exact_match": overall}``."""
     from mmtl.eval.captioning import normalize_caption
+    from mmtl.fusion.heads import per_type_accuracy
 
-    hits: dict[str, list[bool]] = {}
-    for t, r, h in zip(types, refs, hyp):
-        hits.setdefault(t, []).append(normalize_caption(h) in {normalize_caption(x) for x in r})
-    out = {f"vqa/{t}/exact_match": float(np.mean(v)) for t, v in sorted(hits.items())}
-    out.update({f"vqa/{t}/questions": float(len(v)) for t, v in sorted(hits.items())})
-    out["vqa/exact_match"] = float(np.mean([x for v in hits.values() for x in v])) if hits else 0.0
+    hits = [float(normalize_caption(h) in {normalize_caption(x) for x in r}) for r, h in zip(refs, hyp)]
+    acc = per_type_accuracy(hits, types)
+    out = {"vqa/exact_match": acc.pop("overall")}
+    out.update({f"vqa/{t}/exact_match": v for t, v in acc.items()})
+    out.update({f"vqa/{t}/questions": float(types.count(t)) for t in acc})
     return out
 
 
