@@ -181,3 +181,13 @@ def test_chat_pipeline_end_to_end(ray_local, tmp_path):
     rows = json.loads((Path(s["run_dir"]) / "captioning" / "captions_test.json").read_text())
     assert len(rows) == 16 and all(r["prompt"] and "<image>" not in r["prompt"] for r in rows)
     assert len({r["prompt"] for r in rows}) > 1 and 0 <= s["metrics"]["test/captioning/exact_match"] <= 1
+    # free-form VQA: exact match per question type, the same from `mmtl eval --task vqa` on the export
+    types = [r["question_type"] for r in rows]
+    m = s["metrics"]
+    assert {t: m[f"test/vqa/{t}/questions"] for t in set(types)} == {t: types.count(t) for t in set(types)}
+    hits = sum(m[f"test/vqa/{t}/exact_match"] * types.count(t) for t in set(types))
+    assert hits / len(rows) == pytest.approx(m["test/vqa/exact_match"])
+    from mmtl.eval.runner import run_eval
+
+    rep = run_eval(str(Path(s["run_dir"]) / "export"), "vqa", raw["data"]["test"], log_to_mlflow=False)
+    assert rep["task"] == "vqa" and rep["metrics"]["vqa/exact_match"] == pytest.approx(m["test/vqa/exact_match"])

@@ -183,7 +183,7 @@ def evaluate_caption_sets(model, pipe, sets: dict[str, CaptionSet], *, out: Opti
 
 
 def run_caption_eval(spec: str, data: str, out_dir: Optional[str] = None, log_to_mlflow: bool = True,
-                     tracking_uri: Optional[str] = None, say: Optional[Say] = None) -> dict:
+                     tracking_uri: Optional[str] = None, say: Optional[Say] = None, task: str = "captioning") -> dict:
     """``mmtl eval MODEL --task captioning --data SHARDS``: resolve MODEL (run dir, export, ``runs:/``,
     ``models:/``), generate captions for ``data``, score them (with the nearest-neighbour baseline on the
     pipeline's ``data.train`` when ``strategy.caption.nn_baseline`` and it exists), write ``eval.json``, the
@@ -221,7 +221,7 @@ def run_caption_eval(spec: str, data: str, out_dir: Optional[str] = None, log_to
                 say(f"nearest-neighbour baseline skipped: {e}")
         metrics, files = evaluate_caption_sets(model, pipe, sets, out=out, nn_train=nn_train, say=say)
         metrics = {k.removeprefix("data/"): v for k, v in metrics.items()}
-        result = {"task": "captioning", "model": res.describe(), "data": str(data),
+        result = {"task": task, "model": res.describe(), "data": str(data),
                   "num_samples": len(sets["data"]), "metrics": metrics, "data_stats": sets["data"].stats,
                   "files": {k: str(v) for k, v in files.items()} if out_dir else {}, "out_dir": out_dir,
                   "embedding": "local", "ks": [], "java_metrics": "METEOR and SPICE not run (they need Java)",
@@ -232,7 +232,7 @@ def run_caption_eval(spec: str, data: str, out_dir: Optional[str] = None, log_to
         (out / "eval.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
         if log_to_mlflow and res.mlflow_run_id:
             try:
-                result["mlflow"] = log_eval_run(res, "captioning", str(data), result,
+                result["mlflow"] = log_eval_run(res, task, str(data), result,
                                                 [*files.values(), out / "eval.json"], say)
             except Exception as e:  # the metrics are computed: report the failure, keep the result
                 result["mlflow"] = {"logged": False, "reason": f"MLflow logging failed: {type(e).__name__}: {e}"}

@@ -98,11 +98,27 @@ def evaluate_tokens(module, pipe, ts: TokenSet) -> dict:
     return evaluate_task("itm", module=module, tokens=ts)
 
 
+def _generates_text(export_dir) -> bool:
+    """Whether the export's model family generates text (``blip``, ``llava``): its ``pipeline.yaml`` only."""
+    import yaml
+
+    from mmtl.models.family import TextGeneration, capability
+    from mmtl.models.registry import get_family
+
+    try:
+        family = (yaml.safe_load((Path(export_dir) / "pipeline.yaml").read_text()) or {})["model"]["family"]
+        return capability(get_family(family), TextGeneration) is not None
+    except (OSError, KeyError, TypeError, ValueError, yaml.YAMLError):
+        return False
+
+
 def run_fusion_eval(spec: str, task: str, data: str, batch_size: Optional[int] = None, out_dir: Optional[str] = None,
                     log_to_mlflow: bool = True, tracking_uri: Optional[str] = None, say=None) -> dict:
     """``mmtl eval MODEL --task vqa|itm --data SHARDS``: resolve MODEL, compute the frozen towers' tokens of
     the set (``batch_size`` images per forward pass; None: the model pipeline's ``eval.batch_size``), score it;
     writes ``<out_dir>/eval.json`` and logs a nested MLflow run like the other tasks. Returns the JSON-serialisable report.
+    ``--task vqa`` on a generative model (``llava``, ``blip``) is free-form VQA: :func:`~mmtl.eval.caption_eval.
+    run_caption_eval` generates the answers and scores them (exact match per question type).
 
     Raises:
         EvalError: ``task`` differs from the model's ``strategy.fusion.task``; ModelSpecError: bad MODEL; see
@@ -119,6 +135,11 @@ def run_fusion_eval(spec: str, task: str, data: str, batch_size: Optional[int] =
     t0 = time.time()
     res = resolve_export(spec, tracking_uri)
     try:
+        if task == "vqa" and _generates_text(res.export_dir):  # free-form VQA: answers generated as words
+            from mmtl.eval.caption_eval import run_caption_eval
+
+            say("free-form VQA of a generative model: answers generated, exact match per question type")
+            return run_caption_eval(spec, data, out_dir, log_to_mlflow, tracking_uri, say, task="vqa")
         module, pipe = load_fusion_export(res.export_dir)
         if pipe.strategy.fusion.task != task:
             raise EvalError(f"the model was trained for --task {pipe.strategy.fusion.task}, not {task}")

@@ -124,7 +124,7 @@ TASKS: dict[str, EvalTask] = {t.name: t for t in (
              _zero_shot_report),
     EvalTask("retrieval", "image-text retrieval", EMBEDDINGS, ("image", "text", "ks"), _retrieval,
              _retrieval_report),
-    EvalTask("vqa", "VQA accuracy (cross_attention models)", FUSION_TOKENS, ("module", "tokens", "answers"), _vqa),
+    EvalTask("vqa", "VQA accuracy (cross_attention models; free-form exact match for llava / blip)", FUSION_TOKENS, ("module", "tokens", "answers"), _vqa),
     EvalTask("itm", "ITM accuracy (cross_attention models)", FUSION_TOKENS, ("module", "tokens"), _itm),
     EvalTask("captioning", "BLEU-4 / CIDEr-D / exact match of generated captions (blip models)", GENERATED,
              ("references", "generated"), _captioning),
