@@ -38,6 +38,8 @@ def test_pixel_shuffle_model_sees_fewer_wider_tokens():
     assert torch.isfinite(loss) and loss.item() > 0
     with pytest.raises(ValueError, match="pixel_shuffle=2"):
         m.image_tokens(torch.randn(1, 3, 48, 48))  # a 3x3 grid cannot be cut into 2x2 blocks
+    with pytest.raises(ValueError, match="pixel_shuffle=3"):  # refused when the model is built
+        build_model(tiny_llava_config(decoder=dict(image_layer=-3, pixel_shuffle=3), image_size=64))
 
 
 def test_system_prompt_replaces_the_template_default(chatml_tok):

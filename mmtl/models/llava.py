@@ -146,6 +146,9 @@ class LlavaCaptioner(nn.Module):
         self.shuffle, self.system_prompt = cfg.decoder.pixel_shuffle, cfg.decoder.system_prompt
         self.image_tower, _ = build_vision_tower(cfg.vision)
         self.llm, self.tok = build_llm(cfg.text)
+        if self.shuffle > 1:  # the grid must split into s x s blocks: fail at build time, not at the first batch
+            with torch.no_grad():
+                self.image_tokens(torch.zeros(1, 3, cfg.image_size, cfg.image_size))
         d_img = timm_token_dim(self.image_tower, self.image_layer) * self.shuffle ** 2
         d_llm = self.llm.config.hidden_size
         self.projector = build_projector(cfg.decoder.projector, d_img, d_llm, cfg.decoder.num_queries,
