@@ -153,10 +153,10 @@ def evaluate_caption_sets(model, pipe, sets: dict[str, CaptionSet], *, out: Opti
         metrics[f"{name}/images"] = float(len(cs))
         metrics[f"{name}/gen_seconds"] = round(time.time() - t0, 2)
         if cs.question_types is not None:
-            metrics.update({f"{name}/{k}": v for k, v in per_type_exact_match(cs.question_types, refs, hyp).items()})
+            per_type = per_type_exact_match(cs.question_types, refs, hyp)
+            metrics.update({f"{name}/{k}": v for k, v in per_type.items()})
             say(f"{name}: exact match by question type: " + ", ".join(
-                f"{k.split('/')[-2]} {v:.3f}" for k, v in metrics.items()
-                if k.startswith(f"{name}/vqa/") and k.endswith("/exact_match") and k.count("/") == 3))
+                f"{t} {per_type[f'vqa/{t}/exact_match']:.3f}" for t in sorted(set(cs.question_types))))
         nn = None
         if nn_train is not None:
             base, train_set, train_feat = nn_train
